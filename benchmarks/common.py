@@ -1,0 +1,160 @@
+"""Shared benchmark plumbing: device facts, peak figures, timing and the results file.
+
+Every suite measures padd against its peers in the same process and reports figures as a
+ratio to them. CPU timings are labelled as such and never called GPU results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peak and HBM bandwidth by GPU name fragment (vendor datasheets).
+PEAKS = {
+    "H100": {"bf16_tflops": 989.0, "hbm_gbps": 3350.0},
+    "H200": {"bf16_tflops": 989.0, "hbm_gbps": 4800.0},
+    "A100": {"bf16_tflops": 312.0, "hbm_gbps": 2039.0},
+}
+
+
+def device_info() -> dict:
+    """Name, versions and peak figures of the device the benchmarks run on."""
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception:
+        info["transformers"] = None
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        info.update(device=name, kind="gpu")
+        for key, peak in PEAKS.items():
+            if key in name:
+                info.update(peak)
+    else:
+        info.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", kind="cpu")
+    return info
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dict:
+    """Median/p20/p80 wall time of `fn` in ms (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if on_gpu():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory above the current allocation while `fn` runs; None on CPU."""
+    if not on_gpu():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@dataclass
+class Record:
+    """One (op, implementation, shape) measurement."""
+
+    suite: str
+    op: str
+    impl: str
+    shape: dict
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    tflops: float | None = None
+    gbps: float | None = None
+    pct_peak: float | None = None
+    peak_mem_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def make_record(suite, op, impl, shape, timing, *, flops=None, bytes_moved=None, peak_mem_mb=None, **extra):
+    """Build a Record with TFLOP/s or GB/s and % of the device's peak where known."""
+    info = device_info()
+    sec = timing["median_ms"] / 1e3
+    tflops = flops / sec / 1e12 if flops else None
+    gbps = bytes_moved / sec / 1e9 if bytes_moved else None
+    pct = None
+    if tflops is not None and "bf16_tflops" in info:
+        pct = 100.0 * tflops / info["bf16_tflops"]
+    elif gbps is not None and "hbm_gbps" in info:
+        pct = 100.0 * gbps / info["hbm_gbps"]
+    return Record(suite, op, impl, shape, timing["median_ms"], timing["p20_ms"], timing["p80_ms"],
+                  tflops, gbps, pct, peak_mem_mb, extra)
+
+
+def print_table(records: list[Record]) -> None:
+    """Print records side by side, each with its speed-up over the first impl of its shape."""
+    kind = device_info()["kind"].upper()
+    base: dict[tuple, float] = {}
+    for r in records:
+        key = (r.op, json.dumps(r.shape, sort_keys=True))
+        base.setdefault(key, r.median_ms)
+        ratio = base[key] / r.median_ms if r.median_ms else float("nan")
+        figs = []
+        if r.tflops is not None:
+            figs.append(f"{r.tflops:8.2f} TFLOP/s")
+        if r.gbps is not None:
+            figs.append(f"{r.gbps:8.1f} GB/s")
+        if r.pct_peak is not None:
+            figs.append(f"{r.pct_peak:5.1f}% peak")
+        if r.peak_mem_mb is not None:
+            figs.append(f"{r.peak_mem_mb:8.1f} MiB")
+        print(f"[{kind}] {r.op:<18} {r.impl:<22} {r.shape} {r.median_ms:9.3f} ms  x{ratio:5.2f}  " + "  ".join(figs))
+
+
+def write_results(suite: str, records: list[Record], path: str | os.PathLike | None = None) -> Path:
+    """Write `{device, versions, records}` JSON to $PADD_BENCH_OUT (or `path`, or benchmarks/results)."""
+    out_dir = Path(path or os.environ.get("PADD_BENCH_OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = device_info()
+    stamp = time.strftime("%Y%m%d")
+    out = out_dir / f"{suite}-{info['kind']}-{stamp}.json"
+    out.write_text(json.dumps({"device": info, "records": [asdict(r) for r in records]}, indent=1))
+    return out

@@ -1,0 +1,89 @@
+"""Fused top-k routing: `route(router_logits, top_k, ...)` -> `Routing`."""
+
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import resolve_backend
+from .metadata import Routing, routing_from_topk, routing_metadata
+from .reference import route_reference
+
+__all__ = ["Routing", "route", "route_reference", "routing_from_topk", "routing_metadata"]
+
+_SCORES = ("softmax", "sigmoid")
+
+
+def route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    score: str = "softmax",
+    selection_bias: torch.Tensor | None = None,
+    renormalize: bool = True,
+    return_scores: bool = False,
+    backend: str = "auto",
+) -> Routing:
+    """Score router logits, pick the top-k experts per token and build the permutation metadata.
+
+    Args:
+        router_logits: `[T, E]` fp32/bf16/fp16.
+        top_k: experts per token, 1 <= top_k <= E.
+        score: "softmax" or "sigmoid".
+        selection_bias: optional `[E]` added to the logits for *selection only* (DeepSeek-V3
+            auxiliary-loss-free balancing); the weights come from the unbiased scores.
+        renormalize: divide the k weights by their sum.
+        return_scores: also return the full `[T, E]` scores (aux loss, router drift).
+        backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+
+    Example:
+        >>> r = route(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2)
+        >>> r.experts_TK.tolist()
+        [[0, 1]]
+    """
+    _check_route_inputs(router_logits, top_k, score, selection_bias)
+    if resolve_backend(backend, router_logits) == "triton":
+        from .triton import route_triton
+
+        return route_triton(
+            router_logits,
+            top_k,
+            score=score,
+            selection_bias=selection_bias,
+            renormalize=renormalize,
+            return_scores=return_scores,
+        )
+    return route_reference(
+        router_logits,
+        top_k,
+        score=score,
+        selection_bias_E=selection_bias,
+        renormalize=renormalize,
+        return_scores=return_scores,
+    )
+
+
+def _check_route_inputs(
+    logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None
+) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"router_logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"router_logits must be [T, E] (rank 2), got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"router_logits must be fp32, bf16 or fp16, got {logits.dtype}")
+    num_experts = logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if score not in _SCORES:
+        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"selection_bias must be a torch.Tensor, got {type(bias).__name__}")
+        if bias.shape != (num_experts,):
+            raise ValueError(
+                f"selection_bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}"
+            )
+        if not bias.is_floating_point():
+            raise TypeError(f"selection_bias must be floating point, got {bias.dtype}")
