@@ -4,9 +4,13 @@ Every kernel has a pure-PyTorch reference beside it (the CPU path and the test o
 kernels know nothing of PADD.
 """
 
-from .grouped_gemm import moe_ffn, moe_ffn_reference
-from .kd_loss import kd_loss
-from .routing import Routing, route, route_reference, routing_from_topk, routing_metadata
+# This folder is installed as `padd.kernels`. Run from the repository root, Python can also
+# find it as a top-level `kernels`, which transformers probes for (the hub `kernels` package).
+# Imported under that name it stays an empty module, so nothing is registered twice.
+if __name__ == "padd.kernels":
+    from .grouped_gemm import moe_ffn, moe_ffn_reference
+    from .kd_loss import kd_loss
+    from .routing import Routing, route, route_reference, routing_from_topk, routing_metadata
 
 __all__ = [
     "Routing",
