@@ -6,6 +6,7 @@ import torch
 
 from .._dispatch import resolve_backend
 from .metadata import Routing, routing_from_topk, routing_metadata
+from .op import route_op
 from .reference import route_reference
 
 __all__ = ["Routing", "route", "route_reference", "routing_from_topk", "routing_metadata"]
@@ -33,7 +34,15 @@ def route(
             auxiliary-loss-free balancing); the weights come from the unbiased scores.
         renormalize: divide the k weights by their sum.
         return_scores: also return the full `[T, E]` scores (aux loss, router drift).
-        backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+        backend: "auto" (the `padd::route` custom op: Triton on CUDA, the reference elsewhere),
+            "triton" (the op on the Triton kernels, also on CPU under TRITON_INTERPRET=1) or
+            "reference" (the plain PyTorch function, differentiated by autograd).
+
+    Returns:
+        A `Routing`: weights `[T, K]` fp32, experts `[T, K]` int32, the stable sort-by-expert
+        permutation of the T·K slots and its inverse, counts and offsets (int32), scores `[T, E]`
+        fp32 when `return_scores`, logsumexp `[T]` for softmax. Differentiable with respect to
+        the logits through the weights, the scores and the logsumexp; never the bias.
 
     Example:
         >>> r = route(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2)
@@ -41,30 +50,30 @@ def route(
         [[0, 1]]
     """
     _check_route_inputs(router_logits, top_k, score, selection_bias)
-    if resolve_backend(backend, router_logits) == "triton":
-        from .triton import route_triton
-
-        return route_triton(
+    if backend == "reference":
+        # The plain function, differentiated by autograd: the oracle the op is tested against.
+        return route_reference(
             router_logits,
             top_k,
             score=score,
-            selection_bias=selection_bias,
+            selection_bias_E=selection_bias,
             renormalize=renormalize,
             return_scores=return_scores,
         )
-    return route_reference(
+    # The `padd::route` custom op (Triton on CUDA, the reference elsewhere) keeps
+    # torch.compile(fullgraph=True) whole; backend="triton" forces the kernels on CPU too.
+    return route_op(
         router_logits,
         top_k,
         score=score,
-        selection_bias_E=selection_bias,
+        selection_bias=selection_bias,
         renormalize=renormalize,
         return_scores=return_scores,
+        backend=resolve_backend(backend, router_logits),
     )
 
 
-def _check_route_inputs(
-    logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None
-) -> None:
+def _check_route_inputs(logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"router_logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -82,8 +91,6 @@ def _check_route_inputs(
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"selection_bias must be a torch.Tensor, got {type(bias).__name__}")
         if bias.shape != (num_experts,):
-            raise ValueError(
-                f"selection_bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}"
-            )
+            raise ValueError(f"selection_bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
         if not bias.is_floating_point():
             raise TypeError(f"selection_bias must be floating point, got {bias.dtype}")

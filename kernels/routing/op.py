@@ -1,0 +1,196 @@
+"""`padd::route` and `padd::route_backward`: routing as opaque `torch.library` custom ops.
+
+The ops make `torch.compile(fullgraph=True)` trace through routing: the sort, bincount and
+scatter of the reference (data-dependent on CPU) and the Triton launches (on CUDA) stay inside
+one opaque node whose output shapes are static (`register_fake`).
+
+Each op runs either the Triton kernels or the PyTorch reference, as its `backend` argument says;
+`route(backend="auto")` passes "triton" for CUDA tensors and "reference" otherwise.
+
+Shape legend: T tokens, E experts, K = top_k, S = T·K slots.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .metadata import Routing
+from .reference import route_reference
+
+_MIN_SUM = 1e-20  # the reference's clamp on the renormalisation denominator
+_RouteOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("padd::route", mutates_args=())
+def _route_op(
+    logits: Tensor,
+    top_k: int,
+    score: str,
+    selection_bias: Tensor | None,
+    renormalize: bool,
+    return_scores: bool,
+    backend: str,
+) -> _RouteOut:
+    """Returns `(weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S,
+    inverse_order_S, scores_TE, logsumexp_T)`; `scores_TE` is `[0, E]` unless `return_scores`,
+    `logsumexp_T` is `[0]` for sigmoid (custom ops cannot return None)."""
+    if backend == "triton":
+        from .triton import route_forward_triton
+
+        return route_forward_triton(logits, top_k, score, selection_bias, renormalize, return_scores)
+    r = route_reference(
+        logits,
+        top_k,
+        score=score,
+        selection_bias_E=selection_bias,
+        renormalize=renormalize,
+        return_scores=return_scores,
+    )
+    num_tokens, num_experts = logits.shape
+    empty = logits.new_empty
+    scores_TE = r.scores_TE if return_scores else empty(0, num_experts, dtype=torch.float32)
+    lse_T = r.logsumexp_T if r.logsumexp_T is not None else empty(0, dtype=torch.float32)
+    return (
+        r.weights_TK.contiguous(),
+        r.experts_TK.contiguous(),
+        r.tokens_per_expert_E,
+        r.expert_offsets_E1,
+        r.sort_order_S,
+        r.inverse_order_S,
+        scores_TE,
+        lse_T,
+    )
+
+
+@_route_op.register_fake
+def _route_op_fake(logits, top_k, score, selection_bias, renormalize, return_scores, backend):
+    num_tokens, num_experts = logits.shape
+    f32, i32 = torch.float32, torch.int32
+    new = logits.new_empty
+    return (
+        new(num_tokens, top_k, dtype=f32),
+        new(num_tokens, top_k, dtype=i32),
+        new(num_experts, dtype=i32),
+        new(num_experts + 1, dtype=i32),
+        new(num_tokens * top_k, dtype=i32),
+        new(num_tokens * top_k, dtype=i32),
+        new(num_tokens if return_scores else 0, num_experts, dtype=f32),
+        new(num_tokens if score == "softmax" else 0, dtype=f32),
+    )
+
+
+@torch.library.custom_op("padd::route_backward", mutates_args=())
+def _route_backward_op(
+    logits: Tensor,
+    logsumexp: Tensor,
+    experts: Tensor,
+    grad_weights: Tensor | None,
+    grad_scores: Tensor | None,
+    grad_logsumexp: Tensor | None,
+    score: str,
+    renormalize: bool,
+    backend: str,
+) -> Tensor:
+    """d logits `[T, E]` in the logits' dtype."""
+    if backend == "triton":
+        from .triton import route_backward_triton
+
+        return route_backward_triton(
+            logits, logsumexp, experts, grad_weights, grad_scores, grad_logsumexp, score, renormalize
+        )
+    return route_backward_torch(
+        logits, logsumexp, experts, grad_weights, grad_scores, grad_logsumexp, score, renormalize
+    )
+
+
+@_route_backward_op.register_fake
+def _route_backward_fake(logits, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def route_backward_torch(
+    logits_TE: Tensor,
+    lse_T: Tensor,
+    experts_TK: Tensor,
+    grad_weights_TK: Tensor | None,
+    grad_scores_TE: Tensor | None,
+    grad_lse_T: Tensor | None,
+    score: str,
+    renormalize: bool,
+) -> Tensor:
+    """The backward in plain torch (the CPU path), the same math as the Triton kernel."""
+    x_TE = logits_TE.float()
+    p_TE = torch.softmax(x_TE, dim=-1) if score == "softmax" else torch.sigmoid(x_TE)
+    g_TE = grad_scores_TE.float().clone() if grad_scores_TE is not None else torch.zeros_like(p_TE)
+    if grad_weights_TK is not None:
+        idx_TK = experts_TK.long()
+        gr_TK = grad_weights_TK.float()
+        if renormalize:
+            r_TK = torch.gather(p_TE, 1, idx_TK)
+            sum_T1 = r_TK.sum(dim=-1, keepdim=True)
+            denom_T1 = sum_T1.clamp_min(_MIN_SUM)
+            # clamp_min passes gradient only where the sum was not clamped, as in autograd.
+            dot_T1 = (gr_TK * r_TK).sum(dim=-1, keepdim=True)
+            shift_T1 = torch.where(sum_T1 >= _MIN_SUM, dot_T1 / denom_T1.square(), 0.0)
+            gr_TK = gr_TK / denom_T1 - shift_T1
+        g_TE = g_TE.scatter_add(1, idx_TK, gr_TK)
+    if score == "softmax":
+        inner_T1 = (g_TE * p_TE).sum(dim=-1, keepdim=True)
+        if grad_lse_T is not None:
+            inner_T1 = inner_T1 - grad_lse_T.float().unsqueeze(-1)
+        dx_TE = p_TE * (g_TE - inner_T1)
+    else:
+        dx_TE = g_TE * p_TE * (1.0 - p_TE)
+    return dx_TE.to(logits_TE.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, _, score, _, renormalize, return_scores, backend = inputs
+    ctx.save_for_backward(logits, output[7], output[1])
+    ctx.score, ctx.renormalize, ctx.return_scores, ctx.backend = score, renormalize, return_scores, backend
+
+
+def _backward(ctx, grad_w, _ge, _gt, _go, _gs, _gi, grad_scores, grad_lse):
+    logits, lse_T, experts_TK = ctx.saved_tensors
+    if not ctx.return_scores:
+        grad_scores = None
+    if ctx.score != "softmax":
+        grad_lse = None
+    grad_logits = _route_backward_op(
+        logits, lse_T, experts_TK, grad_w, grad_scores, grad_lse, ctx.score, ctx.renormalize, ctx.backend
+    )
+    return grad_logits, None, None, None, None, None, None
+
+
+_route_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def route_op(
+    router_logits: Tensor,
+    top_k: int,
+    *,
+    score: str,
+    selection_bias: Tensor | None,
+    renormalize: bool,
+    return_scores: bool,
+    backend: str,
+) -> Routing:
+    """Call `padd::route` with `backend` in {"triton", "reference"} and wrap it as a `Routing`."""
+    num_experts = router_logits.shape[1]
+    if selection_bias is not None:
+        selection_bias = selection_bias.detach()  # selection only: the bias never gets a gradient
+    w, ids, tpe, offsets, order, inverse, scores, lse = _route_op(
+        router_logits, top_k, score, selection_bias, renormalize, return_scores, backend
+    )
+    return Routing(
+        weights_TK=w,
+        experts_TK=ids,
+        tokens_per_expert_E=tpe,
+        expert_offsets_E1=offsets,
+        sort_order_S=order,
+        inverse_order_S=inverse,
+        num_experts=num_experts,
+        scores_TE=scores if return_scores else None,
+        logsumexp_T=lse if score == "softmax" else None,
+    )

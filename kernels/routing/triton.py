@@ -1,0 +1,396 @@
+"""Fused top-k routing in Triton: scores, selection, weights and permutation metadata.
+
+Shape legend: T tokens, E experts, K = top_k, S = T·K slots (slot `s = t·K + j`), B token
+blocks of BLOCK_T rows, BE = E rounded up to a power of two.
+
+Three launches, no host synchronisation, no atomics (so the result is bit-deterministic):
+1. `_route_topk_kernel`, one program per token block: fp32 scores (softmax or sigmoid),
+   logsumexp, top-k on `logits + bias` (ties to the lower id), gathered and optionally
+   renormalised weights, the optional full scores, and the block's expert histogram.
+2. `_route_scan_kernel`, one program: per-block exclusive prefix of the histograms over blocks,
+   tokens per expert and expert offsets.
+3. `_route_permute_kernel`, one program per token block: each slot's position in the stable
+   sort by expert is `offsets[e] + prefix[b, e] + (earlier tokens of the block that chose e)`,
+   which is exactly the order of a stable sort of the flattened expert ids.
+
+The backward (`route_backward_triton`) recomputes the scores from the logits (and the saved
+logsumexp) in one pass and writes d logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .metadata import Routing
+
+# Per-program register budget: BLOCK_T · BE elements of each [BLOCK_T, BE] tile.
+_TILE_ELEMS = 4096
+_SCAN_BLOCK_B = 32
+_MIN_SUM = 1e-20  # same clamp as the reference's renormalisation
+
+
+def _block_t(num_experts: int) -> int:
+    block_e = triton.next_power_of_2(num_experts)
+    return max(1, min(64, _TILE_ELEMS // block_e))
+
+
+def _num_warps(block_t: int, block_e: int) -> int:
+    return 8 if block_t * block_e >= 8192 else 4
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    experts_ptr,
+    scores_ptr,
+    lse_ptr,
+    counts_ptr,
+    T,
+    E,
+    stride_lt,
+    stride_le,
+    K: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    WRITE_SCORES: tl.constexpr,
+    MIN_SUM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows_T = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols_E = tl.arange(0, BLOCK_E)
+    row_ok_T = rows_T < T
+    col_ok_E = cols_E < E
+    ok_TE = row_ok_T[:, None] & col_ok_E[None, :]
+    rows64_T = rows_T.to(tl.int64)
+
+    x_ptrs = logits_ptr + rows64_T[:, None] * stride_lt + cols_E[None, :] * stride_le
+    x_TE = tl.load(x_ptrs, mask=ok_TE, other=float("-inf")).to(tl.float32)
+
+    if SOFTMAX:
+        m_T = tl.max(x_TE, axis=1)
+        m_T = tl.where(row_ok_T, m_T, 0.0)  # padded rows are all -inf: keep them NaN-free
+        e_TE = tl.where(ok_TE, tl.exp(x_TE - m_T[:, None]), 0.0)
+        sum_T = tl.sum(e_TE, axis=1)
+        sum_T = tl.where(row_ok_T, sum_T, 1.0)
+        p_TE = e_TE / sum_T[:, None]
+        tl.store(lse_ptr + rows_T, m_T + tl.log(sum_T), mask=row_ok_T)
+    else:
+        p_TE = tl.sigmoid(x_TE)
+
+    if WRITE_SCORES:
+        s_ptrs = scores_ptr + rows64_T[:, None] * E + cols_E[None, :]
+        tl.store(s_ptrs, p_TE, mask=ok_TE)
+
+    key_TE = x_TE
+    if HAS_BIAS:
+        b_E = tl.load(bias_ptr + cols_E, mask=col_ok_E, other=0.0).to(tl.float32)
+        key_TE = x_TE + b_E[None, :]
+    # `free` tracks what may still be picked, so -inf logits still select valid, distinct ids.
+    free_TE = ok_TE
+    picked_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    cols_K = tl.arange(0, BLOCK_K)
+    w_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    idx_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(K):
+        cand_TE = tl.where(free_TE, key_TE, float("-inf"))
+        best_T = tl.max(cand_TE, axis=1)
+        is_best_TE = free_TE & (cand_TE == best_T[:, None])
+        # Lowest column among the maxima: ties resolve to the lower expert id.
+        idx_T = tl.min(tl.where(is_best_TE, cols_E[None, :], BLOCK_E), axis=1)
+        hit_TE = cols_E[None, :] == idx_T[:, None]
+        free_TE = free_TE & ~hit_TE
+        picked_TE += (hit_TE & row_ok_T[:, None]).to(tl.int32)
+        w_T = tl.sum(tl.where(hit_TE, p_TE, 0.0), axis=1)
+        # Keep the k choices in registers and write them once, as one [BLOCK_T, K] tile.
+        w_TK = tl.where(cols_K[None, :] == j, w_T[:, None], w_TK)
+        idx_TK = tl.where(cols_K[None, :] == j, idx_T[:, None], idx_TK)
+
+    if RENORMALIZE:
+        w_TK = w_TK / tl.maximum(tl.sum(w_TK, axis=1), MIN_SUM)[:, None]
+    out_ptrs = rows64_T[:, None] * K + cols_K[None, :]
+    out_ok = row_ok_T[:, None] & (cols_K[None, :] < K)
+    tl.store(weights_ptr + out_ptrs, w_TK, mask=out_ok)
+    tl.store(experts_ptr + out_ptrs, idx_TK, mask=out_ok)
+
+    counts_E = tl.sum(picked_TE, axis=0)
+    tl.store(counts_ptr + pid * E + cols_E, counts_E, mask=col_ok_E)
+
+
+@triton.jit
+def _route_scan_kernel(
+    counts_ptr,
+    prefix_ptr,
+    tokens_per_expert_ptr,
+    offsets_ptr,
+    num_blocks,
+    E,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    cols_E = tl.arange(0, BLOCK_E)
+    col_ok_E = cols_E < E
+    running_E = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        rows_B = b0 + tl.arange(0, BLOCK_B)
+        ok_BE = (rows_B < num_blocks)[:, None] & col_ok_E[None, :]
+        ptrs_BE = rows_B[:, None] * E + cols_E[None, :]
+        c_BE = tl.load(counts_ptr + ptrs_BE, mask=ok_BE, other=0)
+        excl_BE = tl.cumsum(c_BE, axis=0) - c_BE + running_E[None, :]
+        tl.store(prefix_ptr + ptrs_BE, excl_BE, mask=ok_BE)
+        running_E += tl.sum(c_BE, axis=0)
+    tl.store(tokens_per_expert_ptr + cols_E, running_E, mask=col_ok_E)
+    tl.store(offsets_ptr + 1 + cols_E, tl.cumsum(running_E, axis=0), mask=col_ok_E)
+    tl.store(offsets_ptr + cols_E, tl.zeros([BLOCK_E], dtype=tl.int32), mask=cols_E == 0)
+
+
+@triton.jit
+def _route_permute_kernel(
+    experts_ptr,
+    prefix_ptr,
+    offsets_ptr,
+    sort_order_ptr,
+    inverse_ptr,
+    T,
+    E,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows_T = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols_E = tl.arange(0, BLOCK_E)
+    row_ok_T = rows_T < T
+    col_ok_E = cols_E < E
+    slot0_T = rows_T * K  # S < 2^31 is checked on the host
+
+    # A token picks distinct experts, so its rank among the block's slots of expert e is the
+    # number of earlier tokens of the block that picked e: an exclusive cumsum down the rows.
+    picked_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    for j in tl.static_range(K):
+        idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
+        picked_TE += (cols_E[None, :] == idx_T[:, None]).to(tl.int32)
+    rank_TE = tl.cumsum(picked_TE, axis=0) - picked_TE
+    base_E = tl.load(offsets_ptr + cols_E, mask=col_ok_E, other=0)
+    base_E += tl.load(prefix_ptr + pid * E + cols_E, mask=col_ok_E, other=0)
+    pos_TE = rank_TE + base_E[None, :]
+
+    for j in tl.static_range(K):
+        idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
+        pos_T = tl.sum(tl.where(cols_E[None, :] == idx_T[:, None], pos_TE, 0), axis=1)
+        slot_T = slot0_T + j
+        tl.store(sort_order_ptr + pos_T, slot_T, mask=row_ok_T)
+        tl.store(inverse_ptr + slot_T, pos_T, mask=row_ok_T)
+
+
+@triton.jit
+def _route_backward_kernel(
+    logits_ptr,
+    lse_ptr,
+    experts_ptr,
+    grad_weights_ptr,
+    grad_scores_ptr,
+    grad_lse_ptr,
+    grad_logits_ptr,
+    T,
+    E,
+    stride_lt,
+    stride_le,
+    K: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    HAS_GRAD_W: tl.constexpr,
+    HAS_GRAD_SCORES: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    MIN_SUM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows_T = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols_E = tl.arange(0, BLOCK_E)
+    row_ok_T = rows_T < T
+    col_ok_E = cols_E < E
+    ok_TE = row_ok_T[:, None] & col_ok_E[None, :]
+    rows64_T = rows_T.to(tl.int64)
+
+    x_ptrs = logits_ptr + rows64_T[:, None] * stride_lt + cols_E[None, :] * stride_le
+    x_TE = tl.load(x_ptrs, mask=ok_TE, other=0.0).to(tl.float32)
+    if SOFTMAX:
+        lse_T = tl.load(lse_ptr + rows_T, mask=row_ok_T, other=0.0)
+        p_TE = tl.where(ok_TE, tl.exp(x_TE - lse_T[:, None]), 0.0)
+    else:
+        p_TE = tl.sigmoid(x_TE)
+
+    # g = d loss / d scores, accumulated from the three differentiable outputs.
+    if HAS_GRAD_SCORES:
+        gs_ptrs = grad_scores_ptr + rows64_T[:, None] * E + cols_E[None, :]
+        g_TE = tl.load(gs_ptrs, mask=ok_TE, other=0.0).to(tl.float32)
+    else:
+        g_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+
+    if HAS_GRAD_W:
+        slot0_T = rows64_T * K
+        if RENORMALIZE:
+            # w_j = r_j / max(S, MIN_SUM), S = Σ r_j: d r_j = (gw_j - [S >= MIN_SUM] Σ gw_i w_i) / max(S, MIN_SUM)
+            sum_T = tl.zeros([BLOCK_T], dtype=tl.float32)
+            dot_T = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for j in tl.static_range(K):
+                idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
+                gw_T = tl.load(grad_weights_ptr + slot0_T + j, mask=row_ok_T, other=0.0)
+                r_T = tl.sum(tl.where(cols_E[None, :] == idx_T[:, None], p_TE, 0.0), axis=1)
+                sum_T += r_T
+                dot_T += gw_T * r_T
+            denom_T = tl.maximum(sum_T, MIN_SUM)
+            shift_T = tl.where(sum_T >= MIN_SUM, dot_T / (denom_T * denom_T), 0.0)
+        for j in tl.static_range(K):
+            idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
+            gr_T = tl.load(grad_weights_ptr + slot0_T + j, mask=row_ok_T, other=0.0)
+            if RENORMALIZE:
+                gr_T = gr_T / denom_T - shift_T
+            g_TE += tl.where(cols_E[None, :] == idx_T[:, None], gr_T[:, None], 0.0)
+
+    if SOFTMAX:
+        inner_T = tl.sum(g_TE * p_TE, axis=1)
+        if HAS_GRAD_LSE:
+            # d lse / d x = p, so the lse gradient folds into the softmax Jacobian's shift.
+            inner_T -= tl.load(grad_lse_ptr + rows_T, mask=row_ok_T, other=0.0)
+        dx_TE = p_TE * (g_TE - inner_T[:, None])
+    else:
+        dx_TE = g_TE * p_TE * (1.0 - p_TE)
+
+    dx_ptrs = grad_logits_ptr + rows64_T[:, None] * E + cols_E[None, :]
+    tl.store(dx_ptrs, dx_TE.to(grad_logits_ptr.dtype.element_ty), mask=ok_TE)
+
+
+def route_forward_triton(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    score: str,
+    bias_E: torch.Tensor | None,
+    renormalize: bool,
+    return_scores: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the three forward kernels; inputs are assumed validated.
+
+    Returns `(weights_TK f32, experts_TK i32, tokens_per_expert_E i32, expert_offsets_E1 i32,
+    sort_order_S i32, inverse_order_S i32, scores_TE f32 ([0, E] unless return_scores),
+    logsumexp_T f32 ([0] for sigmoid))`.
+    """
+    num_tokens, num_experts = logits_TE.shape
+    dev = logits_TE.device
+    num_slots = num_tokens * top_k
+    if num_slots >= 2**31:
+        raise ValueError(f"T·top_k = {num_slots} slots overflow the int32 permutation")
+    softmax = score == "softmax"
+    f32, i32 = torch.float32, torch.int32
+    weights_TK = torch.empty(num_tokens, top_k, dtype=f32, device=dev)
+    experts_TK = torch.empty(num_tokens, top_k, dtype=i32, device=dev)
+    scores_TE = torch.empty(num_tokens if return_scores else 0, num_experts, dtype=f32, device=dev)
+    lse_T = torch.empty(num_tokens if softmax else 0, dtype=f32, device=dev)
+    # The scan kernel writes every element; only T = 0 (no launch) needs explicit zeros.
+    alloc = torch.zeros if num_tokens == 0 else torch.empty
+    tokens_per_expert_E = alloc(num_experts, dtype=i32, device=dev)
+    offsets_E1 = alloc(num_experts + 1, dtype=i32, device=dev)
+    sort_order_S = torch.empty(num_slots, dtype=i32, device=dev)
+    inverse_S = torch.empty(num_slots, dtype=i32, device=dev)
+    outputs = (
+        weights_TK,
+        experts_TK,
+        tokens_per_expert_E,
+        offsets_E1,
+        sort_order_S,
+        inverse_S,
+        scores_TE,
+        lse_T,
+    )
+    if num_tokens == 0:
+        return outputs
+
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = _block_t(num_experts)
+    num_blocks = triton.cdiv(num_tokens, block_t)
+    counts_BE = torch.empty(num_blocks, num_experts, dtype=i32, device=dev)
+    prefix_BE = torch.empty_like(counts_BE)
+    warps = _num_warps(block_t, block_e)
+    _route_topk_kernel[(num_blocks,)](
+        logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK,
+        scores_TE, lse_T, counts_BE, num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
+        K=top_k, SOFTMAX=softmax, HAS_BIAS=bias_E is not None, RENORMALIZE=renormalize,
+        WRITE_SCORES=return_scores, MIN_SUM=_MIN_SUM, BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=warps,
+    )  # fmt: skip
+    _route_scan_kernel[(1,)](
+        counts_BE, prefix_BE, tokens_per_expert_E, offsets_E1, num_blocks, num_experts,
+        BLOCK_B=_SCAN_BLOCK_B, BLOCK_E=block_e, num_warps=4,
+    )  # fmt: skip
+    _route_permute_kernel[(num_blocks,)](
+        experts_TK, prefix_BE, offsets_E1, sort_order_S, inverse_S, num_tokens, num_experts,
+        K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps,
+    )  # fmt: skip
+    return outputs
+
+
+def route_backward_triton(
+    logits_TE: torch.Tensor,
+    lse_T: torch.Tensor,
+    experts_TK: torch.Tensor,
+    grad_weights_TK: torch.Tensor | None,
+    grad_scores_TE: torch.Tensor | None,
+    grad_lse_T: torch.Tensor | None,
+    score: str,
+    renormalize: bool,
+) -> torch.Tensor:
+    """d logits `[T, E]` (logits' dtype) from the gradients of weights, scores and logsumexp."""
+    num_tokens, num_experts = logits_TE.shape
+    grad_logits_TE = torch.empty(num_tokens, num_experts, dtype=logits_TE.dtype, device=logits_TE.device)
+    if num_tokens == 0:
+        return grad_logits_TE
+    top_k = experts_TK.shape[1]
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = _block_t(num_experts)
+    dummy = logits_TE
+    contig = lambda g: g.contiguous() if g is not None else dummy
+    _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
+        logits_TE, lse_T if score == "softmax" else dummy, experts_TK.contiguous(),
+        contig(grad_weights_TK), contig(grad_scores_TE), contig(grad_lse_T), grad_logits_TE,
+        num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
+        K=top_k, SOFTMAX=score == "softmax", RENORMALIZE=renormalize,
+        HAS_GRAD_W=grad_weights_TK is not None, HAS_GRAD_SCORES=grad_scores_TE is not None,
+        HAS_GRAD_LSE=grad_lse_T is not None, MIN_SUM=_MIN_SUM,
+        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_num_warps(block_t, block_e),
+    )  # fmt: skip
+    return grad_logits_TE
+
+
+def route_triton(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    score: str = "softmax",
+    selection_bias: torch.Tensor | None = None,
+    renormalize: bool = True,
+    return_scores: bool = False,
+) -> Routing:
+    """`route` forced onto the Triton kernels (differentiable through the `padd::route` op).
+
+    Same fields and semantics as `route_reference`; inputs are assumed validated by `route`.
+    """
+    from .op import route_op
+
+    return route_op(
+        router_logits,
+        top_k,
+        score=score,
+        selection_bias=selection_bias,
+        renormalize=renormalize,
+        return_scores=return_scores,
+        backend="triton",
+    )
