@@ -1,1 +1,20 @@
-"""padd.training."""
+"""padd.training: PADD's training phase (Stages II–IV in one loop), rewards, baselines, evaluation.
+
+Modules: `rewards` (answer extraction, verifiable rewards), `objectives` (the RL/KD math as free
+functions), `rollout` (sampling and old-policy statistics), `metrics` (routing statistics),
+`evaluation` (pass@1, expert–subdomain NMI), `config` (`PADDConfig` and baseline presets),
+`trainer` (`PADDTrainer`), `teacher_grpo` (optional GRPO on the dense teacher).
+"""
+
+from .evaluation import evaluate, normalized_mutual_information
+from .rewards import answer_reward, extract_answer, format_reward, normalize_number, reward
+
+__all__ = [
+    "answer_reward",
+    "evaluate",
+    "extract_answer",
+    "format_reward",
+    "normalize_number",
+    "normalized_mutual_information",
+    "reward",
+]
