@@ -1,0 +1,581 @@
+"""Triton grouped expert GEMMs (scatter-to-scatter): forward and backward of the SwiGLU experts.
+
+Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
+rows are slots in `sort_order_S` order (grouped by expert); slot `s` belongs to token `s // K`.
+
+Forward (two GEMM launches, no padded copy of x, no per-expert Python loop, no host sync):
+1. `_gate_up_swiglu_kernel`: gathers x rows by token inside its loads, computes the gate and up
+   tiles against `gate_up_proj[e]` and writes `h = silu(gate) * up` in sorted order, `[S, I]`.
+2. `_scatter_down_kernel`: `h @ down_proj[e].T`, times the slot's routing weight, stored at the
+   slot's row of `[S, H]`; the combine sums each token's K rows in slot order (deterministic, no
+   atomics).
+
+Backward (four launches) recomputes gate/up instead of saving the `[S, 2I]` intermediate: the
+forward saves nothing beyond its inputs, which is the memory that matters when many MoE layers
+keep activations for backward. The recompute costs one extra `S·H·2I` GEMM, fused into the
+kernel that needs it (`_swiglu_backward_kernel`), which also yields the routing-weight gradient.
+
+Every tile maps to its expert on the device (`_expert_tile`) from `expert_offsets_E1`; the grid
+is sized for the worst case (`cdiv(S, BLOCK_M) + E` row tiles) and surplus tiles exit at once,
+so empty experts and any load imbalance need no host round trip. Row indices are int64 before
+they meet a stride, so `T·K·H > 2**31` does not overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import interpreter_enabled
+
+__all__ = ["moe_ffn_triton", "moe_ffn_triton_backward", "moe_ffn_triton_forward"]
+
+
+def _configs(block_n: int | None = None) -> list[triton.Config]:
+    """A small H100-minded search space; one cheap config in the CPU interpreter."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": block_n or 32, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (64, 64, 64, 4, 3),
+    ]
+    seen, out = set(), []
+    for bm, bn, bk, warps, stages in shapes:
+        bn = block_n or bn
+        if (bm, bn, bk, warps, stages) in seen:
+            continue
+        seen.add((bm, bn, bk, warps, stages))
+        out.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        )
+    return out
+
+
+# The backward kernel writes one routing-weight partial per I-tile: a fixed BLOCK_N keeps the
+# partials buffer's shape independent of the autotuner's choice.
+_BWD_BLOCK_N = 32 if interpreter_enabled() else 64
+
+
+@triton.jit
+def _expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Map row-tile `pid_m` to (expert, first sorted row, end row of that expert); expert == E: idle."""
+    e_idx = tl.arange(0, BLOCK_E)
+    valid = e_idx < E
+    lo = tl.load(offsets_ptr + e_idx, mask=valid, other=0)
+    hi = tl.load(offsets_ptr + e_idx + 1, mask=valid, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    sel = e_idx == expert
+    tile_begin = tl.sum(tl.where(sel, tiles_end - tiles, 0), 0)
+    row_start = tl.sum(tl.where(sel, lo, 0), 0) + (pid_m - tile_begin) * BLOCK_M
+    row_end = tl.sum(tl.where(sel, hi, 0), 0)
+    return expert, row_start, row_end
+
+
+@triton.autotune(configs=_configs(), key=["H", "I"])
+@triton.jit
+def _gate_up_swiglu_kernel(
+    x_ptr,
+    w13_ptr,
+    h_ptr,
+    order_ptr,
+    offsets_ptr,
+    E,
+    H,
+    I,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wn,
+    stride_wh,
+    stride_hs,
+    TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """h[p, n] = silu(x[t_p] · Wg[e, n]) * (x[t_p] · Wu[e, n]) for sorted rows p of expert e."""
+    expert, row_start, row_end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    slots = tl.load(order_ptr + rows, mask=row_mask, other=0)
+    tokens = (slots // TOP_K).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh
+    wg_ptrs = (
+        w13_ptr
+        + expert.to(tl.int64) * stride_we
+        + cols[None, :].to(tl.int64) * stride_wn
+        + ks[:, None] * stride_wh
+    )
+    wu_ptrs = wg_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = ks < H - k0
+        xa = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+        wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+        acc_g = tl.dot(xa, wg, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(xa, wu, acc_u, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        wg_ptrs += BLOCK_K * stride_wh
+        wu_ptrs += BLOCK_K * stride_wh
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hs + cols[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["N", "K_DIM"])
+@triton.jit
+def _scatter_down_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    order_ptr,
+    offsets_ptr,
+    scale_ptr,
+    E,
+    N,
+    K_DIM,
+    stride_as,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_os,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[slot_p, n] = scale[slot_p] · Σ_k a[p, k] · b[e, k, n] for sorted rows p of expert e.
+
+    Forward down GEMM (a = h, b = down_proj viewed [E, I, H], scale = routing weights) and the
+    backward dx GEMM (a = d(gate|up), b = gate_up_proj [E, 2I, H], no scale) share it.
+    """
+    expert, row_start, row_end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_as + ks[None, :]
+    b_ptrs = (
+        b_ptr
+        + expert.to(tl.int64) * stride_be
+        + ks[:, None].to(tl.int64) * stride_bk
+        + cols[None, :] * stride_bn
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_DIM, BLOCK_K):
+        k_mask = ks < K_DIM - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    slots = tl.load(order_ptr + rows, mask=row_mask, other=0)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_os + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.autotune(configs=_configs(_BWD_BLOCK_N), key=["H", "I"])
+@triton.jit
+def _swiglu_backward_kernel(
+    x_ptr,
+    dy_ptr,
+    w13_ptr,
+    w2_ptr,
+    weight_ptr,
+    order_ptr,
+    offsets_ptr,
+    dgu_ptr,
+    hw_ptr,
+    dweight_part_ptr,
+    E,
+    H,
+    I,
+    S,
+    stride_xt,
+    stride_xh,
+    stride_dt,
+    stride_dh,
+    stride_we,
+    stride_wn,
+    stride_wh,
+    stride_de,
+    stride_dh2,
+    stride_di,
+    stride_gs,
+    stride_hs,
+    TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Recompute gate/up, push dy back through down and SwiGLU for sorted rows p of expert e.
+
+    Writes d(gate|up) `[S, 2I]` and w·h `[S, I]` in sorted order, and the routing-weight gradient
+    partial `Σ_n (dy[t_p] · W2[e, :, n]) · h[p, n]` for this I-tile at `[pid_n, slot_p]`.
+    """
+    expert, row_start, row_end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    pid_n = tl.program_id(1)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    slots = tl.load(order_ptr + rows, mask=row_mask, other=0)
+    tokens = (slots // TOP_K).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh
+    dy_ptrs = dy_ptr + tokens[:, None] * stride_dt + ks[None, :] * stride_dh
+    wg_ptrs = (
+        w13_ptr
+        + expert.to(tl.int64) * stride_we
+        + cols[None, :].to(tl.int64) * stride_wn
+        + ks[:, None] * stride_wh
+    )
+    wu_ptrs = wg_ptrs + I * stride_wn
+    w2_ptrs = (
+        w2_ptr
+        + expert.to(tl.int64) * stride_de
+        + ks[:, None].to(tl.int64) * stride_dh2
+        + cols[None, :] * stride_di
+    )
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = ks < H - k0
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        xa = tl.load(x_ptrs, mask=a_mask, other=0.0)
+        da = tl.load(dy_ptrs, mask=a_mask, other=0.0)
+        acc_g = tl.dot(xa, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(xa, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        acc_d = tl.dot(da, tl.load(w2_ptrs, mask=w_mask, other=0.0), acc_d, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        dy_ptrs += BLOCK_K * stride_dh
+        wg_ptrs += BLOCK_K * stride_wh
+        wu_ptrs += BLOCK_K * stride_wh
+        w2_ptrs += BLOCK_K * stride_dh2
+    sig = tl.sigmoid(acc_g)
+    act = acc_g * sig
+    h = act * acc_u
+    weight = tl.load(weight_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(dweight_part_ptr + pid_n.to(tl.int64) * S + slots, tl.sum(acc_d * h, axis=1), mask=row_mask)
+    dh = acc_d * weight[:, None]
+    d_gate = dh * acc_u * sig * (1.0 + acc_g * (1.0 - sig))
+    d_up = dh * act
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    dgu_ptrs = dgu_ptr + rows64 * stride_gs + cols[None, :]
+    tl.store(dgu_ptrs, d_gate.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptrs + I, d_up.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        hw_ptr + rows64 * stride_hs + cols[None, :],
+        (h * weight[:, None]).to(hw_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.autotune(configs=_configs(), key=["M", "N"])
+@triton.jit
+def _expert_weight_grad_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    order_ptr,
+    offsets_ptr,
+    M,
+    N,
+    stride_ar,
+    stride_ac,
+    stride_br,
+    stride_bc,
+    stride_oe,
+    stride_om,
+    stride_on,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    TOP_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[e, m, n] = Σ_{p of expert e} A[row_a(p), m] · B[row_b(p), n].
+
+    A gathered row is the token of sorted row p (`sort_order_S[p] // K`), else p itself. Each
+    program owns one output tile and reduces over its expert's rows in order: no atomics, and an
+    empty expert writes zeros.
+    """
+    expert = tl.program_id(2)
+    lo = tl.load(offsets_ptr + expert)
+    hi = tl.load(offsets_ptr + expert + 1)
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = ms < M
+    n_mask = ns < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK_K):
+        ps = p0 + tl.arange(0, BLOCK_K)
+        p_mask = ps < hi
+        tokens = (tl.load(order_ptr + ps, mask=p_mask, other=0) // TOP_K).to(tl.int64)
+        rows_a = tokens if GATHER_A else ps.to(tl.int64)
+        rows_b = tokens if GATHER_B else ps.to(tl.int64)
+        a = tl.load(
+            a_ptr + rows_a[None, :] * stride_ar + ms[:, None] * stride_ac,
+            mask=m_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rows_b[:, None] * stride_br + ns[None, :] * stride_bc,
+            mask=p_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    out_ptrs = (
+        out_ptr
+        + expert.to(tl.int64) * stride_oe
+        + ms[:, None].to(tl.int64) * stride_om
+        + ns[None, :] * stride_on
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul setting (exact by default); 16-bit inputs take the default path.
+    exact = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return "ieee" if exact else "tf32"
+
+
+def _block_e(num_experts: int) -> int:
+    return max(2, triton.next_power_of_2(num_experts))
+
+
+def _row_tiles(num_slots: int, num_experts: int):
+    """Worst-case row-tile count: every expert may end in a partial tile."""
+    return lambda meta: triton.cdiv(num_slots, meta["BLOCK_M"]) + num_experts
+
+
+def _sum_slots(y_SH: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Sum each token's K slot rows in slot order (deterministic), accumulating in fp32."""
+    if top_k == 1:
+        return y_SH
+    return y_SH.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(y_SH.dtype)
+
+
+def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
+    """h in sorted order, `[S, I]` in x's dtype."""
+    num_experts, two_inter, hidden = w13_E2IH.shape
+    inter = two_inter // 2
+    num_slots = order_S.numel()
+    h_SI = torch.empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
+    rows = _row_tiles(num_slots, num_experts)
+    _gate_up_swiglu_kernel[lambda m: (rows(m), triton.cdiv(inter, m["BLOCK_N"]))](
+        x_TH,
+        w13_E2IH,
+        h_SI,
+        order_S,
+        offsets_E1,
+        num_experts,
+        hidden,
+        inter,
+        x_TH.stride(0),
+        x_TH.stride(1),
+        *w13_E2IH.stride(),
+        h_SI.stride(0),
+        TOP_K=top_k,
+        BLOCK_E=_block_e(num_experts),
+        DOT_PRECISION=_dot_precision(x_TH.dtype),
+    )
+    return h_SI
+
+
+def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) -> torch.Tensor:
+    """Rows of `a_SK @ b_EKN[e]` (sorted) stored at their slot's row of `[S, N]`, optionally scaled."""
+    num_experts, k_dim, n_dim = b_EKN.shape
+    num_slots = order_S.numel()
+    out_SN = torch.empty(num_slots, n_dim, device=a_SK.device, dtype=out_dtype)
+    rows = _row_tiles(num_slots, num_experts)
+    _scatter_down_kernel[lambda m: (rows(m), triton.cdiv(n_dim, m["BLOCK_N"]))](
+        a_SK,
+        b_EKN,
+        out_SN,
+        order_S,
+        offsets_E1,
+        scale_S if scale_S is not None else a_SK,
+        num_experts,
+        n_dim,
+        k_dim,
+        a_SK.stride(0),
+        *b_EKN.stride(),
+        out_SN.stride(0),
+        HAS_SCALE=scale_S is not None,
+        BLOCK_E=_block_e(num_experts),
+        DOT_PRECISION=_dot_precision(a_SK.dtype),
+    )
+    return out_SN
+
+
+def _expert_weight_grad(a, b, order_S, offsets_E1, top_k, *, gather_a, gather_b, out_dtype) -> torch.Tensor:
+    """`[E, M, N]` with out[e] = A_e^T B_e over expert e's rows (see `_expert_weight_grad_kernel`)."""
+    num_experts = offsets_E1.numel() - 1
+    m_dim, n_dim = a.shape[1], b.shape[1]
+    out_EMN = torch.empty(num_experts, m_dim, n_dim, device=a.device, dtype=out_dtype)
+    grid = lambda m: (triton.cdiv(m_dim, m["BLOCK_M"]), triton.cdiv(n_dim, m["BLOCK_N"]), num_experts)
+    _expert_weight_grad_kernel[grid](
+        a,
+        b,
+        out_EMN,
+        order_S,
+        offsets_E1,
+        m_dim,
+        n_dim,
+        *a.stride(),
+        *b.stride(),
+        *out_EMN.stride(),
+        GATHER_A=gather_a,
+        GATHER_B=gather_b,
+        TOP_K=top_k,
+        DOT_PRECISION=_dot_precision(a.dtype),
+    )
+    return out_EMN
+
+
+def moe_ffn_triton_forward(
+    x_TH: torch.Tensor,
+    gate_up_proj_E2IH: torch.Tensor,
+    down_proj_EHI: torch.Tensor,
+    weights_TK: torch.Tensor,
+    sort_order_S: torch.Tensor,
+    expert_offsets_E1: torch.Tensor,
+) -> torch.Tensor:
+    """Forward of the routed SwiGLU experts from raw routing tensors; `[T, H]` in x's dtype."""
+    num_tokens, hidden = x_TH.shape
+    top_k = weights_TK.shape[1]
+    if num_tokens == 0:
+        return x_TH.new_zeros(0, hidden)
+    order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
+    h_SI = _gate_up_swiglu(x_TH, gate_up_proj_E2IH, order_S, offsets_E1, top_k)
+    # down_proj[e] is [H, I]; viewed as [I, H] it is the right-hand operand of h @ W2[e].T.
+    y_SH = _scatter_grouped_mm(
+        h_SI,
+        down_proj_EHI.transpose(1, 2),
+        order_S,
+        offsets_E1,
+        weights_TK.reshape(-1).contiguous(),
+        x_TH.dtype,
+    )
+    return _sum_slots(y_SH, num_tokens, top_k)
+
+
+def moe_ffn_triton_backward(
+    grad_TH: torch.Tensor,
+    x_TH: torch.Tensor,
+    gate_up_proj_E2IH: torch.Tensor,
+    down_proj_EHI: torch.Tensor,
+    weights_TK: torch.Tensor,
+    sort_order_S: torch.Tensor,
+    expert_offsets_E1: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(dx [T,H], d gate_up_proj [E,2I,H], d down_proj [E,H,I], d weights [T,K])`."""
+    num_tokens, hidden = x_TH.shape
+    num_experts, two_inter, _ = gate_up_proj_E2IH.shape
+    inter = two_inter // 2
+    top_k = weights_TK.shape[1]
+    num_slots = num_tokens * top_k
+    if num_tokens == 0:
+        return (
+            torch.zeros_like(x_TH),
+            torch.zeros_like(gate_up_proj_E2IH),
+            torch.zeros_like(down_proj_EHI),
+            torch.zeros_like(weights_TK),
+        )
+    order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
+    dy_TH = grad_TH.to(x_TH.dtype)
+    weights_S = weights_TK.reshape(-1).contiguous()
+    dgu_S2I = torch.empty(num_slots, two_inter, device=x_TH.device, dtype=x_TH.dtype)
+    hw_SI = torch.empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
+    n_tiles = triton.cdiv(inter, _BWD_BLOCK_N)
+    dweight_part_NS = torch.empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
+    rows = _row_tiles(num_slots, num_experts)
+    _swiglu_backward_kernel[lambda m: (rows(m), n_tiles)](
+        x_TH,
+        dy_TH,
+        gate_up_proj_E2IH,
+        down_proj_EHI,
+        weights_S,
+        order_S,
+        offsets_E1,
+        dgu_S2I,
+        hw_SI,
+        dweight_part_NS,
+        num_experts,
+        hidden,
+        inter,
+        num_slots,
+        *x_TH.stride(),
+        *dy_TH.stride(),
+        *gate_up_proj_E2IH.stride(),
+        *down_proj_EHI.stride(),
+        dgu_S2I.stride(0),
+        hw_SI.stride(0),
+        TOP_K=top_k,
+        BLOCK_E=_block_e(num_experts),
+        DOT_PRECISION=_dot_precision(x_TH.dtype),
+    )
+    dx_SH = _scatter_grouped_mm(dgu_S2I, gate_up_proj_E2IH, order_S, offsets_E1, None, x_TH.dtype)
+    d_gate_up = _expert_weight_grad(
+        dgu_S2I,
+        x_TH,
+        order_S,
+        offsets_E1,
+        top_k,
+        gather_a=False,
+        gather_b=True,
+        out_dtype=gate_up_proj_E2IH.dtype,
+    )
+    d_down = _expert_weight_grad(
+        dy_TH, hw_SI, order_S, offsets_E1, top_k, gather_a=True, gather_b=False, out_dtype=down_proj_EHI.dtype
+    )
+    d_weights = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
+    return _sum_slots(dx_SH, num_tokens, top_k), d_gate_up, d_down, d_weights
+
+
+def moe_ffn_triton(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    routing,
+) -> torch.Tensor:
+    """Differentiable Triton expert FFN (forced Triton, also on CPU under `TRITON_INTERPRET=1`).
+
+    Goes through the `padd::moe_ffn` custom op, so autograd runs the Triton backward.
+    """
+    from .op import moe_ffn_op_from_routing
+
+    return moe_ffn_op_from_routing(x, gate_up_proj, down_proj, routing, use_triton=True)
