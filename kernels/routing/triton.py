@@ -31,6 +31,11 @@ _SCAN_BLOCK_B = 32
 _MIN_SUM = 1e-20  # same clamp as the reference's renormalisation
 
 
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here; tests poison it (NaN / INT32_MIN) to catch gaps."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def _block_t(num_experts: int) -> int:
     block_e = triton.next_power_of_2(num_experts)
     return max(1, min(64, _TILE_ELEMS // block_e))
@@ -291,16 +296,16 @@ def route_forward_triton(
         raise ValueError(f"T·top_k = {num_slots} slots overflow the int32 permutation")
     softmax = score == "softmax"
     f32, i32 = torch.float32, torch.int32
-    weights_TK = torch.empty(num_tokens, top_k, dtype=f32, device=dev)
-    experts_TK = torch.empty(num_tokens, top_k, dtype=i32, device=dev)
-    scores_TE = torch.empty(num_tokens if return_scores else 0, num_experts, dtype=f32, device=dev)
-    lse_T = torch.empty(num_tokens if softmax else 0, dtype=f32, device=dev)
+    weights_TK = _empty(num_tokens, top_k, dtype=f32, device=dev)
+    experts_TK = _empty(num_tokens, top_k, dtype=i32, device=dev)
+    scores_TE = _empty(num_tokens if return_scores else 0, num_experts, dtype=f32, device=dev)
+    lse_T = _empty(num_tokens if softmax else 0, dtype=f32, device=dev)
     # The scan kernel writes every element; only T = 0 (no launch) needs explicit zeros.
-    alloc = torch.zeros if num_tokens == 0 else torch.empty
+    alloc = torch.zeros if num_tokens == 0 else _empty
     tokens_per_expert_E = alloc(num_experts, dtype=i32, device=dev)
     offsets_E1 = alloc(num_experts + 1, dtype=i32, device=dev)
-    sort_order_S = torch.empty(num_slots, dtype=i32, device=dev)
-    inverse_S = torch.empty(num_slots, dtype=i32, device=dev)
+    sort_order_S = _empty(num_slots, dtype=i32, device=dev)
+    inverse_S = _empty(num_slots, dtype=i32, device=dev)
     outputs = (
         weights_TK,
         experts_TK,
@@ -317,8 +322,8 @@ def route_forward_triton(
     block_e = triton.next_power_of_2(num_experts)
     block_t = _block_t(num_experts)
     num_blocks = triton.cdiv(num_tokens, block_t)
-    counts_BE = torch.empty(num_blocks, num_experts, dtype=i32, device=dev)
-    prefix_BE = torch.empty_like(counts_BE)
+    counts_BE = _empty(num_blocks, num_experts, dtype=i32, device=dev)
+    prefix_BE = _empty(num_blocks, num_experts, dtype=i32, device=dev)
     warps = _num_warps(block_t, block_e)
     _route_topk_kernel[(num_blocks,)](
         logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK,
@@ -350,7 +355,7 @@ def route_backward_triton(
 ) -> torch.Tensor:
     """d logits `[T, E]` (logits' dtype) from the gradients of weights, scores and logsumexp."""
     num_tokens, num_experts = logits_TE.shape
-    grad_logits_TE = torch.empty(num_tokens, num_experts, dtype=logits_TE.dtype, device=logits_TE.device)
+    grad_logits_TE = _empty(num_tokens, num_experts, dtype=logits_TE.dtype, device=logits_TE.device)
     if num_tokens == 0:
         return grad_logits_TE
     top_k = experts_TK.shape[1]
