@@ -366,6 +366,11 @@ def _expert_weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer the kernels fill (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's matmul setting (exact by default); 16-bit inputs take the default path.
     exact = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -393,7 +398,7 @@ def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
     num_experts, two_inter, hidden = w13_E2IH.shape
     inter = two_inter // 2
     num_slots = order_S.numel()
-    h_SI = torch.empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
+    h_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
     rows = _row_tiles(num_slots, num_experts)
     _gate_up_swiglu_kernel[lambda m: (rows(m), triton.cdiv(inter, m["BLOCK_N"]))](
         x_TH,
@@ -419,7 +424,7 @@ def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) ->
     """Rows of `a_SK @ b_EKN[e]` (sorted) stored at their slot's row of `[S, N]`, optionally scaled."""
     num_experts, k_dim, n_dim = b_EKN.shape
     num_slots = order_S.numel()
-    out_SN = torch.empty(num_slots, n_dim, device=a_SK.device, dtype=out_dtype)
+    out_SN = _empty(num_slots, n_dim, device=a_SK.device, dtype=out_dtype)
     rows = _row_tiles(num_slots, num_experts)
     _scatter_down_kernel[lambda m: (rows(m), triton.cdiv(n_dim, m["BLOCK_N"]))](
         a_SK,
@@ -445,7 +450,7 @@ def _expert_weight_grad(a, b, order_S, offsets_E1, top_k, *, gather_a, gather_b,
     """`[E, M, N]` with out[e] = A_e^T B_e over expert e's rows (see `_expert_weight_grad_kernel`)."""
     num_experts = offsets_E1.numel() - 1
     m_dim, n_dim = a.shape[1], b.shape[1]
-    out_EMN = torch.empty(num_experts, m_dim, n_dim, device=a.device, dtype=out_dtype)
+    out_EMN = _empty(num_experts, m_dim, n_dim, device=a.device, dtype=out_dtype)
     grid = lambda m: (triton.cdiv(m_dim, m["BLOCK_M"]), triton.cdiv(n_dim, m["BLOCK_N"]), num_experts)
     _expert_weight_grad_kernel[grid](
         a,
@@ -518,10 +523,10 @@ def moe_ffn_triton_backward(
     order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
     dy_TH = grad_TH.to(x_TH.dtype)
     weights_S = weights_TK.reshape(-1).contiguous()
-    dgu_S2I = torch.empty(num_slots, two_inter, device=x_TH.device, dtype=x_TH.dtype)
-    hw_SI = torch.empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
+    dgu_S2I = _empty(num_slots, two_inter, device=x_TH.device, dtype=x_TH.dtype)
+    hw_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
     n_tiles = triton.cdiv(inter, _BWD_BLOCK_N)
-    dweight_part_NS = torch.empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
+    dweight_part_NS = _empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
     rows = _row_tiles(num_slots, num_experts)
     _swiglu_backward_kernel[lambda m: (rows(m), n_tiles)](
         x_TH,

@@ -1,0 +1,236 @@
+"""moe_ffn: Triton kernels (interpreter on CPU) vs the reference, the reference vs a dense loop.
+
+Shape legend: T tokens, H hidden, I expert width, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from padd.kernels import Routing, moe_ffn, moe_ffn_reference, routing_from_topk
+from padd.kernels.grouped_gemm import moe_ffn_flops
+from padd.kernels.grouped_gemm import triton as moe_triton
+from torch.utils.flop_counter import FlopCounterMode
+
+TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-2, "rtol": 2e-2},
+    torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
+}
+
+# (T, H, I, E, K, load): odd/even H, T below one tile and across tiles, k = 1, 2 and E.
+# load "one" sends every token to one expert; "sparse" leaves most experts empty.
+CASES = [
+    (1, 24, 16, 1, 1, "random"),
+    (5, 40, 24, 4, 2, "random"),
+    (33, 24, 16, 7, 2, "random"),
+    (5, 24, 24, 4, 4, "random"),
+    (33, 40, 16, 7, 7, "random"),
+    (1, 40, 24, 7, 1, "random"),
+    (33, 24, 24, 4, 1, "one"),
+    (33, 40, 16, 7, 2, "sparse"),
+]
+
+
+def _experts(num_tokens: int, num_experts: int, top_k: int, load: str) -> torch.Tensor:
+    if load == "one":
+        return torch.full((num_tokens, 1), num_experts - 1, dtype=torch.int64)
+    pool = torch.arange(num_experts) if load == "random" else torch.tensor([1, num_experts - 2])
+    scores = torch.rand(num_tokens, pool.numel())
+    return pool[scores.topk(min(top_k, pool.numel()), dim=1).indices]
+
+
+def make_inputs(T, H, I, E, K, load="random", dtype=torch.float32, device="cpu"):
+    """Random x, HF-layout weights and a Routing (weights sum to 1 per token)."""
+    x = torch.randn(T, H)
+    w13 = torch.randn(E, 2 * I, H) / H**0.5
+    w2 = torch.randn(E, H, I) / I**0.5
+    experts_TK = _experts(T, E, K, load)
+    weights_TK = torch.rand(experts_TK.shape).softmax(dim=1)
+    routing = routing_from_topk(experts_TK.to(device), weights_TK.to(device), E)
+    return x.to(device, dtype), w13.to(device, dtype), w2.to(device, dtype), routing
+
+
+def dense_loop(x, w13, w2, experts_TK, weights_TK):
+    """Independent oracle in fp64: every token through each of its experts, one at a time."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(experts_TK.shape[1]):
+            e = int(experts_TK[t, j])
+            gate_up = w13[e].double() @ x[t].double()
+            h = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
+            out[t] += float(weights_TK[t, j]) * (w2[e].double() @ h)
+    return out
+
+
+def fwd_bwd(x, w13, w2, routing, backend, grad):
+    """Output and (dx, d gate_up, d down, d weights) for an upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w13, w2, routing.weights_TK)]
+    r = Routing(**{**routing.__dict__, "weights_TK": leaves[3]})
+    out = moe_ffn(*leaves[:3], r, backend=backend)
+    return out, torch.autograd.grad(out, leaves, grad)
+
+
+def assert_matches(got, want, dtype):
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES[:5] + CASES[6:])
+def test_reference_matches_dense_loop(case):
+    x, w13, w2, r = make_inputs(*case)
+    want = dense_loop(x, w13, w2, r.experts_TK, r.weights_TK)
+    torch.testing.assert_close(moe_ffn_reference(x, w13, w2, r).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[7]])
+def test_cpu_op_backward_matches_reference_autograd(case):
+    """The custom op's hand-written CPU backward against autograd through the reference."""
+    x, w13, w2, r = make_inputs(*case)
+    grad = torch.randn_like(x)
+    out, grads = fwd_bwd(x, w13, w2, r, "auto", grad)
+    out_ref, grads_ref = fwd_bwd(x, w13, w2, r, "reference", grad)
+    assert_matches(out, out_ref, torch.float32)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_matches(g, g_ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(case, dtype):
+    x, w13, w2, r = make_inputs(*case, dtype=dtype)
+    grad = torch.randn_like(x)
+    out, grads = fwd_bwd(x, w13, w2, r, "triton", grad)
+    out_ref, grads_ref = fwd_bwd(x, w13, w2, r, "reference", grad)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_matches(out, out_ref, dtype)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert g.dtype == g_ref.dtype
+        assert_matches(g, g_ref, dtype)
+
+
+def test_triton_is_deterministic():
+    x, w13, w2, r = make_inputs(33, 40, 24, 7, 2)
+    grad = torch.randn_like(x)
+    first, second = (fwd_bwd(x, w13, w2, r, "triton", grad) for _ in range(2))
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triton_writes_every_element(monkeypatch):
+    """Kernel buffers prefilled with NaN: any element a kernel forgets to write shows up."""
+    nan_empty = lambda *shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype)
+    monkeypatch.setattr(moe_triton, "_empty", nan_empty)
+    x, w13, w2, r = make_inputs(33, 24, 16, 7, 2, "sparse")
+    out, grads = fwd_bwd(x, w13, w2, r, "triton", torch.randn_like(x))
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+    _, grads_ref = fwd_bwd(x, w13, w2, r, "reference", torch.ones_like(x))
+    assert grads_ref[1].abs().sum() > 0
+
+
+def test_empty_batch():
+    x, w13, w2, r = make_inputs(0, 24, 16, 4, 2)
+    for backend in ("auto", "triton", "reference"):
+        assert moe_ffn(x, w13, w2, r, backend=backend).shape == (0, 24)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_flop_counter(backend):
+    T, H, I, E, K = 5, 24, 16, 4, 2
+    x, w13, w2, r = make_inputs(T, H, I, E, K)
+    x.requires_grad_()
+    with FlopCounterMode(display=False) as forward_only:
+        out = moe_ffn(x, w13, w2, r, backend=backend)
+    assert forward_only.get_total_flops() == 2 * T * K * H * 3 * I == moe_ffn_flops(T, K, H, I)
+    with FlopCounterMode(display=False) as both:
+        moe_ffn(x, w13, w2, r, backend=backend).backward(torch.randn_like(out))
+    assert both.get_total_flops() == 3 * 2 * T * K * H * 3 * I
+
+
+def test_torch_compile_fullgraph_cpu():
+    x, w13, w2, r = make_inputs(9, 24, 16, 4, 2)
+    grad = torch.randn_like(x)
+
+    def layer(x, w13, w2, routing):
+        return moe_ffn(x * 2.0, w13, w2, routing).tanh()
+
+    compiled = torch.compile(layer, fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
+        out = fn(*leaves, r)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    assert_matches(results[1][0], results[0][0], torch.float32)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        assert_matches(a, b, torch.float32)
+
+
+def _bad_inputs():
+    x, w13, w2, r = make_inputs(5, 24, 16, 4, 2)
+    r_other_e = make_inputs(5, 24, 16, 3, 2)[3]
+    r_other_t = make_inputs(6, 24, 16, 4, 2)[3]
+    r_bad_w = Routing(**{**r.__dict__, "weights_TK": r.weights_TK[:, :1]})
+    r_int_w = Routing(**{**r.__dict__, "weights_TK": r.experts_TK})
+    return {
+        "x rank": (ValueError, (x[None], w13, w2, r)),
+        "x hidden": (ValueError, (x[:, :20], w13, w2, r)),
+        "w13 rank": (ValueError, (x, w13[0], w2, r)),
+        "w13 odd": (ValueError, (x, w13[:, :31], w2, r)),
+        "w2 shape": (ValueError, (x, w13, w2[:, :, :8], r)),
+        "w2 experts": (ValueError, (x, w13, w2[:3], r)),
+        "x dtype": (TypeError, (x.double(), w13, w2, r)),
+        "mixed dtype": (TypeError, (x.half(), w13, w2, r)),
+        "int x": (TypeError, (x.long(), w13.long(), w2.long(), r)),
+        "not a tensor": (TypeError, (x.tolist(), w13, w2, r)),
+        "not a routing": (TypeError, (x, w13, w2, r.experts_TK)),
+        "routing experts": (ValueError, (x, w13, w2, r_other_e)),
+        "routing tokens": (ValueError, (x, w13, w2, r_other_t)),
+        "routing weights shape": (ValueError, (x, w13, w2, r_bad_w)),
+        "routing weights dtype": (TypeError, (x, w13, w2, r_int_w)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_inputs()))
+def test_input_errors(name):
+    error, args = _bad_inputs()[name]
+    with pytest.raises(error):
+        moe_ffn(*args)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError):
+        moe_ffn(*make_inputs(2, 24, 16, 4, 2), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_triton_bf16_gpu(case):
+    x, w13, w2, r = make_inputs(*case, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn_like(x)
+    out, grads = fwd_bwd(x, w13, w2, r, "auto", grad)
+    out_ref, grads_ref = fwd_bwd(x, w13, w2, r, "reference", grad)
+    assert_matches(out, out_ref, torch.bfloat16)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_matches(g, g_ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_triton_int64_offsets_gpu():
+    """T·K·H > 2**31: slot-row offsets into the [S, H] buffers overflow int32."""
+    T, H, I, E, K = 65_600, 4096, 32, 8, 8
+    assert T * K * H > 2**31
+    x, w13, w2, r = make_inputs(T, H, I, E, K, dtype=torch.bfloat16, device="cuda")
+    out = moe_ffn(x, w13, w2, r)
+    rows = torch.tensor([0, T // 2, T - 1], device="cuda")
+    sub_x = x[rows]
+    sub_r = routing_from_topk(r.experts_TK[rows], r.weights_TK[rows], E)
+    assert_matches(out[rows], moe_ffn_reference(sub_x, w13, w2, sub_r), torch.bfloat16)
+    grad = torch.zeros_like(x)
+    grad[-1] = 1.0
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(moe_ffn(x, w13, w2, r), x, grad)
+    sub_x.requires_grad_()
+    (dx_ref,) = torch.autograd.grad(moe_ffn_reference(sub_x, w13, w2, sub_r), sub_x, grad[rows])
+    assert_matches(dx[rows], dx_ref, torch.bfloat16)
