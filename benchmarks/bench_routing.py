@@ -1,0 +1,176 @@
+"""Routing benchmark: padd `route` against its peers, side by side in one process.
+
+    python -m pytest benchmarks/bench_routing.py -s          (PADD_BENCH_OUT=dir writes JSON)
+
+Peers: torch eager (softmax + topk + renormalise + stable sort + bincount + cumsum + inverse),
+torch.compile of the same, TransformerEngine's fused router and vLLM's fused_topk +
+moe_align_block_size when importable (skipped with the reason printed otherwise).
+
+Figure: effective GB/s over the bytes a fused router must move (read the logits; write weights,
+ids, the full scores and the permutation metadata), and % of the HBM peak on a known GPU. On
+CPU the shapes are small and the rows are labelled CPU: they check that the suite runs, they are
+not GPU results.
+
+Shape legend: T tokens, E experts, K = top_k, S = T·K slots.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from padd.kernels import route
+
+from benchmarks.common import bench_device, make_record, on_gpu, print_table, time_fn, write_results
+
+SUITE = "routing"
+GPU_SHAPES = [(t, e, k) for t in (4096, 16384, 32768) for e in (64, 128, 256) for k in (4, 8)]
+CPU_SHAPES = [(512, 64, 8)]  # one small shape: the CPU run checks the suite works, quickly
+SHAPES = GPU_SHAPES if on_gpu() else CPU_SHAPES
+LOGITS_DTYPE = torch.bfloat16 if on_gpu() else torch.float32
+_RECORDS: list = []
+_REPS = {"warmup": 3, "reps": 20} if on_gpu() else {"warmup": 1, "reps": 3}
+
+
+def routing_bytes(num_tokens: int, num_experts: int, top_k: int, logits_dtype: torch.dtype) -> int:
+    """Bytes a fused router moves: logits in; weights, ids, scores and int32 metadata out."""
+    num_slots = num_tokens * top_k
+    logits_in = num_tokens * num_experts * logits_dtype.itemsize
+    topk_out = num_slots * (4 + 4)
+    scores_out = num_tokens * num_experts * 4
+    metadata_out = (num_experts + num_experts + 1 + 2 * num_slots) * 4
+    return logits_in + topk_out + scores_out + metadata_out
+
+
+def torch_eager_route(logits_TE: torch.Tensor, top_k: int, *, compile_friendly: bool = False):
+    """What users write today: one kernel per step, scores materialised, metadata by sort."""
+    num_experts = logits_TE.shape[1]
+    scores_TE = torch.softmax(logits_TE.float(), dim=-1)
+    weights_TK, experts_TK = torch.topk(scores_TE, top_k, dim=-1)
+    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    flat_S = experts_TK.reshape(-1)
+    sort_order_S = torch.argsort(flat_S, stable=True)
+    if compile_friendly:
+        # bincount's output size depends on the data, which breaks a compiled graph.
+        counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_S.device)
+        counts_E = counts_E.index_add(0, flat_S, torch.ones_like(flat_S))
+    else:
+        counts_E = torch.bincount(flat_S, minlength=num_experts)
+    offsets_E = torch.cumsum(counts_E, dim=0)
+    inverse_S = torch.empty_like(sort_order_S)
+    inverse_S[sort_order_S] = torch.arange(flat_S.numel(), device=flat_S.device)
+    return (
+        weights_TK,
+        experts_TK.int(),
+        scores_TE,
+        counts_E.int(),
+        offsets_E.int(),
+        sort_order_S.int(),
+        inverse_S.int(),
+    )
+
+
+_compiled_eager = torch.compile(lambda x, k: torch_eager_route(x, k, compile_friendly=True))
+
+
+def _te_peer() -> tuple[Callable | None, str]:
+    try:
+        from transformer_engine.pytorch.router import fused_topk_with_score_function
+    except Exception as exc:  # absent or broken install: a peer, never a requirement
+        return None, f"TransformerEngine not importable ({type(exc).__name__}: {exc})"
+    if not on_gpu():
+        return None, "TransformerEngine's router needs CUDA"
+
+    def run(logits_TE, top_k):
+        return fused_topk_with_score_function(
+            logits_TE, topk=top_k, use_pre_softmax=False, num_groups=None, group_topk=None,
+            scaling_factor=None, score_function="softmax", expert_bias=None,
+        )  # fmt: skip
+
+    return run, ""
+
+
+def _vllm_peer() -> tuple[Callable | None, str]:
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_topk
+        from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+    except Exception as exc:
+        return None, f"vLLM not importable ({type(exc).__name__}: {exc})"
+    if not on_gpu():
+        return None, "vLLM's fused_topk needs CUDA"
+
+    def run(logits_TE, top_k):
+        weights_TK, ids_TK = fused_topk(logits_TE, logits_TE, top_k, True)[:2]
+        return moe_align_block_size(ids_TK, 64, logits_TE.shape[1])
+
+    return run, ""
+
+
+def _impls() -> list[tuple[str, Callable | None, str]]:
+    padd_name = "padd.route (triton)" if on_gpu() else "padd.route (reference)"
+    padd = lambda x, k: route(x, k, return_scores=True)
+    eager = lambda x, k: torch_eager_route(x, k)
+    return [(padd_name, padd, ""), ("torch eager", eager, ""), ("torch.compile", _compiled_eager, "")] + [
+        (name, *peer()) for name, peer in (("TransformerEngine", _te_peer), ("vLLM", _vllm_peer))
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    if _RECORDS:
+        print_table(_RECORDS)
+        if os.environ.get("PADD_BENCH_OUT"):
+            print("results:", write_results(SUITE, _RECORDS))
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES)
+def test_bench_route_forward(num_tokens, num_experts, top_k):
+    torch.manual_seed(0)
+    logits_TE = torch.randn(num_tokens, num_experts, device=bench_device()).to(LOGITS_DTYPE)
+    shape = {"T": num_tokens, "E": num_experts, "k": top_k, "dtype": str(LOGITS_DTYPE).removeprefix("torch.")}
+    bytes_moved = routing_bytes(num_tokens, num_experts, top_k, LOGITS_DTYPE)
+    reference = route(logits_TE, top_k, backend="reference")
+    for name, fn, skip_reason in _impls():
+        if fn is None:
+            print(f"skip {name}: {skip_reason}")
+            continue
+        if name.startswith("padd"):
+            # No speed-up is reported for a kernel that disagrees with its reference.
+            got = fn(logits_TE, top_k)
+            assert torch.equal(got.sort_order_S, reference.sort_order_S), "padd routing disagrees"
+        try:
+            timing = time_fn(lambda fn=fn: fn(logits_TE, top_k), **_REPS)
+        except Exception as exc:  # a peer whose API moved: report, do not fail the suite
+            print(f"skip {name}: failed ({type(exc).__name__}: {exc})")
+            continue
+        _RECORDS.append(make_record(SUITE, "route_fwd", name, shape, timing, bytes_moved=bytes_moved))
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[::3])
+def test_bench_route_forward_backward(num_tokens, num_experts, top_k):
+    torch.manual_seed(0)
+    dev = bench_device()
+    logits_TE = torch.randn(num_tokens, num_experts, device=dev).to(LOGITS_DTYPE).requires_grad_()
+    grad_w_TK = torch.randn(num_tokens, top_k, device=dev)
+    grad_s_TE = torch.randn(num_tokens, num_experts, device=dev)
+    shape = {"T": num_tokens, "E": num_experts, "k": top_k, "dtype": str(LOGITS_DTYPE).removeprefix("torch.")}
+    # Backward adds: read the two upstream gradients and the logits again, write d logits.
+    bytes_moved = routing_bytes(num_tokens, num_experts, top_k, LOGITS_DTYPE) + num_tokens * (
+        num_experts * (4 + 2 * LOGITS_DTYPE.itemsize) + top_k * 8
+    )
+
+    def padd_step():
+        r = route(logits_TE, top_k, return_scores=True)
+        torch.autograd.backward([r.weights_TK, r.scores_TE], [grad_w_TK, grad_s_TE])
+
+    def eager_step():
+        weights_TK, _, scores_TE, *_ = torch_eager_route(logits_TE, top_k)
+        torch.autograd.backward([weights_TK, scores_TE], [grad_w_TK, grad_s_TE])
+
+    padd_name = "padd.route (triton)" if on_gpu() else "padd.route (reference)"
+    for name, step in ((padd_name, padd_step), ("torch eager", eager_step)):
+        timing = time_fn(step, **_REPS)
+        _RECORDS.append(make_record(SUITE, "route_fwd_bwd", name, shape, timing, bytes_moved=bytes_moved))
