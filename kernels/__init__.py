@@ -9,12 +9,16 @@ kernels know nothing of PADD.
 # Imported under that name it stays an empty module, so nothing is registered twice.
 if __name__ == "padd.kernels":
     from .grouped_gemm import moe_ffn, moe_ffn_reference
-    from .kd_loss import kd_loss
+    from .kd_loss import SparseTeacher, TeacherHead, fused_linear_kd_loss, kd_loss, kd_loss_reference
     from .routing import Routing, route, route_reference, routing_from_topk, routing_metadata
 
 __all__ = [
     "Routing",
+    "SparseTeacher",
+    "TeacherHead",
+    "fused_linear_kd_loss",
     "kd_loss",
+    "kd_loss_reference",
     "moe_ffn",
     "moe_ffn_reference",
     "route",

@@ -1,0 +1,266 @@
+"""Pure-PyTorch knowledge-distillation losses: the CPU path and the test oracle of the kernels.
+
+Shape legend: N token rows, V vocabulary, H hidden size (Hs student, Ht teacher), K sparse
+teacher support size. `_N`, `_NV`, `_VH` ... suffixes name a tensor's shape.
+
+Math (see `padd.kernels.kd_loss` for the full contract):
+    a = z_S / tau_S,  b = z_T / tau_T          (per-row temperatures)
+    q = softmax(a) (student),  p = softmax(b) (teacher)
+    forward_kl      KL(p || q)
+    reverse_kl      KL(q || p)
+    jsd             beta KL(p || M) + (1 - beta) KL(q || M),   M = beta p + (1 - beta) q
+    skew_forward_kl KL(p || beta p + (1 - beta) q)
+    skew_reverse_kl KL(q || beta q + (1 - beta) p)
+with 0 log 0 = 0 (a term whose left-hand probability is exactly 0 contributes 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
+
+
+def kl_rows_N(log_x_NV: torch.Tensor, log_y_NV: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(x || y) = sum_j x_j (log x_j - log y_j) from log-probabilities, 0 log 0 = 0."""
+    x_NV = log_x_NV.exp()
+    # Double `where` so a -inf entry of x yields 0 (not 0 * inf = nan) in value and gradient.
+    diff_NV = torch.where(x_NV > 0, log_x_NV - log_y_NV, torch.zeros_like(log_x_NV))
+    return (x_NV * diff_NV).sum(-1)
+
+
+def log_mix_NV(log_x_NV: torch.Tensor, log_y_NV: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta x + (1 - beta) y) from log-probabilities, finite-gradient when both are -inf."""
+    m_NV = torch.maximum(log_x_NV, log_y_NV)
+    empty_NV = m_NV == float("-inf")
+    m_safe_NV = torch.where(empty_NV, torch.zeros_like(m_NV), m_NV)
+    mix_NV = beta * (log_x_NV - m_safe_NV).exp() + (1.0 - beta) * (log_y_NV - m_safe_NV).exp()
+    mix_safe_NV = torch.where(empty_NV, torch.ones_like(mix_NV), mix_NV)
+    return torch.where(empty_NV, m_NV, m_safe_NV + mix_safe_NV.log())
+
+
+def divergence_rows_N(log_q_NV: torch.Tensor, log_p_NV: torch.Tensor, divergence: str, beta: float):
+    """Per-row divergence between student log-probs `log_q` and teacher log-probs `log_p`."""
+    if divergence == "forward_kl":
+        return kl_rows_N(log_p_NV, log_q_NV)
+    if divergence == "reverse_kl":
+        return kl_rows_N(log_q_NV, log_p_NV)
+    if divergence == "jsd":
+        log_m_NV = log_mix_NV(log_p_NV, log_q_NV, beta)
+        return beta * kl_rows_N(log_p_NV, log_m_NV) + (1.0 - beta) * kl_rows_N(log_q_NV, log_m_NV)
+    if divergence == "skew_forward_kl":
+        return kl_rows_N(log_p_NV, log_mix_NV(log_p_NV, log_q_NV, beta))
+    if divergence == "skew_reverse_kl":
+        return kl_rows_N(log_q_NV, log_mix_NV(log_q_NV, log_p_NV, beta))
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def as_rows_N(value: float | torch.Tensor, n_rows: int, device: torch.device) -> torch.Tensor:
+    """A float or `[N]` tensor as an fp32 `[N]` tensor (a stride-0 view for a float)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(n_rows)
+    return torch.full((1,), float(value), device=device, dtype=torch.float32).expand(n_rows)
+
+
+def row_weights_N(
+    n_rows: int,
+    device: torch.device,
+    *,
+    keep_N: torch.Tensor | None,
+    reduction: str,
+    tau_t_N: torch.Tensor,
+    temperature_scaling: bool,
+) -> torch.Tensor:
+    """Weight of each row's divergence in the returned loss (mask, T^2 scale, reduction).
+
+    Every reduction is a weighted sum of per-row divergences, which lets the kernels apply the
+    mask and the normaliser row by row without a host sync: mean divides by the number of
+    kept rows (a device tensor), batchmean by N, sum and none by 1.
+    """
+    if keep_N is None:
+        w_N = torch.ones(n_rows, device=device, dtype=torch.float32)
+    else:
+        w_N = keep_N.to(device=device, dtype=torch.float32)
+    if temperature_scaling:
+        w_N = w_N * tau_t_N * tau_t_N
+    if reduction == "mean":
+        count = torch.ones_like(w_N).sum() if keep_N is None else keep_N.float().sum()
+        w_N = w_N / count.clamp_min(1.0)
+    elif reduction == "batchmean":
+        w_N = w_N / max(n_rows, 1)
+    return w_N
+
+
+def weighted_rows_N(div_N: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
+    """`w * div`, with masked rows (w = 0) exactly 0 even when their divergence is inf."""
+    return torch.where(w_N != 0, w_N * div_N, torch.zeros_like(div_N))
+
+
+def kd_rows_reference(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor,
+    tau_t_N: torch.Tensor,
+    tau_s_N: torch.Tensor,
+    divergence: str,
+    beta: float,
+) -> torch.Tensor:
+    """Unweighted per-row divergence `[N]` fp32; differentiable in the student logits."""
+    log_q_NV = torch.log_softmax(student_logits_NV.float() / tau_s_N[:, None], dim=-1)
+    log_p_NV = torch.log_softmax(teacher_logits_NV.float() / tau_t_N[:, None], dim=-1)
+    return divergence_rows_N(log_q_NV, log_p_NV, divergence, beta)
+
+
+def kd_loss_reference(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float | torch.Tensor = 1.0,
+    student_temperature: float | torch.Tensor = 1.0,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    temperature_scaling: bool = False,
+) -> torch.Tensor:
+    """The plain, differentiable PyTorch KD loss (no validation; see `padd.kernels.kd_loss`)."""
+    n_rows, device = student_logits_NV.shape[0], student_logits_NV.device
+    tau_t_N = as_rows_N(temperature, n_rows, device)
+    tau_s_N = as_rows_N(student_temperature, n_rows, device)
+    keep_N = None if mask is None else mask != 0
+    w_N = row_weights_N(
+        n_rows,
+        device,
+        keep_N=keep_N,
+        reduction=reduction,
+        tau_t_N=tau_t_N,
+        temperature_scaling=temperature_scaling,
+    )
+    div_N = kd_rows_reference(
+        student_logits_NV, teacher_logits_NV.detach(), tau_t_N, tau_s_N, divergence, beta
+    )
+    loss_N = weighted_rows_N(div_N, w_N)
+    return loss_N if reduction == "none" else loss_N.sum()
+
+
+def _xlogx_ratio_NV(x_NV: torch.Tensor, log_x_NV: torch.Tensor, log_y_NV: torch.Tensor) -> torch.Tensor:
+    """x (log x - log y) with 0 where x = 0."""
+    return torch.where(x_NV > 0, x_NV * (log_x_NV - log_y_NV), torch.zeros_like(x_NV))
+
+
+def r_terms_NV(log_q_NV: torch.Tensor, log_p_NV: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """r = q * d div / d q (up to constants, which cancel): d div / d a = r - q * sum(r).
+
+    forward_kl: -p;  reverse_kl: q (log q - log p);  jsd: (1 - beta) q (log q - log M);
+    skew_forward_kl: -(1 - beta) p q / M;  skew_reverse_kl: q (log q - log M) - beta q^2 / M.
+    """
+    q_NV, p_NV = log_q_NV.exp(), log_p_NV.exp()
+    zeros_NV = torch.zeros_like(q_NV)
+    if divergence == "forward_kl":
+        return -p_NV
+    if divergence == "reverse_kl":
+        return _xlogx_ratio_NV(q_NV, log_q_NV, log_p_NV)
+    if divergence == "jsd":
+        return (1.0 - beta) * _xlogx_ratio_NV(q_NV, log_q_NV, log_mix_NV(log_p_NV, log_q_NV, beta))
+    if divergence == "skew_forward_kl":
+        log_m_NV = log_mix_NV(log_p_NV, log_q_NV, beta)
+        both_NV = (q_NV > 0) & (p_NV > 0)
+        return torch.where(both_NV, -(1.0 - beta) * (log_p_NV + log_q_NV - log_m_NV).exp(), zeros_NV)
+    log_m_NV = log_mix_NV(log_q_NV, log_p_NV, beta)
+    sq_NV = torch.where(q_NV > 0, (2.0 * log_q_NV - log_m_NV).exp(), zeros_NV)
+    return _xlogx_ratio_NV(q_NV, log_q_NV, log_m_NV) - beta * sq_NV
+
+
+def kd_loss_and_grad_reference(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor,
+    tau_t_N: torch.Tensor,
+    tau_s_N: torch.Tensor,
+    w_N: torch.Tensor,
+    divergence: str,
+    beta: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weighted per-row loss `[N]` fp32 and its gradient wrt the student logits (input dtype).
+
+    The same contract and closed-form gradient as the Triton kernel (no autograd, so it also
+    runs inside a custom op): the gradient of sum_rows w * div for an upstream gradient of 1,
+    d/dz_S = w / tau_S * (r - q sum(r)). Tests check it against autograd of `kd_rows_reference`.
+    """
+    with torch.no_grad():
+        log_q_NV = torch.log_softmax(student_logits_NV.float() / tau_s_N[:, None], dim=-1)
+        log_p_NV = torch.log_softmax(teacher_logits_NV.float() / tau_t_N[:, None], dim=-1)
+        loss_N = weighted_rows_N(divergence_rows_N(log_q_NV, log_p_NV, divergence, beta), w_N)
+        if not compute_grad:
+            return loss_N, None
+        r_NV = r_terms_NV(log_q_NV, log_p_NV, divergence, beta)
+        grad_NV = r_NV - log_q_NV.exp() * r_NV.sum(-1, keepdim=True)
+        scale_N = torch.where(w_N != 0, w_N / tau_s_N, torch.zeros_like(w_N))
+        grad_NV = torch.where(scale_N[:, None] != 0, grad_NV * scale_N[:, None], torch.zeros_like(grad_NV))
+    return loss_N, grad_NV.to(student_logits_NV.dtype)
+
+
+def densify_sparse_teacher_NV(
+    ids_NK: torch.Tensor, logprobs_NK: torch.Tensor, vocab_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Teacher logits `[N, V]` that are `logprobs` at `ids` and -inf elsewhere.
+
+    softmax(dense / tau) is then the sparse teacher renormalised over its K support: exactly
+    the sparse-teacher distribution of `fused_linear_kd_loss`.
+    """
+    dense_NV = torch.full(
+        (ids_NK.shape[0], vocab_size), float("-inf"), device=logprobs_NK.device, dtype=dtype
+    )
+    return dense_NV.scatter_(1, ids_NK.long(), logprobs_NK.to(dtype))
+
+
+def teacher_logits_reference(
+    n_rows: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head_weight: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense teacher logits `[N, V]` for any of the three teacher kinds (no grad)."""
+    with torch.no_grad():
+        if teacher_logits is not None:
+            return teacher_logits
+        if teacher_hidden is not None:
+            return torch.nn.functional.linear(teacher_hidden, teacher_head_weight, teacher_head_bias)
+        return densify_sparse_teacher_NV(teacher_ids, teacher_logprobs, vocab_size, dtype)
+
+
+def fused_linear_kd_loss_reference(
+    student_hidden_NH: torch.Tensor,
+    student_head_weight_VH: torch.Tensor,
+    student_head_bias_V: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head_weight: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    **loss_kwargs,
+) -> torch.Tensor:
+    """Unfused oracle: materialise the student logits `[N, V]`, then `kd_loss_reference`."""
+    student_logits_NV = torch.nn.functional.linear(
+        student_hidden_NH, student_head_weight_VH, student_head_bias_V
+    )
+    teacher_NV = teacher_logits_reference(
+        student_hidden_NH.shape[0],
+        student_head_weight_VH.shape[0],
+        torch.float32,
+        teacher_logits=teacher_logits,
+        teacher_hidden=teacher_hidden,
+        teacher_head_weight=teacher_head_weight,
+        teacher_head_bias=teacher_head_bias,
+        teacher_ids=teacher_ids,
+        teacher_logprobs=teacher_logprobs,
+    )
+    return kd_loss_reference(student_logits_NV, teacher_NV, **loss_kwargs)
