@@ -7,11 +7,12 @@ Three launches, no host synchronisation, no atomics (so the result is bit-determ
 1. `_route_topk_kernel`, one program per token block: fp32 scores (softmax or sigmoid),
    logsumexp, top-k on `logits + bias` (ties to the lower id), gathered and optionally
    renormalised weights, the optional full scores, and the block's expert histogram.
-2. `_route_scan_kernel`, one program: per-block exclusive prefix of the histograms over blocks,
-   tokens per expert and expert offsets.
-3. `_route_permute_kernel`, one program per token block: each slot's position in the stable
-   sort by expert is `offsets[e] + prefix[b, e] + (earlier tokens of the block that chose e)`,
-   which is exactly the order of a stable sort of the flattened expert ids.
+2. `_route_scan_kernel`, one program per 16 experts: per-block exclusive prefix of the
+   histograms over blocks, and tokens per expert.
+3. `_route_permute_kernel`, one program per token block: the expert offsets (a cumsum of the
+   counts, recomputed by each program), then each slot's position in the stable sort by expert,
+   `offsets[e] + prefix[b, e] + (earlier tokens of the block that chose e)`, which is exactly
+   the order a stable sort of the flattened expert ids gives.
 
 The backward (`route_backward_triton`) recomputes the scores from the logits (and the saved
 logsumexp) in one pass and writes d logits.
@@ -27,7 +28,9 @@ from .metadata import Routing
 
 # Per-program register budget: BLOCK_T · BE elements of each [BLOCK_T, BE] tile.
 _TILE_ELEMS = 4096
-_SCAN_BLOCK_B = 32
+# The scan walks [256 blocks, 16 experts] tiles: T = 32768 takes 2-4 serial steps.
+_SCAN_BLOCK_B = 256
+_SCAN_BLOCK_E = 16
 _MIN_SUM = 1e-20  # same clamp as the reference's renormalisation
 
 
@@ -134,15 +137,16 @@ def _route_scan_kernel(
     counts_ptr,
     prefix_ptr,
     tokens_per_expert_ptr,
-    offsets_ptr,
     num_blocks,
     E,
     BLOCK_B: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_EC: tl.constexpr,
 ):
-    cols_E = tl.arange(0, BLOCK_E)
+    # One program per chunk of BLOCK_EC experts: few, wide steps down the blocks keep the serial
+    # latency low (a single program over all experts would walk num_blocks / BLOCK_B tiles).
+    cols_E = tl.program_id(0) * BLOCK_EC + tl.arange(0, BLOCK_EC)
     col_ok_E = cols_E < E
-    running_E = tl.zeros([BLOCK_E], dtype=tl.int32)
+    running_E = tl.zeros([BLOCK_EC], dtype=tl.int32)
     for b0 in range(0, num_blocks, BLOCK_B):
         rows_B = b0 + tl.arange(0, BLOCK_B)
         ok_BE = (rows_B < num_blocks)[:, None] & col_ok_E[None, :]
@@ -152,14 +156,13 @@ def _route_scan_kernel(
         tl.store(prefix_ptr + ptrs_BE, excl_BE, mask=ok_BE)
         running_E += tl.sum(c_BE, axis=0)
     tl.store(tokens_per_expert_ptr + cols_E, running_E, mask=col_ok_E)
-    tl.store(offsets_ptr + 1 + cols_E, tl.cumsum(running_E, axis=0), mask=col_ok_E)
-    tl.store(offsets_ptr + cols_E, tl.zeros([BLOCK_E], dtype=tl.int32), mask=cols_E == 0)
 
 
 @triton.jit
 def _route_permute_kernel(
     experts_ptr,
     prefix_ptr,
+    tokens_per_expert_ptr,
     offsets_ptr,
     sort_order_ptr,
     inverse_ptr,
@@ -176,6 +179,13 @@ def _route_permute_kernel(
     col_ok_E = cols_E < E
     slot0_T = rows_T * K  # S < 2^31 is checked on the host
 
+    # Every program derives the expert offsets itself (E values); program 0 publishes them.
+    counts_E = tl.load(tokens_per_expert_ptr + cols_E, mask=col_ok_E, other=0)
+    incl_E = tl.cumsum(counts_E, axis=0)
+    if pid == 0:
+        tl.store(offsets_ptr + 1 + cols_E, incl_E, mask=col_ok_E)
+        tl.store(offsets_ptr + cols_E, tl.zeros([BLOCK_E], dtype=tl.int32), mask=cols_E == 0)
+
     # A token picks distinct experts, so its rank among the block's slots of expert e is the
     # number of earlier tokens of the block that picked e: an exclusive cumsum down the rows.
     picked_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
@@ -183,8 +193,7 @@ def _route_permute_kernel(
         idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
         picked_TE += (cols_E[None, :] == idx_T[:, None]).to(tl.int32)
     rank_TE = tl.cumsum(picked_TE, axis=0) - picked_TE
-    base_E = tl.load(offsets_ptr + cols_E, mask=col_ok_E, other=0)
-    base_E += tl.load(prefix_ptr + pid * E + cols_E, mask=col_ok_E, other=0)
+    base_E = incl_E - counts_E + tl.load(prefix_ptr + pid * E + cols_E, mask=col_ok_E, other=0)
     pos_TE = rank_TE + base_E[None, :]
 
     for j in tl.static_range(K):
@@ -325,19 +334,21 @@ def route_forward_triton(
     counts_BE = _empty(num_blocks, num_experts, dtype=i32, device=dev)
     prefix_BE = _empty(num_blocks, num_experts, dtype=i32, device=dev)
     warps = _num_warps(block_t, block_e)
+    # Unused pointer arguments get a live tensor: an empty one may carry a null data pointer.
     _route_topk_kernel[(num_blocks,)](
         logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK,
-        scores_TE, lse_T, counts_BE, num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
+        scores_TE if return_scores else weights_TK, lse_T if softmax else weights_TK, counts_BE,
+        num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
         K=top_k, SOFTMAX=softmax, HAS_BIAS=bias_E is not None, RENORMALIZE=renormalize,
         WRITE_SCORES=return_scores, MIN_SUM=_MIN_SUM, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k), num_warps=warps,
     )  # fmt: skip
-    _route_scan_kernel[(1,)](
-        counts_BE, prefix_BE, tokens_per_expert_E, offsets_E1, num_blocks, num_experts,
-        BLOCK_B=_SCAN_BLOCK_B, BLOCK_E=block_e, num_warps=4,
+    _route_scan_kernel[(triton.cdiv(num_experts, _SCAN_BLOCK_E),)](
+        counts_BE, prefix_BE, tokens_per_expert_E, num_blocks, num_experts,
+        BLOCK_B=_SCAN_BLOCK_B, BLOCK_EC=_SCAN_BLOCK_E, num_warps=4,
     )  # fmt: skip
     _route_permute_kernel[(num_blocks,)](
-        experts_TK, prefix_BE, offsets_E1, sort_order_S, inverse_S, num_tokens, num_experts,
+        experts_TK, prefix_BE, tokens_per_expert_E, offsets_E1, sort_order_S, inverse_S, num_tokens, num_experts,
         K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps,
     )  # fmt: skip
     return outputs

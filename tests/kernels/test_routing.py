@@ -175,6 +175,15 @@ def test_triton_forward_matches_reference(num_tokens, num_experts, top_k, score,
     _assert_invariants(got, num_experts)
 
 
+def test_triton_many_blocks_and_scan_steps(monkeypatch):
+    # Tiny tiles: 33 token blocks, a 2-block scan step and a partial expert chunk (60 = 3·16 + 12).
+    monkeypatch.setattr(routing_triton, "_TILE_ELEMS", 256)
+    monkeypatch.setattr(routing_triton, "_SCAN_BLOCK_B", 2)
+    logits_TE = _logits(130, 60)
+    got, want = _route_both(logits_TE, 8, "softmax", torch.randn(60), True)
+    _assert_same_routing(got, want)
+
+
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(7, 60, 8), (130, 64, 2)])
 def test_triton_fp16_logits(num_tokens, num_experts, top_k):
     logits_TE = _logits(num_tokens, num_experts, torch.float16)
