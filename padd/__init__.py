@@ -1,7 +1,10 @@
-"""padd: Path-Aligned Decompression Distillation, a dense LLM into an MoE student at equal FLOPs."""
+"""padd: Path-Aligned Decompression Distillation, a dense LLM into an MoE student at equal FLOPs.
 
-from .moe import RoutingControl
+`import padd` registers `experts_implementation="padd"` in transformers (see `padd.moe`).
+"""
+
+from .moe import MoE, RoutingControl
 
 __version__ = "0.1.0"
 
-__all__ = ["RoutingControl", "__version__"]
+__all__ = ["MoE", "RoutingControl", "__version__"]

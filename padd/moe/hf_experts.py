@@ -1,0 +1,72 @@
+"""transformers integration: `experts_implementation="padd"` runs HF experts on padd's kernels.
+
+transformers 5 dispatches every `@use_experts_implementation` experts module (Mixtral, Qwen3-MoE,
+OLMoE, Qwen2-MoE, ...) through `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`, and
+validates the name against the same registry (`get_correct_experts_implementation`). Registering
+one function there is all it takes for both
+`AutoModelForCausalLM.from_pretrained(path, experts_implementation="padd")` and
+`model.set_experts_implementation("padd")`; no model class is touched.
+
+The router stays transformers' own (or whatever `RoutingControl` makes of it): this function
+receives its decisions and runs the experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ExpertsInterface
+
+from padd.kernels import moe_ffn, routing_from_topk
+
+__all__ = ["EXPERTS_IMPLEMENTATION", "padd_experts_forward", "register"]
+
+EXPERTS_IMPLEMENTATION = "padd"
+
+
+def padd_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts forward of a transformers fused-experts module, on `padd.kernels.moe_ffn`.
+
+    Args:
+        self: the experts module (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`).
+        hidden_states: `[T, H]`.
+        top_k_index: `[T, K]` expert ids from the router.
+        top_k_weights: `[T, K]` routing weights (differentiable).
+
+    Returns:
+        `[T, H]` in `hidden_states.dtype`.
+    """
+    _check_supported(self)
+    weight_dtype = self.gate_up_proj.dtype
+    routing = routing_from_topk(top_k_index, top_k_weights.float(), self.num_experts)
+    # Under autocast the input may be fp32 while the weights are bf16: the kernels need one dtype.
+    out_TH = moe_ffn(hidden_states.to(weight_dtype), self.gate_up_proj, self.down_proj, routing)
+    return out_TH.to(hidden_states.dtype)
+
+
+def _check_supported(experts: nn.Module) -> None:
+    """padd's kernels compute concatenated [gate; up] SwiGLU experts, no biases, single device."""
+    unsupported = (
+        not getattr(experts, "has_gate", True)
+        or getattr(experts, "has_bias", False)
+        or getattr(experts, "is_transposed", False)
+        or not getattr(experts, "is_concatenated", True)
+        or getattr(experts, "has_post_expert_norm", False)
+        or getattr(experts, "_is_expert_parallel", False)
+    )
+    act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
+    if unsupported or act not in ("silu", "swish"):
+        raise NotImplementedError(
+            f'experts_implementation="padd" supports fused SwiGLU experts ([gate; up] concatenated, '
+            f"silu, no bias, no expert parallelism); {type(experts).__name__} is not one (act={act!r})"
+        )
+
+
+def register() -> None:
+    """Add "padd" to transformers' experts registry (idempotent; done by `import padd`)."""
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, padd_experts_forward)

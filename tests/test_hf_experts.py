@@ -1,0 +1,117 @@
+"""experts_implementation="padd" in transformers: tiny saved-and-reloaded models vs "eager"."""
+
+import pytest
+import torch
+from moe_tiny_models import ARCHS, VOCAB, saved_tiny_model
+from transformers import AutoModelForCausalLM
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+import padd  # noqa: F401  (registers "padd")
+from padd.moe import hf_experts
+from padd.moe.routing_control import RoutingControl
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """arch -> directory of a tiny random model written by save_pretrained."""
+    root = tmp_path_factory.mktemp("tiny_moe")
+    return {arch: saved_tiny_model(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture
+def padd_calls(monkeypatch):
+    """Counts calls into padd's experts kernel, to prove the registry routed through it."""
+    calls = []
+    real = hf_experts.moe_ffn
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_experts, "moe_ffn", spy)
+    return calls
+
+
+def _load(path, impl, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(path, experts_implementation=impl, **kwargs)
+
+
+def _forward_backward(model, ids, grad_out):
+    logits = model(ids).logits
+    (logits * grad_out).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padd_is_registered():
+    assert "padd" in ALL_EXPERTS_FUNCTIONS.valid_keys()
+    assert ALL_EXPERTS_FUNCTIONS["padd"] is hf_experts.padd_experts_forward
+    hf_experts.register()  # idempotent
+    assert ALL_EXPERTS_FUNCTIONS["padd"] is hf_experts.padd_experts_forward
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_from_pretrained_padd_matches_eager_forward_and_backward(arch, saved, padd_calls):
+    eager = _load(saved[arch], "eager")
+    model = _load(saved[arch], "padd")
+    assert model.config._experts_implementation == "padd"
+    ids = torch.randint(3, VOCAB, (2, 7))
+    grad_out = torch.randn(2, 7, VOCAB)
+    ref_logits, ref_grads = _forward_backward(eager, ids, grad_out)
+    logits, grads = _forward_backward(model, ids, grad_out)
+    assert padd_calls == [(14, 32)] * 2  # one call per MoE layer, T = batch·seq
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any("experts.gate_up_proj" in n for n in grads) and any("gate.weight" in n for n in grads)
+
+
+def test_set_experts_implementation_padd(saved, padd_calls):
+    model = _load(saved["qwen3_moe"], "eager")
+    ids = torch.randint(3, VOCAB, (1, 9))
+    ref = model(ids).logits
+    assert padd_calls == []
+    model.set_experts_implementation("padd")
+    assert model.config._experts_implementation == "padd"
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    assert len(padd_calls) == 2
+    model.set_experts_implementation("eager")
+    model(ids)
+    assert len(padd_calls) == 2
+
+
+def test_bf16_model(saved, padd_calls):
+    ids = torch.randint(3, VOCAB, (2, 6))
+    eager = _load(saved["mixtral"], "eager", dtype=torch.bfloat16)
+    model = _load(saved["mixtral"], "padd", dtype=torch.bfloat16)
+    logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and padd_calls
+    torch.testing.assert_close(logits.float(), eager(ids).logits.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_generate_with_routing_control(saved, padd_calls):
+    model = _load(saved["olmoe"], "padd")
+    eager = _load(saved["olmoe"], "eager")
+    ids = torch.randint(3, VOCAB, (2, 4))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    control = RoutingControl(model, mode="uniform")
+    eager_control = RoutingControl(eager, mode="uniform")
+    assert torch.equal(model.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+    assert padd_calls[-1] == (2, 32)  # a decoding step: T = batch
+    control.remove()
+    eager_control.remove()
+
+
+def test_unsupported_experts_module_raises():
+    class BiasedExperts(torch.nn.Module):
+        num_experts, has_bias = 2, True
+
+    with pytest.raises(NotImplementedError, match="fused SwiGLU"):
+        hf_experts.padd_experts_forward(
+            BiasedExperts(), torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+        )
+
+
+def test_unknown_implementation_still_rejected(saved):
+    with pytest.raises(ValueError, match="padd"):
+        _load(saved["mixtral"], "not_an_impl")
