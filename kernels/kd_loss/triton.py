@@ -61,7 +61,7 @@ def _rescale(acc, alpha):
 
 @triton.jit
 def _row_stats(s_row, t_row, V, inv_tau_s, inv_tau_t, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Sweep 1: log-sum-exp of a and b, and the forward/reverse KL of the row (else 0)."""
+    """Sweep 1: max and log-sum of exp of a and b, and the forward/reverse KL of the row (else 0)."""
     cols = tl.arange(0, BLOCK_V)
     m_a = tl.full((), float("-inf"), tl.float32)
     m_b = tl.full((), float("-inf"), tl.float32)
@@ -77,14 +77,14 @@ def _row_stats(s_row, t_row, V, inv_tau_s, inv_tau_t, DIVERGENCE: tl.constexpr, 
             acc = _rescale(acc, alpha_b) + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), 0)
         if DIVERGENCE == 1:  # sum_j e^(a_j - m_a) (a_j - b_j), zero where q_j = 0
             acc = _rescale(acc, alpha_a) + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), 0)
-    lse_a = m_a + tl.log(s_a)
-    lse_b = m_b + tl.log(s_b)
+    log_s_a = tl.log(s_a)
+    log_s_b = tl.log(s_b)
     loss = tl.zeros((), tl.float32)
-    if DIVERGENCE == 0:  # KL(p||q) = sum p (b - a) - lse_b + lse_a
-        loss = acc / s_b - lse_b + lse_a
+    if DIVERGENCE == 0:  # KL(p||q) = sum p (b - a) - lse(b) + lse(a), lse = m + log s
+        loss = acc / s_b + (m_a - m_b) + (log_s_a - log_s_b)
     if DIVERGENCE == 1:
-        loss = acc / s_a - lse_a + lse_b
-    return lse_a, lse_b, loss
+        loss = acc / s_a + (m_b - m_a) + (log_s_b - log_s_a)
+    return m_a, log_s_a, m_b, log_s_b, loss
 
 
 @triton.jit
@@ -125,15 +125,15 @@ def _mixture_terms(lq, lp, beta, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _row_mixture_dot(
-    s_row, t_row, V, inv_tau_s, inv_tau_t, lse_a, lse_b, beta, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr
+    s_row, t_row, V, inv_tau_s, inv_tau_t, m_a, log_s_a, m_b, log_s_b, beta, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr
 ):
     """Sweep 2 of the mixture divergences: the row's loss and S = sum_j r_j."""
     cols = tl.arange(0, BLOCK_V)
     loss = tl.zeros((), tl.float32)
     dot = tl.zeros((), tl.float32)
     for off in range(0, V, BLOCK_V):
-        lq = _load_scaled(s_row, off + cols, V, inv_tau_s) - lse_a
-        lp = _load_scaled(t_row, off + cols, V, inv_tau_t) - lse_b
+        lq = (_load_scaled(s_row, off + cols, V, inv_tau_s) - m_a) - log_s_a
+        lp = (_load_scaled(t_row, off + cols, V, inv_tau_t) - m_b) - log_s_b
         loss_j, r_j = _mixture_terms(lq, lp, beta, DIVERGENCE)
         loss += tl.sum(loss_j, 0)
         dot += tl.sum(r_j, 0)
@@ -160,8 +160,10 @@ def _write_row_grad(
     V,
     inv_tau_s,
     inv_tau_t,
-    lse_a,
-    lse_b,
+    m_a,
+    log_s_a,
+    m_b,
+    log_s_b,
     beta,
     dot,
     scale,
@@ -172,8 +174,8 @@ def _write_row_grad(
     cols = tl.arange(0, BLOCK_V)
     for off in range(0, V, BLOCK_V):
         idx = off + cols
-        lq = _load_scaled(s_row, idx, V, inv_tau_s) - lse_a
-        lp = _load_scaled(t_row, idx, V, inv_tau_t) - lse_b
+        lq = (_load_scaled(s_row, idx, V, inv_tau_s) - m_a) - log_s_a
+        lp = (_load_scaled(t_row, idx, V, inv_tau_t) - m_b) - log_s_b
         g = scale * (_r_terms(lq, lp, beta, DIVERGENCE) - tl.exp(lq) * dot)
         tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=idx < V)
 
@@ -222,13 +224,13 @@ def _kd_loss_fwd_kernel(
     else:
         inv_tau_t = 1.0 / tl.load(tau_t_ptr + row * tau_t_stride)
         inv_tau_s = 1.0 / tl.load(tau_s_ptr + row * tau_s_stride)
-        lse_a, lse_b, loss = _row_stats(s_row, t_row, V, inv_tau_s, inv_tau_t, DIVERGENCE, BLOCK_V)
+        m_a, log_s_a, m_b, log_s_b, loss = _row_stats(s_row, t_row, V, inv_tau_s, inv_tau_t, DIVERGENCE, BLOCK_V)
         dot = tl.zeros((), tl.float32) - 1.0  # forward KL: S = -1
         if DIVERGENCE == 1:
             dot = loss
         if DIVERGENCE >= 2:
             loss, dot = _row_mixture_dot(
-                s_row, t_row, V, inv_tau_s, inv_tau_t, lse_a, lse_b, beta, DIVERGENCE, BLOCK_V
+                s_row, t_row, V, inv_tau_s, inv_tau_t, m_a, log_s_a, m_b, log_s_b, beta, DIVERGENCE, BLOCK_V
             )
         if COMPUTE_GRAD:
             _write_row_grad(
@@ -238,8 +240,10 @@ def _kd_loss_fwd_kernel(
                 V,
                 inv_tau_s,
                 inv_tau_t,
-                lse_a,
-                lse_b,
+                m_a,
+                log_s_a,
+                m_b,
+                log_s_b,
                 beta,
                 dot,
                 w * inv_tau_s,
