@@ -158,6 +158,15 @@ def test_from_hf_qwen2_moe_shared_expert():
     torch.testing.assert_close(moe(h), block.experts(h, experts, weights), rtol=1e-5, atol=1e-6)
 
 
+def test_from_hf_with_selection_bias():
+    block = tiny_model("mixtral").model.layers[1].mlp
+    moe = MoE.from_hf(block, use_selection_bias=True)
+    assert moe.selection_bias.device.type == "cpu" and torch.equal(moe.selection_bias, torch.zeros(6))
+    moe.selection_bias[2] = 50.0
+    moe(torch.randn(4, 32))
+    assert (moe.last_routing.experts_TK[:, 0] == 2).all()
+
+
 def test_torch_compile_fullgraph_forward_backward():
     torch._dynamo.reset()
     moe = MoE(16, 8, 6, 2, use_selection_bias=True)

@@ -43,7 +43,8 @@ def padd_experts_forward(
     """
     _check_supported(self)
     weight_dtype = self.gate_up_proj.dtype
-    routing = routing_from_topk(top_k_index, top_k_weights.float(), self.num_experts)
+    num_experts = self.gate_up_proj.shape[0]
+    routing = routing_from_topk(top_k_index, top_k_weights.float(), num_experts)
     # Under autocast the input may be fp32 while the weights are bf16: the kernels need one dtype.
     out_TH = moe_ffn(hidden_states.to(weight_dtype), self.gate_up_proj, self.down_proj, routing)
     return out_TH.to(hidden_states.dtype)

@@ -72,12 +72,8 @@ class MoE(nn.Module):
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory)
         )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
-        if use_selection_bias:
-            self.register_buffer(
-                "selection_bias", torch.zeros(num_experts, dtype=torch.float32, device=device)
-            )
-        else:
-            self.selection_bias = None
+        bias_E = torch.zeros(num_experts, dtype=torch.float32, device=device) if use_selection_bias else None
+        self.register_buffer("selection_bias", bias_E)
         self.last_router_logits: torch.Tensor | None = None
         self.last_routing: Routing | None = None
         self.reset_parameters()
@@ -145,14 +141,17 @@ class MoE(nn.Module):
             )
 
     @classmethod
-    def from_hf(cls, block: nn.Module, *, routed_experts_only: bool = False) -> MoE:
+    def from_hf(
+        cls, block: nn.Module, *, routed_experts_only: bool = False, use_selection_bias: bool = False
+    ) -> MoE:
         """Wrap a transformers sparse MoE block's weights, sharing its Parameters (no copy).
 
         Supports Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE blocks (`block.gate` a `*TopKRouter`,
         `block.experts` in the fused SwiGLU layout). Qwen2-MoE's sigmoid-gated shared expert is
         not part of `padd.MoE`: such a block raises unless `routed_experts_only=True`, in which
         case the result computes the routed experts only (add the shared expert yourself).
-        Mixtral's training-time router jitter is not reproduced.
+        Mixtral's training-time router jitter is not reproduced. `use_selection_bias` adds a fresh
+        zero `selection_bias [E]` buffer (the block itself has none).
         """
         gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
         if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
@@ -180,6 +179,9 @@ class MoE(nn.Module):
         moe.gate.weight = gate.weight
         moe.gate_up_proj = experts.gate_up_proj
         moe.down_proj = experts.down_proj
+        if use_selection_bias:
+            bias_E = torch.zeros(num_experts, dtype=torch.float32, device=experts.gate_up_proj.device)
+            moe.register_buffer("selection_bias", bias_E)
         return moe
 
     def extra_repr(self) -> str:

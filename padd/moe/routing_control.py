@@ -1,8 +1,8 @@
 """`RoutingControl`: steer and observe the routers of a transformers MoE model through forward hooks.
 
-Shape legend: L MoE layers (in layer order), T tokens of one router call (any leading shape,
-flattened by the router: `batch·seq` in training, `batch` per decoding step with a KV cache),
-E experts, K = top_k.
+Shape legend: L MoE layers (in layer order), T tokens of one router call (the router flattens
+any leading shape row-major: token `b·S + s` for a `[B, S]` batch; T = B per decoding step with
+a KV cache), E experts, K = top_k.
 
 The hooks sit on each sparse MoE block's router (`block.gate`, a `*TopKRouter` that returns
 `(router_logits [T, E], top_k_weights [T, K], top_k_index [T, K])`) and may replace its
