@@ -6,10 +6,16 @@ functions), `rollout` (sampling and old-policy statistics), `metrics` (routing s
 `trainer` (`PADDTrainer`), `teacher_grpo` (optional GRPO on the dense teacher).
 """
 
+from .config import PRESETS, PADDConfig, preset
 from .evaluation import evaluate, normalized_mutual_information
 from .rewards import answer_reward, extract_answer, format_reward, normalize_number, reward
+from .trainer import PADDTrainer
 
 __all__ = [
+    "PADDConfig",
+    "PADDTrainer",
+    "PRESETS",
+    "preset",
     "answer_reward",
     "evaluate",
     "extract_answer",

@@ -1,0 +1,176 @@
+"""`PADDConfig`: every knob of the training loop, validated on construction, and the baselines
+as named presets of the same loop.
+
+GRPO fields keep TRL's names where they mean the same (`num_generations`, `epsilon`, `beta`,
+`scale_rewards`, `num_iterations`, `learning_rate`, `max_grad_norm`, `temperature`, `top_p`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .objectives import DRIFT_ON, SCALE_REWARDS, TEMPERATURE_FORMS
+
+__all__ = ["PADDConfig", "PRESETS", "preset"]
+
+KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+KD_TEMPERATURE_MODES = ("adaptive", "fixed")
+
+
+def _meta(help: str) -> dict:
+    return {"help": help}
+
+
+@dataclass
+class PADDConfig:
+    """Stages II–IV of PADD and their switches (see docs/padd-method.md for the formulas)."""
+
+    seed: int = field(default=0, metadata=_meta("seeds torch, python random and numpy at trainer start"))
+
+    # Rollouts
+    num_generations: int = field(default=8, metadata=_meta("G, samples per prompt"))
+    max_new_tokens: int = field(default=128, metadata=_meta("response length cap"))
+    temperature: float = field(
+        default=1.0, metadata=_meta("sampling temperature (also divides policy logits)")
+    )
+    top_p: float = field(default=1.0, metadata=_meta("nucleus sampling mass"))
+
+    # Rewards
+    w_answer: float = field(default=1.0, metadata=_meta("weight of the exact-match answer reward"))
+    w_format: float = field(default=0.1, metadata=_meta("weight of the `#### N` format reward"))
+
+    # GRPO
+    learning_rate: float = field(default=1e-5, metadata=_meta("AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_meta("gradient clipping; 0 disables"))
+    num_iterations: int = field(
+        default=2,
+        metadata=_meta(
+            "updates per rollout batch (TRL's μ). ≥2 is what gives Stage III something to act on: "
+            "at the first update θ = θ_old, so ratio = 1 and drift = 0"
+        ),
+    )
+    epsilon: float = field(default=0.2, metadata=_meta("clip range ε"))
+    epsilon_high: float | None = field(default=None, metadata=_meta("upper clip range (None: ε)"))
+    beta: float = field(default=0.0, metadata=_meta("reference-KL weight (k3); 0 keeps no reference model"))
+    scale_rewards: bool | str = field(default=True, metadata=_meta("True/'group', 'batch', False/'none'"))
+    adv_eps: float = field(default=1e-4, metadata=_meta("ε in A = (r − mean)/(std + ε)"))
+
+    # Stage II: online adaptive distillation
+    use_kd: bool = field(default=True, metadata=_meta("Stage II on/off"))
+    alpha_kd: float = field(default=1.0, metadata=_meta("α_KD in −J + α_KD·L_KD"))
+    kd_divergence: str = field(default="forward_kl", metadata=_meta(f"one of {KD_DIVERGENCES}"))
+    kd_jsd_beta: float = field(default=0.5, metadata=_meta("JSD mixture weight (kd_divergence='jsd')"))
+    kd_temperature_mode: str = field(default="adaptive", metadata=_meta("'adaptive' τ·Φ(A) or 'fixed' τ"))
+    tau: float = field(default=1.0, metadata=_meta("base teacher temperature τ"))
+    rho: float = field(default=0.5, metadata=_meta("ρ in Φ = 1 − ρ·tanh(κA)"))
+    kappa: float = field(default=1.0, metadata=_meta("κ in Φ"))
+    temperature_form: str = field(default="corrected", metadata=_meta("'corrected' or the 'paper' literal Φ"))
+    kd_fused: bool | str = field(
+        default="auto", metadata=_meta("fused-linear KD kernel: 'auto' (CUDA and available), True, False")
+    )
+
+    # Stage III: PR-GRPO
+    use_drift: bool = field(default=True, metadata=_meta("Stage III drift penalty on/off"))
+    drift_lambda: float = field(default=1.0, metadata=_meta("λ in exp(−λ·sg(Γ)·1[A<0])"))
+    drift_on: str = field(default="negative", metadata=_meta("'negative' (PADD), 'all' (RSPO), 'none'"))
+
+    # Stage IV: reward-augmented load balancing
+    use_bias: bool = field(default=True, metadata=_meta("Stage IV selection-bias updates on/off"))
+    bias_eta: float = field(default=1e-3, metadata=_meta("η, load term"))
+    bias_gamma: float = field(default=1e-3, metadata=_meta("γ, advantage term"))
+    bias_lam_ema: float = field(default=0.1, metadata=_meta("λ_ema of the per-expert advantage EMA"))
+    bias_sign_form: bool = field(default=False, metadata=_meta("η·sign(f − f̄) instead of η·(f − f̄)"))
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"PADDConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("num_generations", "max_new_tokens", "num_iterations"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "must be an integer ≥ 1")
+        positive = ("temperature", "learning_rate", "tau", "adv_eps")
+        for key in positive:
+            if not _finite(getattr(self, key)) or getattr(self, key) <= 0:
+                raise bad(key, "must be a finite number > 0")
+        non_negative = (
+            "w_answer", "w_format", "weight_decay", "max_grad_norm", "epsilon", "beta", "alpha_kd",
+            "rho", "kappa", "drift_lambda", "bias_eta", "bias_gamma",
+        )  # fmt: skip
+        for key in non_negative:
+            if not _finite(getattr(self, key)) or getattr(self, key) < 0:
+                raise bad(key, "must be a finite number ≥ 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.kd_jsd_beta <= 1:
+            raise bad("kd_jsd_beta", "must be in [0, 1]")
+        if not 0 < self.bias_lam_ema <= 1:
+            raise bad("bias_lam_ema", "must be in (0, 1]")
+        if self.epsilon >= 1:
+            raise bad("epsilon", "must be < 1 (the ratio is clipped to [1 − ε, 1 + ε])")
+        if self.epsilon_high is not None and (not _finite(self.epsilon_high) or self.epsilon_high < 0):
+            raise bad("epsilon_high", "must be None or a finite number ≥ 0")
+        if self.scale_rewards not in (True, False, *SCALE_REWARDS):
+            raise bad("scale_rewards", f"must be a bool or one of {SCALE_REWARDS}")
+        if self.kd_divergence not in KD_DIVERGENCES:
+            raise bad("kd_divergence", f"must be one of {KD_DIVERGENCES}")
+        if self.kd_temperature_mode not in KD_TEMPERATURE_MODES:
+            raise bad("kd_temperature_mode", f"must be one of {KD_TEMPERATURE_MODES}")
+        if self.temperature_form not in TEMPERATURE_FORMS:
+            raise bad("temperature_form", f"must be one of {TEMPERATURE_FORMS}")
+        if self.drift_on not in DRIFT_ON:
+            raise bad("drift_on", f"must be one of {DRIFT_ON}")
+        if self.kd_fused not in (True, False, "auto"):
+            raise bad("kd_fused", "must be True, False or 'auto'")
+        if self.temperature_form == "corrected" and self.rho >= 1:
+            raise bad("rho", "must be < 1 with the corrected Φ = 1 − ρ·tanh(κA) (Φ must stay > 0)")
+        for key in ("use_kd", "use_drift", "use_bias", "bias_sign_form"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "must be a bool")
+
+    @property
+    def effective_drift_on(self) -> str:
+        """The drift gate actually applied: `drift_on`, or "none" when `use_drift` is off."""
+        return self.drift_on if self.use_drift else "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PADDConfig:
+        """Build from a mapping (YAML), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PADDConfig key(s): {unknown}")
+        return cls(**values)
+
+    def replace(self, **changes) -> PADDConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# The paper's comparison table, each a switch of the same loop. "No Stage I" is not a training
+# switch: the pipeline builds the student with `padd.decompress(init="upcycle"|"random_split")`
+# and trains it with the `padd` preset.
+PRESETS: dict[str, dict] = {
+    "padd": {},
+    "vanilla_grpo": {"use_kd": False, "use_drift": False, "use_bias": False},
+    "online_kd": {"use_kd": True, "kd_temperature_mode": "fixed", "use_drift": False, "use_bias": False},
+    "rspo": {"use_kd": False, "use_drift": True, "drift_on": "all", "use_bias": False},
+    "no_stage2": {"use_kd": False},
+    "no_stage3": {"use_drift": False},
+    "no_stage4": {"use_bias": False},
+}
+
+
+def preset(name: str, **overrides) -> PADDConfig:
+    """The config of a named method (`PRESETS`), with `overrides` applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PADDConfig(**{**PRESETS[name], **overrides})

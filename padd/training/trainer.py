@@ -1,0 +1,421 @@
+"""`PADDTrainer`: Stages II–IV of PADD in one loop (rollouts → rewards → advantages → teacher
+scoring → KD + PR-GRPO update → selection-bias update), composing `objectives`.
+
+One `step(problems)`:
+1. Sample G responses per prompt from the student (`rollout.generate`, KV cache).
+2. Rewards (`rewards.reward`) and group advantages A_i.
+3. Stage II: the dense teacher scores the rollouts once, without grad; the per-sequence
+   teacher temperature is `T_eff = τ·Φ(A_i)` ("adaptive") or τ ("fixed").
+4. `num_iterations` updates on the batch. The first update's forward runs at θ = θ_old, so its
+   detached log-probs and router probabilities *are* the old policy's (bit-identical to a
+   separate no-grad forward, one forward cheaper). Each update: drift Γ between current and old
+   router probs (Stage III), ratio ρ̂ = ρ·exp(−λ·sg(Γ)·1[A<0]), clipped surrogate J, KD on
+   response tokens, loss `−J + α_KD·L_KD (+ β·KL_ref)`, optimiser step, then Stage IV: the
+   selection bias moves by `−η(f_j − f̄) + γ·EMA(A_j)` from the load and mean advantage of the
+   tokens routed in that forward (summed over ranks when torch.distributed is initialised).
+
+The student runs in eval mode throughout (no dropout / router jitter): the ratio must be
+exactly 1 at θ_old and a seed must reproduce a run.
+
+Legend: P prompts, G generations, B = P·G rows, S = P_len + R tokens, R response columns,
+V vocab, H hidden, L MoE layers, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import padd.kernels as kernels
+from padd.data.problem import Problem, format_prompt
+
+from .config import PADDConfig
+from .metrics import expert_counts, load_cv, routing_entropy
+from .objectives import (
+    advantage_temperature,
+    clip_fraction,
+    clipped_surrogate,
+    drift_penalised_ratio,
+    expert_load_and_advantage,
+    group_advantages,
+    masked_mean,
+    reference_kl,
+    router_drift,
+    update_selection_bias,
+)
+from .rewards import answer_reward, format_reward, reward
+from .rollout import RolloutBatch, forward_with_routing, generate, response_slice, token_logprobs
+
+__all__ = ["PADDTrainer", "seed_everything"]
+
+TRAINER_STATE_FILE = "padd_trainer_state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), python `random` and numpy."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _has_moe_router(model) -> bool:
+    from padd.moe.routing_control import find_moe_routers
+
+    return bool(find_moe_routers(model))
+
+
+class PADDTrainer:
+    """PADD's training loop; every baseline is a `PADDConfig` preset of it.
+
+    Args:
+        student: a transformers causal LM, MoE (Mixtral, Qwen3-MoE, ...) or dense (then Stages
+            III–IV are off by construction).
+        teacher: a dense transformers causal LM with the same tokenizer; needed when
+            `config.use_kd` (may be None otherwise). Frozen here.
+        tokenizer: shared tokenizer (a pad or EOS token is required for batching).
+        config: `PADDConfig` (default: the `padd` preset).
+        control: the student's `RoutingControl`; built here for an MoE student when omitted.
+        optimizer: optional; default AdamW(lr, weight_decay) over the student's trainable params.
+
+    Example:
+        >>> trainer = PADDTrainer(student, teacher, tokenizer, preset("padd", num_generations=4))
+        >>> metrics = trainer.step(problems[:8])   # one PADD step on 8 prompts
+        >>> trainer.save_checkpoint("run/step_100")
+    """
+
+    def __init__(
+        self,
+        student,
+        teacher,
+        tokenizer,
+        config: PADDConfig | None = None,
+        control=None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.config = config if config is not None else PADDConfig()
+        cfg = self.config
+        seed_everything(cfg.seed)
+        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.moe = control is not None or _has_moe_router(student)
+        if self.moe and control is None:
+            from padd.moe.routing_control import RoutingControl
+
+            control = RoutingControl(student)
+        self.control = control
+        if cfg.use_kd:
+            if teacher is None:
+                raise ValueError("PADDConfig.use_kd=True needs a teacher model")
+            teacher.eval().requires_grad_(False)
+        student.eval()  # see module doc: no dropout, ratio exactly 1 at θ_old
+        self.reference = None
+        if cfg.beta > 0:
+            self.reference = copy.deepcopy(student).eval().requires_grad_(False)
+            for module in self.reference.modules():  # the copy must not feed the control's hooks
+                module._forward_hooks.clear()
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = optimizer or torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        bias_shape = (control.num_layers, control.num_experts) if self.moe else (0, 0)
+        device = control.selection_bias.device if self.moe else torch.device("cpu")
+        self.ema_state = torch.zeros(bias_shape, dtype=torch.float32, device=device)
+        self.step_count = 0
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self, problems: Sequence[Problem]) -> dict:
+        """One PADD step on `problems` (one group of G rollouts each); returns the step's metrics."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        batch = generate(
+            self.student,
+            self.tokenizer,
+            [format_prompt(p.question) for p in problems],
+            num_generations=cfg.num_generations,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        t_gen = time.perf_counter()
+        answers = [p.final_answer for p in problems for _ in range(cfg.num_generations)]
+        r_B = torch.tensor(
+            [
+                reward(c, a, cfg.w_answer, cfg.w_format)
+                for c, a in zip(batch.completions, answers, strict=True)
+            ]
+        )
+        adv_B = group_advantages(r_B.view(len(problems), -1), cfg.adv_eps, cfg.scale_rewards).reshape(-1)
+        metrics = {
+            "step": self.step_count,
+            "reward": float(r_B.mean()),
+            "reward_std": float(r_B.std()) if r_B.numel() > 1 else 0.0,
+            "accuracy": float(
+                np.mean([answer_reward(c, a) for c, a in zip(batch.completions, answers, strict=True)])
+            ),
+            "format_reward": float(np.mean([format_reward(c) for c in batch.completions])),
+            "completion_length": float(batch.response_mask_BR.sum(1).mean()),
+        }
+        t_reward = time.perf_counter()
+        device = batch.sequences_BS.device
+        adv_B = adv_B.to(device)
+        teacher_out, t_eff_B = self._score_with_teacher(batch, adv_B) if cfg.use_kd else (None, None)
+        if t_eff_B is not None:
+            metrics.update(
+                t_eff_mean=float(t_eff_B.mean()),
+                t_eff_min=float(t_eff_B.min()),
+                t_eff_max=float(t_eff_B.max()),
+            )
+        t_teacher = time.perf_counter()
+        metrics.update(self._update(batch, adv_B, teacher_out, t_eff_B))
+        t_end = time.perf_counter()
+        metrics.update(
+            time_generation=t_gen - t_start,
+            time_reward=t_reward - t_gen,
+            time_teacher=t_teacher - t_reward,
+            time_update=t_end - t_teacher,
+            time_step=t_end - t_start,
+        )
+        self.step_count += 1
+        return metrics
+
+    @torch.no_grad()
+    def _score_with_teacher(self, batch: RolloutBatch, adv_B: torch.Tensor):
+        """Teacher hidden states at the response positions [B, R, H] and T_eff per row [B]."""
+        cfg = self.config
+        base = self.teacher.get_decoder()
+        out = base(
+            input_ids=batch.sequences_BS,
+            attention_mask=batch.attention_mask_BS,
+            position_ids=(batch.attention_mask_BS.long().cumsum(-1) - 1).clamp_min(0),
+        )
+        hidden_BRH = response_slice(out.last_hidden_state, batch.prompt_length)
+        if cfg.kd_temperature_mode == "adaptive":
+            t_eff_B = advantage_temperature(adv_B, cfg.tau, cfg.rho, cfg.kappa, cfg.temperature_form)
+        else:
+            t_eff_B = torch.full_like(adv_B, cfg.tau)
+        return hidden_BRH, t_eff_B
+
+    def _fused_kd(self, device: torch.device):
+        """`padd.kernels.fused_linear_kd_loss` when configured and present, else None."""
+        fn = getattr(kernels, "fused_linear_kd_loss", None)
+        if fn is None or self.config.kd_fused is False:
+            return None
+        if self.config.kd_fused == "auto" and device.type != "cuda":
+            return None
+        return fn
+
+    def _kd_term(self, student_hidden_BRH, student_logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR):
+        """L_KD = mean over response tokens of D(p*_T ‖ p_S), teacher at T_eff of its sequence."""
+        cfg = self.config
+        keep = mask_BR.bool()
+        temp_N = t_eff_B[:, None].expand_as(mask_BR)[keep]
+        t_head = self.teacher.get_output_embeddings()
+        loss_kwargs = dict(divergence=cfg.kd_divergence, temperature=temp_N, beta=cfg.kd_jsd_beta)
+        fused = self._fused_kd(student_hidden_BRH.device)
+        if fused is not None:
+            s_head = self.student.get_output_embeddings()
+            return fused(
+                student_hidden_BRH[keep],
+                s_head.weight,
+                s_head.bias,
+                teacher_hidden=teacher_hidden_BRH[keep],
+                teacher_head_weight=t_head.weight,
+                teacher_head_bias=t_head.bias,
+                **loss_kwargs,
+            )
+        with torch.no_grad():
+            teacher_logits_NV = t_head(teacher_hidden_BRH[keep])
+        return kernels.kd_loss(student_logits_BRV[keep], teacher_logits_NV, **loss_kwargs)
+
+    def _update(self, batch: RolloutBatch, adv_B, teacher_hidden_BRH, t_eff_B) -> dict:
+        cfg = self.config
+        P = batch.prompt_length
+        B, S = batch.sequences_BS.shape
+        tokens_BR = batch.sequences_BS[:, P:]
+        mask_BR = batch.response_mask_BR
+        head = self.student.get_output_embeddings()
+        old_logp = old_probs = ref_logp = None
+        log: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kd_loss", "clip_fraction",
+                                                       "router_drift", "ref_kl", "grad_norm")}  # fmt: skip
+        first: dict = {}
+        for it in range(cfg.num_iterations):
+            hidden_BSH, router_logits, selected = forward_with_routing(
+                self.student, batch.sequences_BS, batch.attention_mask_BS, self.control, moe=self.moe
+            )
+            hidden_BRH = response_slice(hidden_BSH, P)
+            logits_BRV = head(hidden_BRH)
+            # The policy that sampled is softmax(z / T_sample): ratios use the same logits.
+            logp_BR = token_logprobs(logits_BRV / cfg.temperature, tokens_BR)
+            probs = [response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits]
+            if it == 0:  # θ = θ_old here (see module doc)
+                old_logp = logp_BR.detach()
+                old_probs = [p.detach() for p in probs]
+                first = self._routing_metrics(router_logits, selected, batch)
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logits = self.reference(
+                            input_ids=batch.sequences_BS,
+                            attention_mask=batch.attention_mask_BS,
+                            position_ids=(batch.attention_mask_BS.long().cumsum(-1) - 1).clamp_min(0),
+                        ).logits
+                        ref_logp = token_logprobs(response_slice(ref_logits, P) / cfg.temperature, tokens_BR)
+            drift_BR = None
+            if probs:
+                with torch.no_grad():
+                    drift_BR = router_drift(probs, old_probs)
+                log["router_drift"].append(float(masked_mean(drift_BR, mask_BR)))
+            ratio_BR = drift_penalised_ratio(
+                logp_BR, old_logp, drift_BR, adv_B, cfg.drift_lambda, drift_on=cfg.effective_drift_on
+            )
+            objective = clipped_surrogate(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high)
+            loss = -objective
+            log["policy_loss"].append(-float(objective.detach()))
+            log["clip_fraction"].append(
+                float(clip_fraction(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high))
+            )
+            if teacher_hidden_BRH is not None:
+                kd = self._kd_term(hidden_BRH, logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR)
+                loss = loss + cfg.alpha_kd * kd
+                log["kd_loss"].append(float(kd.detach()))
+            if ref_logp is not None:
+                kl = masked_mean(reference_kl(logp_BR, ref_logp), mask_BR)
+                loss = loss + cfg.beta * kl
+                log["ref_kl"].append(float(kl.detach()))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            log["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            self.optimizer.step()
+            log["loss"].append(float(loss.detach()))
+            if self.moe and cfg.use_bias:
+                self._update_bias(selected, adv_B, mask_BR, B, S, P)
+        out = {k: v[0] if k == "kd_loss" else float(np.mean(v)) for k, v in log.items() if v}
+        # Drift at θ_old is 0 by construction: report the drift of the later updates.
+        drifts = log["router_drift"][1:]
+        out["router_drift"] = float(np.mean(drifts)) if drifts else 0.0
+        out.update(first)
+        if self.moe:
+            out["bias_abs_mean"] = float(self.control.selection_bias.abs().mean())
+        return out
+
+    def _response_selected(self, selected, B: int, S: int, P: int) -> list[torch.Tensor]:
+        """Per layer, the experts of the response positions, [B·R, k]."""
+        return [response_slice(sel.reshape(B, S, -1), P).reshape(-1, sel.shape[-1]) for sel in selected]
+
+    def _routing_metrics(self, router_logits, selected, batch: RolloutBatch) -> dict:
+        if not self.moe:
+            return {}
+        B, S = batch.sequences_BS.shape
+        P = batch.prompt_length
+        mask_T = batch.response_mask_BR.reshape(-1)
+        sel = self._response_selected(selected, B, S, P)
+        logits = [
+            response_slice(z.detach().reshape(B, S, -1), P).reshape(-1, z.shape[-1]) for z in router_logits
+        ]
+        counts = expert_counts(sel, self.control.num_experts, mask_T)
+        return {
+            "load_cv": load_cv(counts),
+            "routing_entropy": routing_entropy(logits, mask_T),
+            "tokens_per_expert": counts.long().tolist(),
+        }
+
+    @torch.no_grad()
+    def _update_bias(self, selected, adv_B, mask_BR, B: int, S: int, P: int) -> None:
+        """Stage IV after the optimiser step, from the forward that produced this update."""
+        cfg = self.config
+        R = mask_BR.shape[1]
+        sel = self._response_selected(selected, B, S, P)
+        token_adv = adv_B[:, None].expand(B, R).reshape(-1)
+        counts, sums = expert_load_and_advantage(
+            sel, token_adv, mask_BR.reshape(-1), self.control.num_experts
+        )
+        if dist.is_available() and dist.is_initialized():  # every rank must hold the same bias
+            both = torch.stack([counts, sums]).to(self.control.selection_bias.device)
+            dist.all_reduce(both)
+            counts, sums = both[0], both[1]
+        load_fraction = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+        adv_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.full_like(sums, float("nan")))
+        update_selection_bias(
+            self.control.selection_bias,
+            load_fraction,
+            adv_mean,
+            self.ema_state,
+            eta=cfg.bias_eta,
+            gamma=cfg.bias_gamma,
+            lam_ema=cfg.bias_lam_ema,
+            sign_form=cfg.bias_sign_form,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs. Tensors alias live state: `torch.save` it
+        (or deep-copy it) before training further."""
+        return {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "selection_bias": self.control.selection_bias if self.moe else None,
+            "ema_state": self.ema_state,
+            "step": self.step_count,
+            "rng": _rng_state(),
+            "config": self.config.to_dict(),
+            "reference": self.reference.state_dict() if self.reference is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` (same model architecture and config)."""
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.moe and state.get("selection_bias") is not None:
+            self.control.selection_bias.copy_(state["selection_bias"])
+        self.ema_state.copy_(state["ema_state"])
+        self.step_count = int(state["step"])
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.load_state_dict(state["reference"])
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Student (`save_pretrained`), its selection bias and the trainer state, in `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        self.student.save_pretrained(directory)
+        if self.moe:
+            self.control.save_selection_bias(directory)
+        state = {k: v for k, v in self.state_dict().items() if k != "student"}
+        torch.save(state, os.path.join(directory, TRAINER_STATE_FILE))
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Resume from `save_checkpoint(directory)`: weights, bias, optimiser, EMA, step, RNG."""
+        # from_pretrained, not a raw safetensors read: transformers may convert weights on save
+        # (e.g. fused MoE experts stored per expert) and only its loader maps them back.
+        dtype = next(self.student.parameters()).dtype
+        loaded = type(self.student).from_pretrained(directory, dtype=dtype)
+        self.student.load_state_dict(loaded.state_dict())
+        del loaded
+        state = torch.load(os.path.join(directory, TRAINER_STATE_FILE), weights_only=False)
+        state["student"] = self.student.state_dict()
+        self.load_state_dict(state)

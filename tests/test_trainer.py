@@ -1,0 +1,283 @@
+"""PADDTrainer, rollouts and evaluation on tiny random models (a Llama teacher, a Mixtral student)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from padd.data.problem import Problem, format_prompt
+from padd.moe.routing_control import RoutingControl
+from padd.training.config import PRESETS, PADDConfig, preset
+from padd.training.evaluation import evaluate, normalized_mutual_information
+from padd.training.metrics import expert_counts, load_cv
+from padd.training.rollout import (
+    forward_with_routing,
+    generate,
+    old_policy_stats,
+    response_mask,
+    response_slice,
+)
+from padd.training.trainer import PADDTrainer
+
+CHARS = "0123456789 +-*=#.?:QA\n$abcdefghijklmnopqrstuvwxyz"
+PROBLEMS = [
+    Problem("3+4?", "3+4=7\n#### 7", "7", "add"),
+    Problem("9-5?", "9-5=4\n#### 4", "4", "sub"),
+    Problem("2*3?", "2*3=6\n#### 6", "6", "mul"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CPU is shared: one intra-op thread avoids oversubscription (and is deterministic).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+COMMON = dict(
+    vocab_size=len(CHARS) + 3,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=None,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_teacher(seed: int = 1) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    teacher = LlamaForCausalLM(LlamaConfig(**COMMON, intermediate_size=64))
+    with torch.no_grad():  # a peaked teacher, so that the KD loss has room to fall
+        teacher.lm_head.weight.mul_(40.0)
+    return teacher.eval()
+
+
+def tiny_student(seed: int = 0) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(
+        MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    ).eval()
+
+
+def small_config(name: str = "padd", **overrides) -> PADDConfig:
+    base = dict(num_generations=4, max_new_tokens=8, learning_rate=1e-2)
+    return preset(name, **{**base, **overrides})
+
+
+def _finite_metrics(m: dict) -> None:
+    for key, value in m.items():
+        if isinstance(value, float):
+            assert math.isfinite(value), (key, value)
+
+
+def _without_times(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith("time_")}
+
+
+# -- rollouts ------------------------------------------------------------------------------
+
+
+def test_response_mask_keeps_tokens_up_to_the_first_eos():
+    responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    expected = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert torch.equal(response_mask(responses, [1]), expected)
+
+
+def test_left_padded_forward_reproduces_greedy_generation():
+    """Position ids skip left padding, so the update's forward sees what decoding saw."""
+    student, tok = tiny_student(), char_tokenizer()
+    prompts = [format_prompt("3+4?"), format_prompt("12*34+5?")]  # different lengths
+    batch = generate(student, tok, prompts, num_generations=2, do_sample=False, max_new_tokens=6)
+    assert batch.sequences_BS.shape[0] == 4 and batch.attention_mask_BS[0, 0] == 0  # left padded
+    hidden, router_logits, selected = forward_with_routing(
+        student, batch.sequences_BS, batch.attention_mask_BS
+    )
+    logits = student.get_output_embeddings()(response_slice(hidden, batch.prompt_length))
+    keep = batch.response_mask_BR.bool()
+    assert torch.equal(logits.argmax(-1)[keep], batch.sequences_BS[:, batch.prompt_length :][keep])
+    assert len(router_logits) == 2 and selected[0].shape == (batch.sequences_BS.numel(), 2)
+    old = old_policy_stats(student, batch)
+    assert old.old_logprobs_BR.shape == batch.response_mask_BR.shape
+    assert [p.shape for p in old.old_router_probs] == [(4, batch.response_mask_BR.shape[1], 4)] * 2
+    torch.testing.assert_close(
+        old.old_router_probs[0].sum(-1), torch.ones(4, batch.response_mask_BR.shape[1])
+    )
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+def test_normalized_mutual_information_hand_values():
+    assert normalized_mutual_information([0, 0, 1, 1], [5, 5, 7, 7]) == pytest.approx(1.0)  # relabelled
+    assert normalized_mutual_information([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0)  # independent
+    # H(a) = ln 2, H(b) = −(.75 ln .75 + .25 ln .25), I = .5 ln(4/3) + .25 ln(2/3) + .25 ln 2.
+    h_b = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    mi = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    expected = mi / ((math.log(2) + h_b) / 2)
+    assert normalized_mutual_information([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        normalized_mutual_information([0], [0, 1])
+
+
+def test_evaluate_reports_accuracy_per_kind_and_routing():
+    student, tok = tiny_student(), char_tokenizer()
+    control = RoutingControl(student)
+    out = evaluate(student, tok, PROBLEMS, max_new_tokens=6, batch_size=2, control=control)
+    assert out["n"] == 3 and 0.0 <= out["accuracy"] <= 1.0
+    assert {"accuracy/add", "accuracy/sub", "accuracy/mul"} <= set(out)
+    assert 0.0 <= out["nmi"] <= 1.0 and len(out["nmi_per_layer"]) == 2
+    assert out["load_cv"] >= 0 and out["routing_entropy"] > 0
+    assert len(out["tokens_per_expert"]) == 2 and len(out["tokens_per_expert"][0]) == 4
+
+
+def test_evaluate_scores_a_model_that_answers():
+    """A fake 'model' path is not needed: exact match on known completions via the reward."""
+    from padd.training.rewards import is_correct
+
+    assert is_correct("3+4=7\n#### 7", PROBLEMS[0].final_answer)
+
+
+# -- trainer -------------------------------------------------------------------------------
+
+
+def test_padd_steps_keep_losses_finite_and_lower_the_kd_loss():
+    trainer = PADDTrainer(tiny_student(), tiny_teacher(), char_tokenizer(), small_config(alpha_kd=1.0))
+    history = [trainer.step(PROBLEMS) for _ in range(6)]
+    for m in history:
+        _finite_metrics(m)
+        assert 0.5 - 1e-6 <= m["t_eff_min"] <= m["t_eff_mean"] <= m["t_eff_max"] <= 1.5 + 1e-6
+        assert {"reward", "accuracy", "kd_loss", "router_drift", "load_cv", "routing_entropy",
+                "tokens_per_expert", "clip_fraction", "time_generation", "time_teacher",
+                "time_update"} <= set(m)  # fmt: skip
+    kd = [m["kd_loss"] for m in history]
+    assert kd[-1] < 0.7 * kd[0], kd
+    assert history[-1]["router_drift"] > 0  # the second update sees a moved router
+
+
+def test_same_seed_same_metrics():
+    runs = []
+    for _ in range(2):
+        trainer = PADDTrainer(tiny_student(), tiny_teacher(), char_tokenizer(), small_config(seed=3))
+        runs.append([_without_times(trainer.step(PROBLEMS)) for _ in range(2)])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_one_step_of_each_baseline(name):
+    trainer = PADDTrainer(
+        tiny_student(), tiny_teacher(), char_tokenizer(), small_config(name, num_iterations=2)
+    )
+    before = trainer.control.selection_bias.clone()
+    m = trainer.step(PROBLEMS[:2])
+    _finite_metrics(m)
+    cfg = trainer.config
+    assert ("kd_loss" in m) == cfg.use_kd
+    assert torch.equal(trainer.control.selection_bias, before) == (not cfg.use_bias)
+
+
+def test_reference_kl_term_runs_when_beta_positive():
+    trainer = PADDTrainer(tiny_student(), tiny_teacher(), char_tokenizer(), small_config(beta=0.1))
+    m = trainer.step(PROBLEMS[:2])
+    assert m["ref_kl"] >= 0 and math.isfinite(m["loss"])
+
+
+def _skewed_student() -> MixtralForCausalLM:
+    """Routers that favour experts 0 and 1 for every token: a shared embedding component that
+    the router reads with a large weight, on top of token-dependent logits of std ~1."""
+    student = tiny_student()
+    with torch.no_grad():
+        student.model.embed_tokens.weight[:, 0] = 0.05
+        for layer in student.model.layers:
+            layer.mlp.gate.weight.mul_(10.0)
+            layer.mlp.gate.weight[:, 0] = torch.tensor([1.2, 1.0, 0.0, 0.0])
+    return student
+
+
+def _load_cv(student, control, tok) -> float:
+    enc = tok([format_prompt(p.question) + p.solution for p in PROBLEMS], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        _, _, selected = forward_with_routing(student, enc["input_ids"], enc["attention_mask"], control)
+    return load_cv(expert_counts(selected, control.num_experts, enc["attention_mask"].reshape(-1)))
+
+
+@pytest.mark.parametrize(("sign_form", "eta", "factor"), [(True, 0.2, 0.4), (False, 0.5, 0.65)])
+def test_stage4_lowers_the_load_cv_of_an_imbalanced_router(sign_form, eta, factor):
+    student, tok = _skewed_student(), char_tokenizer()
+    # Only the bias moves: no KD, a negligible learning rate, no advantage term.
+    cfg = small_config(
+        "no_stage2", learning_rate=1e-6, bias_eta=eta, bias_sign_form=sign_form, bias_gamma=0.0
+    )
+    trainer = PADDTrainer(student, None, tok, cfg)
+    cv_before = _load_cv(student, trainer.control, tok)
+    assert cv_before > 0.8
+    for _ in range(4):
+        trainer.step(PROBLEMS)
+    cv_after = _load_cv(student, trainer.control, tok)
+    assert cv_after < factor * cv_before, (cv_before, cv_after, trainer.control.selection_bias)
+    bias = trainer.control.selection_bias
+    assert (bias[:, :2] < 0).all() and (bias[:, 2:] > 0).all()  # overloaded experts lose bias
+
+
+def test_state_dict_round_trip_resumes_bit_identically(tmp_path):
+    tok = char_tokenizer()
+    a = PADDTrainer(tiny_student(), tiny_teacher(), tok, small_config(seed=5))
+    a.step(PROBLEMS[:2])
+    snapshot = copy.deepcopy(a.state_dict())
+    a.save_checkpoint(tmp_path / "ckpt")
+    expected = _without_times(a.step(PROBLEMS[:2]))
+
+    for resume in ("state_dict", "checkpoint"):
+        b = PADDTrainer(tiny_student(seed=9), tiny_teacher(), tok, small_config(seed=5))
+        if resume == "state_dict":
+            b.load_state_dict(snapshot)
+        else:
+            b.load_checkpoint(tmp_path / "ckpt")
+        assert b.step_count == 1
+        assert _without_times(b.step(PROBLEMS[:2])) == expected
+        for (name, pa), pb in zip(a.student.named_parameters(), b.student.parameters(), strict=True):
+            assert torch.equal(pa, pb), name
+        assert torch.equal(a.control.selection_bias, b.control.selection_bias)
+        assert torch.equal(a.ema_state, b.ema_state)
+
+
+def test_config_validation_names_the_bad_key():
+    with pytest.raises(ValueError, match="epsilon"):
+        PADDConfig(epsilon=1.5)
+    with pytest.raises(ValueError, match="drift_on"):
+        PADDConfig(drift_on="positive")
+    with pytest.raises(ValueError, match="num_generations"):
+        PADDConfig(num_generations=0)
+    with pytest.raises(ValueError, match="unknown PADDConfig key"):
+        PADDConfig.from_dict({"num_generation": 4})
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("ppo")
+    assert preset("vanilla_grpo").effective_drift_on == "none"
+    assert preset("rspo").effective_drift_on == "all"
+    assert preset("online_kd").kd_temperature_mode == "fixed"
