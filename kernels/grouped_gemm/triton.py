@@ -77,6 +77,15 @@ def _expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.const
     return expert, row_start, row_end
 
 
+@triton.jit
+def _split_pid(n_cols, BLOCK_N: tl.constexpr):
+    """1-D launch, column tiles fastest: consecutive programs reuse one gathered row tile and one
+    expert's weights from L2 (and the grid never meets the 65535 limit of the other axes)."""
+    n_tiles = tl.cdiv(n_cols, BLOCK_N)
+    pid = tl.program_id(0)
+    return pid // n_tiles, pid % n_tiles
+
+
 @triton.autotune(configs=_configs(), key=["H", "I"])
 @triton.jit
 def _gate_up_swiglu_kernel(
@@ -102,14 +111,15 @@ def _gate_up_swiglu_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """h[p, n] = silu(x[t_p] · Wg[e, n]) * (x[t_p] · Wu[e, n]) for sorted rows p of expert e."""
-    expert, row_start, row_end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    pid_m, pid_n = _split_pid(I, BLOCK_N)
+    expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     slots = tl.load(order_ptr + rows, mask=row_mask, other=0)
     tokens = (slots // TOP_K).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh
@@ -167,12 +177,13 @@ def _scatter_down_kernel(
     Forward down GEMM (a = h, b = down_proj viewed [E, I, H], scale = routing weights) and the
     backward dx GEMM (a = d(gate|up), b = gate_up_proj [E, 2I, H], no scale) share it.
     """
-    expert, row_start, row_end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    pid_m, pid_n = _split_pid(N, BLOCK_N)
+    expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_as + ks[None, :]
@@ -238,10 +249,10 @@ def _swiglu_backward_kernel(
     Writes d(gate|up) `[S, 2I]` and w·h `[S, I]` in sorted order, and the routing-weight gradient
     partial `Σ_n (dy[t_p] · W2[e, :, n]) · h[p, n]` for this I-tile at `[pid_n, slot_p]`.
     """
-    expert, row_start, row_end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    pid_m, pid_n = _split_pid(I, BLOCK_N)
+    expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
-    pid_n = tl.program_id(1)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     slots = tl.load(order_ptr + rows, mask=row_mask, other=0)
@@ -400,7 +411,7 @@ def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
     num_slots = order_S.numel()
     h_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
     rows = _row_tiles(num_slots, num_experts)
-    _gate_up_swiglu_kernel[lambda m: (rows(m), triton.cdiv(inter, m["BLOCK_N"]))](
+    _gate_up_swiglu_kernel[lambda m: (rows(m) * triton.cdiv(inter, m["BLOCK_N"]),)](
         x_TH,
         w13_E2IH,
         h_SI,
@@ -426,7 +437,7 @@ def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) ->
     num_slots = order_S.numel()
     out_SN = _empty(num_slots, n_dim, device=a_SK.device, dtype=out_dtype)
     rows = _row_tiles(num_slots, num_experts)
-    _scatter_down_kernel[lambda m: (rows(m), triton.cdiv(n_dim, m["BLOCK_N"]))](
+    _scatter_down_kernel[lambda m: (rows(m) * triton.cdiv(n_dim, m["BLOCK_N"]),)](
         a_SK,
         b_EKN,
         out_SN,
@@ -528,7 +539,7 @@ def moe_ffn_triton_backward(
     n_tiles = triton.cdiv(inter, _BWD_BLOCK_N)
     dweight_part_NS = _empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
     rows = _row_tiles(num_slots, num_experts)
-    _swiglu_backward_kernel[lambda m: (rows(m), n_tiles)](
+    _swiglu_backward_kernel[lambda m: (rows(m) * n_tiles,)](
         x_TH,
         dy_TH,
         gate_up_proj_E2IH,
