@@ -102,6 +102,18 @@ def test_generate_with_routing_control(saved, padd_calls):
     eager_control.remove()
 
 
+def test_experts_compile_fullgraph(saved):
+    torch._dynamo.reset()
+    model = _load(saved["qwen3_moe"], "padd")
+    block = model.model.layers[0].mlp
+    hidden_TH = torch.randn(10, 32)
+    _, weights_TK, experts_TK = block.gate(hidden_TH)
+    compiled = torch.compile(block.experts, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(
+        compiled(hidden_TH, experts_TK, weights_TK), block.experts(hidden_TH, experts_TK, weights_TK)
+    )
+
+
 def test_unsupported_experts_module_raises():
     class BiasedExperts(torch.nn.Module):
         num_experts, has_bias = 2, True

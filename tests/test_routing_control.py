@@ -37,6 +37,17 @@ def test_learned_zero_bias_reproduces_hf_routing_exactly(arch):
     control.remove()
 
 
+def test_ties_resolve_to_lower_expert_id():
+    model = tiny_model("qwen3_moe")
+    control = RoutingControl(model)
+    with torch.no_grad():
+        control.routers[0].weight.zero_()  # every logit tied
+    _, weights_TK, experts_TK = control.routers[0](torch.randn(5, 32))
+    assert experts_TK.tolist() == [[0, 1]] * 5
+    assert torch.equal(weights_TK, torch.full((5, TOP_K), 0.5))
+    control.remove()
+
+
 def test_learned_gradients_match_hf():
     model = tiny_model("qwen3_moe")
     ids = _ids()

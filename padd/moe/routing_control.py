@@ -12,7 +12,9 @@ OLMoE, Qwen2-MoE (its shared expert is not routed and is left alone).
 Modes:
 - "learned" (default): experts = top-k of `logits + selection_bias[l]` (Stage IV's
   auxiliary-loss-free balancing), weights from the *unbiased* softmax, renormalised when the
-  model's config says so (Mixtral always does). With a zero bias this is the HF router exactly.
+  model's config says so (Mixtral always does). With a zero bias this is the HF router exactly,
+  except on exactly tied logits: padd picks the lower expert id, `torch.topk` is unspecified
+  (e.g. an all-zero router).
 - "uniform" (Stage I warmup): frozen round-robin routing that ignores the router: slot j of
   token t goes to expert `(t·K + j) mod E` with weight `1/K`. The router logits still flow out
   (for `L_init` and HF's aux loss) but the routing itself carries no gradient to the router.
