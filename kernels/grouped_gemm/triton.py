@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import interpreter_enabled
+from ..routing.metadata import Routing
 
 __all__ = ["moe_ffn_triton", "moe_ffn_triton_backward", "moe_ffn_triton_forward"]
 
@@ -86,7 +87,7 @@ def _split_pid(n_cols, BLOCK_N: tl.constexpr):
     return pid // n_tiles, pid % n_tiles
 
 
-@triton.autotune(configs=_configs(), key=["H", "I"])
+@triton.autotune(configs=_configs(), key=["H", "I", "ROWS_BUCKET"])
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr,
@@ -97,6 +98,7 @@ def _gate_up_swiglu_kernel(
     E,
     H,
     I,
+    ROWS_BUCKET,
     stride_xt,
     stride_xh,
     stride_we,
@@ -148,7 +150,7 @@ def _gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["N", "K_DIM"])
+@triton.autotune(configs=_configs(), key=["N", "K_DIM", "ROWS_BUCKET"])
 @triton.jit
 def _scatter_down_kernel(
     a_ptr,
@@ -160,6 +162,7 @@ def _scatter_down_kernel(
     E,
     N,
     K_DIM,
+    ROWS_BUCKET,
     stride_as,
     stride_be,
     stride_bk,
@@ -208,7 +211,7 @@ def _scatter_down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(_BWD_BLOCK_N), key=["H", "I"])
+@triton.autotune(configs=_configs(_BWD_BLOCK_N), key=["H", "I", "ROWS_BUCKET"])
 @triton.jit
 def _swiglu_backward_kernel(
     x_ptr,
@@ -225,6 +228,7 @@ def _swiglu_backward_kernel(
     H,
     I,
     S,
+    ROWS_BUCKET,
     stride_xt,
     stride_xh,
     stride_dt,
@@ -312,7 +316,7 @@ def _swiglu_backward_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N"])
+@triton.autotune(configs=_configs(), key=["M", "N", "ROWS_BUCKET"])
 @triton.jit
 def _expert_weight_grad_kernel(
     a_ptr,
@@ -322,6 +326,7 @@ def _expert_weight_grad_kernel(
     offsets_ptr,
     M,
     N,
+    ROWS_BUCKET,
     stride_ar,
     stride_ac,
     stride_br,
@@ -392,6 +397,11 @@ def _block_e(num_experts: int) -> int:
     return max(2, triton.next_power_of_2(num_experts))
 
 
+def _rows_bucket(num_slots: int, num_experts: int) -> int:
+    """Autotuning key: mean rows per expert, rounded to a power of two (tiles differ by load)."""
+    return triton.next_power_of_2(max(1, num_slots // num_experts))
+
+
 def _row_tiles(num_slots: int, num_experts: int):
     """Worst-case row-tile count: every expert may end in a partial tile."""
     return lambda meta: triton.cdiv(num_slots, meta["BLOCK_M"]) + num_experts
@@ -420,6 +430,7 @@ def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
         num_experts,
         hidden,
         inter,
+        _rows_bucket(num_slots, num_experts),
         x_TH.stride(0),
         x_TH.stride(1),
         *w13_E2IH.stride(),
@@ -447,6 +458,7 @@ def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) ->
         num_experts,
         n_dim,
         k_dim,
+        _rows_bucket(num_slots, num_experts),
         a_SK.stride(0),
         *b_EKN.stride(),
         out_SN.stride(0),
@@ -471,6 +483,7 @@ def _expert_weight_grad(a, b, order_S, offsets_E1, top_k, *, gather_a, gather_b,
         offsets_E1,
         m_dim,
         n_dim,
+        _rows_bucket(order_S.numel(), num_experts),
         *a.stride(),
         *b.stride(),
         *out_EMN.stride(),
@@ -554,6 +567,7 @@ def moe_ffn_triton_backward(
         hidden,
         inter,
         num_slots,
+        _rows_bucket(num_slots, num_experts),
         *x_TH.stride(),
         *dy_TH.stride(),
         *gate_up_proj_E2IH.stride(),
@@ -564,7 +578,12 @@ def moe_ffn_triton_backward(
         BLOCK_E=_block_e(num_experts),
         DOT_PRECISION=_dot_precision(x_TH.dtype),
     )
-    dx_SH = _scatter_grouped_mm(dgu_S2I, gate_up_proj_E2IH, order_S, offsets_E1, None, x_TH.dtype)
+    d_weights = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
+    # Ordered so each [S, ·] buffer is freed once its last reader has run (lower peak memory).
+    d_down = _expert_weight_grad(
+        dy_TH, hw_SI, order_S, offsets_E1, top_k, gather_a=True, gather_b=False, out_dtype=down_proj_EHI.dtype
+    )
+    del hw_SI, dweight_part_NS
     d_gate_up = _expert_weight_grad(
         dgu_S2I,
         x_TH,
@@ -575,10 +594,8 @@ def moe_ffn_triton_backward(
         gather_b=True,
         out_dtype=gate_up_proj_E2IH.dtype,
     )
-    d_down = _expert_weight_grad(
-        dy_TH, hw_SI, order_S, offsets_E1, top_k, gather_a=True, gather_b=False, out_dtype=down_proj_EHI.dtype
-    )
-    d_weights = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
+    dx_SH = _scatter_grouped_mm(dgu_S2I, gate_up_proj_E2IH, order_S, offsets_E1, None, x_TH.dtype)
+    del dgu_S2I
     return _sum_slots(dx_SH, num_tokens, top_k), d_gate_up, d_down, d_weights
 
 
@@ -586,7 +603,7 @@ def moe_ffn_triton(
     x: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
-    routing,
+    routing: Routing,
 ) -> torch.Tensor:
     """Differentiable Triton expert FFN (forced Triton, also on CPU under `TRITON_INTERPRET=1`).
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from padd.kernels import Routing, moe_ffn, moe_ffn_reference, routing_from_topk
+from padd.kernels import Routing, moe_ffn, moe_ffn_reference, route, routing_from_topk
 from padd.kernels.grouped_gemm import moe_ffn_flops
 from padd.kernels.grouped_gemm import triton as moe_triton
 from torch.utils.flop_counter import FlopCounterMode
@@ -128,6 +128,13 @@ def test_triton_writes_every_element(monkeypatch):
         assert torch.isfinite(t).all()
     _, grads_ref = fwd_bwd(x, w13, w2, r, "reference", torch.ones_like(x))
     assert grads_ref[1].abs().sum() > 0
+
+
+def test_triton_entry_point_with_routed_logits():
+    """`moe_ffn_triton` directly, on a Routing from `route` rather than `routing_from_topk`."""
+    x, w13, w2, _ = make_inputs(5, 24, 16, 4, 2)
+    r = route(torch.randn(5, 4), 2, backend="reference")
+    assert_matches(moe_triton.moe_ffn_triton(x, w13, w2, r), moe_ffn_reference(x, w13, w2, r), torch.float32)
 
 
 def test_empty_batch():
