@@ -27,7 +27,7 @@ import copy
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +98,8 @@ class PADDTrainer:
         config: `PADDConfig` (default: the `padd` preset).
         control: the student's `RoutingControl`; built here for an MoE student when omitted.
         optimizer: optional; default AdamW(lr, weight_decay) over the student's trainable params.
+        reward_fn: optional `(completion, problem) -> float`; default `rewards.reward` with the
+            config's `w_answer` / `w_format`. Accuracy is always the exact-match answer reward.
 
     Example:
         >>> trainer = PADDTrainer(student, teacher, tokenizer, preset("padd", num_generations=4))
@@ -114,11 +116,13 @@ class PADDTrainer:
         control=None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
+        reward_fn: Callable[[str, Problem], float] | None = None,
     ) -> None:
         self.config = config if config is not None else PADDConfig()
         cfg = self.config
         seed_everything(cfg.seed)
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.reward_fn = reward_fn or self._default_reward
         self.moe = control is not None or _has_moe_router(student)
         if self.moe and control is None:
             from padd.moe.routing_control import RoutingControl
@@ -144,6 +148,9 @@ class PADDTrainer:
         self.ema_state = torch.zeros(bias_shape, dtype=torch.float32, device=device)
         self.step_count = 0
 
+    def _default_reward(self, completion: str, problem: Problem) -> float:
+        return reward(completion, problem.final_answer, self.config.w_answer, self.config.w_format)
+
     # -- one step ---------------------------------------------------------------------------
 
     def step(self, problems: Sequence[Problem]) -> dict:
@@ -161,12 +168,10 @@ class PADDTrainer:
             max_new_tokens=cfg.max_new_tokens,
         )
         t_gen = time.perf_counter()
-        answers = [p.final_answer for p in problems for _ in range(cfg.num_generations)]
+        rows = [p for p in problems for _ in range(cfg.num_generations)]
+        answers = [p.final_answer for p in rows]
         r_B = torch.tensor(
-            [
-                reward(c, a, cfg.w_answer, cfg.w_format)
-                for c, a in zip(batch.completions, answers, strict=True)
-            ]
+            [float(self.reward_fn(c, p)) for c, p in zip(batch.completions, rows, strict=True)]
         )
         adv_B = group_advantages(r_B.view(len(problems), -1), cfg.adv_eps, cfg.scale_rewards).reshape(-1)
         metrics = {

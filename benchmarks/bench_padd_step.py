@@ -1,0 +1,148 @@
+"""PADD step time against MoE-vanilla-GRPO step time, in the same run, on the same models.
+
+    python benchmarks/bench_padd_step.py [--steps 6] [--prompts 8] [--generations 8] [--new-tokens 48]
+    python -m pytest benchmarks/bench_padd_step.py -s      (PADD_BENCH_OUT=dir writes JSON)
+
+Both methods run `PADDTrainer` (presets `padd` and `vanilla_grpo`) on copies of one student,
+interleaved step by step so a change in machine load hits both alike. The student is the
+project's embedded default shape (4 layers, hidden 128, FFN 512 → 8 experts of 256, top-2,
+character vocabulary); the teacher is the dense Llama it would be decompressed from. EOS is
+suppressed in sampling so both methods generate the same number of tokens.
+
+Reported: median step time of each, PADD's overhead in % (target ≤ +15%; the paper reports
++20–32%), and the split into generation, teacher scoring and update. On CPU these are CPU
+figures (labelled so), not GPU results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import Record, device_info, write_results  # noqa: E402
+from padd.data.problem import Problem  # noqa: E402
+from padd.training.config import preset  # noqa: E402
+from padd.training.trainer import PADDTrainer  # noqa: E402
+
+SUITE = "padd_step"
+SPLIT = ("time_generation", "time_reward", "time_teacher", "time_update", "time_step")
+
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in sorted(set("0123456789 +-*/=#.?:QA\n$abcdefghijklmnopqrstuvwxyz")):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def _models(vocab_size: int, device: torch.device):
+    common = dict(
+        vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+        bos_token_id=None, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=512)).to(device).eval()
+    student = MixtralForCausalLM(
+        MixtralConfig(**common, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2)
+    ).to(device)
+    student.generation_config.suppress_tokens = [1]  # fixed-length rollouts for both methods
+    return teacher, student.eval()
+
+
+def _problems(n: int) -> list[Problem]:
+    return [Problem(f"{a}+{2 * a + 1}?", "", str(3 * a + 1), "add") for a in range(11, 11 + n)]
+
+
+def run(steps: int = 6, prompts: int = 8, generations: int = 8, new_tokens: int = 48) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = _tokenizer()
+    teacher, student = _models(len(tok), device)
+    problems = _problems(prompts)
+    common = dict(num_generations=generations, max_new_tokens=new_tokens, learning_rate=1e-4, seed=0)
+    trainers = {
+        "vanilla_grpo": PADDTrainer(copy.deepcopy(student), None, tok, preset("vanilla_grpo", **common)),
+        "padd": PADDTrainer(copy.deepcopy(student), teacher, tok, preset("padd", **common)),
+    }
+    times: dict[str, dict[str, list[float]]] = {name: {k: [] for k in SPLIT} for name in trainers}
+    for step in range(steps + 1):  # step 0 warms up (allocations, first-call overheads)
+        for name, trainer in trainers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            m = trainer.step(problems)
+            if step > 0:
+                for k in SPLIT:
+                    times[name][k].append(m.get(k, 0.0))
+    med = {name: {k: statistics.median(v) for k, v in split.items()} for name, split in times.items()}
+    base, padd = med["vanilla_grpo"]["time_step"], med["padd"]["time_step"]
+    return {
+        "median_s": med,
+        "overhead_pct": 100.0 * (padd - base) / base,
+        "shape": dict(prompts=prompts, generations=generations, new_tokens=new_tokens, steps=steps),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def report(result: dict) -> list[Record]:
+    kind = device_info()["kind"].upper()
+    med = result["median_s"]
+    print(f"[{kind}] PADD step vs MoE-vanilla-GRPO step, {result['shape']}, {result['threads']} threads")
+    print(f"{'method':<14}" + "".join(f"{k[5:]:>12}" for k in SPLIT) + "   (median seconds)")
+    for name, split in med.items():
+        print(f"{name:<14}" + "".join(f"{split[k]:12.4f}" for k in SPLIT))
+    diff = {k: med["padd"][k] - med["vanilla_grpo"][k] for k in SPLIT}
+    print(f"{'padd - vanilla':<14}" + "".join(f"{diff[k]:12.4f}" for k in SPLIT))
+    print(f"[{kind}] PADD overhead over MoE-vanilla-GRPO: {result['overhead_pct']:+.1f}% (target <= +15%)")
+    return [
+        Record(
+            SUITE,
+            "train_step",
+            name,
+            result["shape"],
+            1e3 * split["time_step"],
+            float("nan"),
+            float("nan"),
+            extra={"split_s": split, "overhead_pct": result["overhead_pct"]},
+        )  # fmt: skip
+        for name, split in med.items()
+    ]
+
+
+def test_bench_padd_step():
+    records = report(run(steps=4))
+    write_results(SUITE, records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--json", action="store_true", help="write the results JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = report(run(args.steps, args.prompts, args.generations, args.new_tokens))
+    if args.json:
+        print(write_results(SUITE, records))
+
+
+if __name__ == "__main__":
+    main()
