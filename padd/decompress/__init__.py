@@ -10,12 +10,14 @@
 """
 
 from .all_experts import all_experts_active
-from .architectures import SUPPORTED_TEACHERS, DecompressionError
+from .architectures import SUPPORTED_TEACHERS, DecompressionError, check_teacher_config, student_config
 from .clustering import ClusterResult, balanced_kmeans, clustering_objective, random_balanced_split
 from .convert import INITS, decompress, moe_blocks
 from .experts import ExpertPlan, plan_cluster_experts, plan_upcycled_experts
 from .neurons import LayerClusters, TeacherClusters, cluster_teacher, layer_map, teacher_mlps
+from .pretrained import PretrainedInit, init_pretrained_student, match_clusters_to_experts
 from .stats import ClusterScoreHooks, NeuronStats, cluster_scores, cluster_targets, collect_stats
+from .warmup import warmup, warmup_losses
 
 __all__ = [
     "INITS",
@@ -26,19 +28,26 @@ __all__ = [
     "ExpertPlan",
     "LayerClusters",
     "NeuronStats",
+    "PretrainedInit",
     "TeacherClusters",
     "all_experts_active",
     "balanced_kmeans",
+    "check_teacher_config",
     "cluster_scores",
     "cluster_targets",
     "cluster_teacher",
     "clustering_objective",
     "collect_stats",
     "decompress",
+    "init_pretrained_student",
     "layer_map",
+    "match_clusters_to_experts",
     "moe_blocks",
     "plan_cluster_experts",
     "plan_upcycled_experts",
     "random_balanced_split",
+    "student_config",
     "teacher_mlps",
+    "warmup",
+    "warmup_losses",
 ]

@@ -1,0 +1,181 @@
+"""Stage I warmup on `D_B`: routing frozen and uniform, loss `L_LM + α·L_KD + β·L_init`.
+
+Shape legend: B batch, S sequence, T = B·S tokens, V vocabulary, E experts, L MoE layers.
+
+- Routing: `RoutingControl(student, mode="uniform")`, round-robin slots with weights 1/k, so
+  every expert gets the same number of tokens and the same training signal, whatever the
+  router says. The router parameters still learn, from `L_init` alone.
+- `L_LM`: transformers' causal-LM loss on `labels`.
+- `L_KD = KL(p_T ‖ p_S)` over the vocabulary (`padd.kernels.kd_loss`, forward KL by default)
+  on every non-padding position.
+- `L_init = Σ_l KL(p_S,l ‖ p_T,l)`: the router's softmax vs the teacher's cluster targets
+  `softmax(mean cluster activation / ξ)` of the same token, i.e. `kd_loss(router_logits,
+  cluster_scores, divergence="reverse_kl")` per layer (the fused KD kernel with E classes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from padd.kernels import kd_loss
+from padd.moe.routing_control import RoutingControl
+
+from .neurons import TeacherClusters
+from .stats import ClusterScoreHooks
+
+__all__ = ["warmup", "warmup_losses"]
+
+
+def warmup(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Mapping | torch.Tensor],
+    clusters: TeacherClusters,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    xi: float = 1.0,
+    kd_divergence: str = "forward_kl",
+    kd_temperature: float = 1.0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[dict]:
+    """Run `steps` warmup steps on `batches` (cycled) and return per-step metrics.
+
+    Args:
+        student: a transformers MoE student (e.g. from `decompress` or
+            `init_pretrained_student`); trained in place.
+        teacher: the dense teacher (frozen, eval mode, no grad).
+        batches: dicts with `input_ids [B, S]` and optionally `attention_mask` and `labels`
+            (default: the ids, padding set to -100), or plain id tensors. Cycled when shorter
+            than `steps` (a generator is cached by `itertools.cycle`).
+        clusters: the teacher clustering the student was built from (one entry per MoE layer).
+        steps: optimiser steps.
+        lr, weight_decay: AdamW settings, used when `optimizer` is None.
+        alpha, beta: weights of `L_KD` and `L_init` (the method's defaults: 1, 1).
+        xi: temperature of the teacher cluster targets.
+        kd_divergence, kd_temperature: of `L_KD` (see `padd.kernels.kd_loss`). A teacher with a
+            larger (padded) vocabulary is cut to the student's.
+        max_grad_norm: gradient clipping (None: off).
+
+    Returns:
+        One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
+        of variation of the expert loads, 0 when routing is exactly uniform).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    teacher.eval()
+    student.train()
+    history = []
+    with RoutingControl(student, mode="uniform", capture=True) as control:
+        _check_layers(control, clusters)
+        with ClusterScoreHooks(teacher, clusters, xi=xi) as targets:
+            for step, batch in zip(range(steps), itertools.cycle(batches), strict=False):
+                losses = warmup_losses(
+                    student, teacher, batch, control, targets,
+                    alpha=alpha, beta=beta, kd_divergence=kd_divergence, kd_temperature=kd_temperature,
+                )  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                norm = _grad_norm(params, max_grad_norm)
+                optimizer.step()
+                history.append(
+                    {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "grad_norm": norm,
+                     "load_cv": _load_cv(control)}
+                )  # fmt: skip
+    student.eval()
+    return history
+
+
+def warmup_losses(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: Mapping | torch.Tensor,
+    control: RoutingControl,
+    targets: ClusterScoreHooks,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    kd_divergence: str = "forward_kl",
+    kd_temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """One batch's `{"loss", "lm", "kd", "init"}` (graph kept on "loss").
+
+    `control` must capture router logits (and set the routing mode), `targets` must be hooked on
+    `teacher`; both are left to the caller so that evaluation can reuse this function.
+    """
+    device = next(student.parameters()).device
+    input_ids, attention_mask, labels = _unpack(batch, device)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+    out = student(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=False
+    )
+    keep_T = attention_mask.reshape(-1) if attention_mask is not None else None
+    vocab = out.logits.shape[-1]
+    if teacher_logits.shape[-1] < vocab:
+        raise ValueError(f"teacher vocabulary {teacher_logits.shape[-1]} < student vocabulary {vocab}")
+    # A larger teacher vocabulary is padding (e.g. Qwen2.5's 152064 vs Qwen3's 151936 rows).
+    teacher_logits = teacher_logits[..., :vocab]
+    kd = kd_loss(
+        out.logits.reshape(-1, vocab),
+        teacher_logits.reshape(-1, vocab).to(device),
+        divergence=kd_divergence,
+        temperature=kd_temperature,
+        mask=keep_T,
+    )
+    init = out.logits.new_zeros((), dtype=torch.float32)
+    for logits_TE, scores_TN in zip(control.router_logits, targets.scores, strict=True):
+        # KL(p_S || p_T): "reverse" from kd_loss's teacher-first point of view.
+        init = init + kd_loss(logits_TE, scores_TN.to(device), divergence="reverse_kl", mask=keep_T)
+    loss = out.loss + alpha * kd + beta * init
+    return {"loss": loss, "lm": out.loss.detach(), "kd": kd.detach(), "init": init.detach()}
+
+
+def _unpack(batch, device):
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch.get("attention_mask")
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    labels = batch.get("labels")
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    return input_ids, attention_mask, labels.to(device)
+
+
+def _check_layers(control: RoutingControl, clusters: TeacherClusters) -> None:
+    if len(clusters) != control.num_layers or clusters.num_experts != control.num_experts:
+        raise ValueError(
+            f"clusters cover {len(clusters)} layers x {clusters.num_experts} experts, the student has "
+            f"{control.num_layers} MoE layers x {control.num_experts} experts"
+        )
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    if max_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _load_cv(control: RoutingControl) -> float:
+    """Largest coefficient of variation of the expert loads over layers (last forward)."""
+    worst = 0.0
+    for experts_TK in control.selected_experts:
+        if experts_TK is None:
+            continue
+        load_E = torch.bincount(experts_TK.reshape(-1).long(), minlength=control.num_experts).float()
+        mean = load_E.mean()
+        worst = max(worst, float(load_E.std(unbiased=False) / mean) if mean > 0 else math.inf)
+    return worst
