@@ -217,10 +217,12 @@ def test_config_and_input_errors():
         _ = moe.aux_loss
     with pytest.raises(ValueError, match=r"\[\.\.\., H=16\]"):
         moe(torch.randn(3, 15))
-    with pytest.raises(TypeError, match="dtype"):
-        moe(torch.randn(3, 16, dtype=torch.float64))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="!= parameter dtype"):
+        moe(torch.randn(3, 16, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
         moe(torch.ones(3, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        MoE(16, 8, 4, 2, dtype=torch.float64)(torch.randn(3, 16, dtype=torch.float64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         moe([[0.0] * 16])
     with pytest.raises(TypeError, match="not a transformers sparse MoE block"):

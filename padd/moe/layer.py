@@ -135,6 +135,8 @@ class MoE(nn.Module):
             raise TypeError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE input must be [..., H={self.hidden_size}], got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"MoE input must be fp32, bf16 or fp16, got {x.dtype}")
         if x.dtype != self.gate_up_proj.dtype:
             raise TypeError(
                 f"MoE input dtype {x.dtype} != parameter dtype {self.gate_up_proj.dtype}; cast one of them"
