@@ -27,7 +27,10 @@ from .reference import kd_loss_and_grad_reference
 def check_finite_inputs(
     named: dict[str, torch.Tensor | None], tau_t: torch.Tensor, tau_s: torch.Tensor
 ) -> None:
-    """Raise ValueError naming inputs holding a NaN or temperatures <= 0 (one host sync in all)."""
+    """Raise ValueError naming inputs holding a NaN or temperatures <= 0 (one host sync in all).
+
+    The reference backend runs this before any compute (it reads every input once more).
+    """
     present = {k: v for k, v in named.items() if v is not None and v.is_floating_point()}
     flags = [torch.isnan(v).any() for v in present.values()]
     # `not > 0` also catches NaN temperatures.
@@ -37,6 +40,33 @@ def check_finite_inputs(
     if bool(flags_F.any()):
         bad = [k for k, flag in zip(names, flags_F.tolist(), strict=True) if flag]
         raise ValueError(f"kd_loss: invalid input ({'; '.join(bad)}); the loss would be NaN")
+
+
+def check_loss_rows(
+    loss_N: torch.Tensor, named: dict[str, torch.Tensor | None], tau_t: torch.Tensor, tau_s: torch.Tensor
+) -> None:
+    """The Triton backend's NaN check: after the kernel, on the `[N]` row losses only.
+
+    A NaN logit in a kept row always makes that row's loss NaN (it enters the row's sum of
+    exponentials), so checking N values replaces re-reading the [N, V] inputs; still one host
+    sync. On failure the inputs are scanned to name the culprit (the error path may be slow).
+    """
+    bad = torch.stack([torch.isnan(loss_N).any(), (~(tau_t > 0)).any(), (~(tau_s > 0)).any()])
+    if not bool(bad.any()):
+        return
+    check_finite_inputs(named, tau_t, tau_s)
+    rows = torch.nonzero(torch.isnan(loss_N)).flatten()[:8].tolist()
+    raise ValueError(f"kd_loss: NaN loss in rows {rows} (+inf logits, or fp16 logits overflowing?)")
+
+
+def checked_compute(compute, check_nan: bool, backend: str, named, tau_t, tau_s):
+    """Run `compute()` -> (loss_N, ...) under the NaN policy of `backend` (see kd_loss's docs)."""
+    if check_nan and backend != "triton":
+        check_finite_inputs(named, tau_t, tau_s)
+    out = compute()
+    if check_nan and backend == "triton":
+        check_loss_rows(out[0], named, tau_t, tau_s)
+    return out
 
 
 @torch.library.custom_op("padd::kd_loss", mutates_args=())
@@ -53,20 +83,13 @@ def kd_loss_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted per-row loss `[N]` fp32 and d(sum loss)/d student_logits (`[0]` if not needed)."""
-    if check_nan:
-        check_finite_inputs(
-            {"student_logits": student_logits, "teacher_logits": teacher_logits}, tau_t, tau_s
-        )
+    args = (student_logits, teacher_logits, tau_t, tau_s, weight, divergence, beta, compute_grad)
     if backend == "triton":
-        from .triton import kd_loss_triton
-
-        loss_N, grad_NV = kd_loss_triton(
-            student_logits, teacher_logits, tau_t, tau_s, weight, divergence, beta, compute_grad
-        )
+        from .triton import kd_loss_triton as compute
     else:
-        loss_N, grad_NV = kd_loss_and_grad_reference(
-            student_logits, teacher_logits, tau_t, tau_s, weight, divergence, beta, compute_grad
-        )
+        compute = kd_loss_and_grad_reference
+    named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
+    loss_N, grad_NV = checked_compute(lambda: compute(*args), check_nan, backend, named, tau_t, tau_s)
     if grad_NV is None:
         grad_NV = student_logits.new_empty(0)
     return loss_N, grad_NV
@@ -136,39 +159,26 @@ def fused_linear_kd_loss_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss `[N]` and the grads of hidden, head weight, bias (`[0]` where absent)."""
-    if check_nan:
-        check_finite_inputs(
-            {
-                "student_hidden": student_hidden,
-                "student_head_weight": student_head_weight,
-                "student_head_bias": student_head_bias,
-                "teacher_logits": teacher_logits,
-                "teacher_hidden": teacher_hidden,
-                "teacher_head_weight": teacher_head_weight,
-                "teacher_logprobs": teacher_logprobs,
-            },
-            tau_t,
-            tau_s,
-        )
-    loss_N, grad_h, grad_w, grad_b = fused_linear_kd_forward(
-        student_hidden,
-        student_head_weight,
-        student_head_bias,
+    teacher = dict(
         teacher_logits=teacher_logits,
         teacher_hidden=teacher_hidden,
         teacher_head_weight=teacher_head_weight,
         teacher_head_bias=teacher_head_bias,
         teacher_ids=teacher_ids,
         teacher_logprobs=teacher_logprobs,
-        tau_t_N=tau_t,
-        tau_s_N=tau_s,
-        w_N=weight,
-        divergence=divergence,
-        beta=beta,
-        chunk_size=chunk_size,
-        compute_grad=compute_grad,
-        backend=backend,
     )
+    named = dict(student_hidden=student_hidden, student_head_weight=student_head_weight,
+                 student_head_bias=student_head_bias, **teacher)  # fmt: skip
+    named.pop("teacher_ids")
+
+    def compute():
+        return fused_linear_kd_forward(
+            student_hidden, student_head_weight, student_head_bias, tau_t_N=tau_t, tau_s_N=tau_s,
+            w_N=weight, divergence=divergence, beta=beta, chunk_size=chunk_size, compute_grad=compute_grad,
+            backend=backend, **teacher,
+        )  # fmt: skip
+
+    loss_N, grad_h, grad_w, grad_b = checked_compute(compute, check_nan, backend, named, tau_t, tau_s)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     return loss_N, *(g if g is not None else student_hidden.new_empty(0) for g in (grad_h, grad_w, grad_b))
 

@@ -125,7 +125,18 @@ def _mixture_terms(lq, lp, beta, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _row_mixture_dot(
-    s_row, t_row, V, inv_tau_s, inv_tau_t, m_a, log_s_a, m_b, log_s_b, beta, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr
+    s_row,
+    t_row,
+    V,
+    inv_tau_s,
+    inv_tau_t,
+    m_a,
+    log_s_a,
+    m_b,
+    log_s_b,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Sweep 2 of the mixture divergences: the row's loss and S = sum_j r_j."""
     cols = tl.arange(0, BLOCK_V)
@@ -224,7 +235,9 @@ def _kd_loss_fwd_kernel(
     else:
         inv_tau_t = 1.0 / tl.load(tau_t_ptr + row * tau_t_stride)
         inv_tau_s = 1.0 / tl.load(tau_s_ptr + row * tau_s_stride)
-        m_a, log_s_a, m_b, log_s_b, loss = _row_stats(s_row, t_row, V, inv_tau_s, inv_tau_t, DIVERGENCE, BLOCK_V)
+        m_a, log_s_a, m_b, log_s_b, loss = _row_stats(
+            s_row, t_row, V, inv_tau_s, inv_tau_t, DIVERGENCE, BLOCK_V
+        )
         dot = tl.zeros((), tl.float32) - 1.0  # forward KL: S = -1
         if DIVERGENCE == 1:
             dot = loss
