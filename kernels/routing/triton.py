@@ -7,7 +7,7 @@ Three launches, no host synchronisation, no atomics (so the result is bit-determ
 1. `_route_topk_kernel`, one program per token block: fp32 scores (softmax or sigmoid),
    logsumexp, top-k on `logits + bias` (ties to the lower id), gathered and optionally
    renormalised weights, the optional full scores, and the block's expert histogram.
-2. `_route_scan_kernel`, one program per 16 experts: per-block exclusive prefix of the
+2. `_route_scan_kernel`, one program per chunk of experts: per-block exclusive prefix of the
    histograms over blocks, and tokens per expert.
 3. `_route_permute_kernel`, one program per token block: the expert offsets (a cumsum of the
    counts, recomputed by each program), then each slot's position in the stable sort by expert,
@@ -26,11 +26,13 @@ import triton.language as tl
 
 from .metadata import Routing
 
-# Per-program register budget: BLOCK_T · BE elements of each [BLOCK_T, BE] tile.
-_TILE_ELEMS = 4096
-# The scan walks [256 blocks, 16 experts] tiles: T = 32768 takes 2-4 serial steps.
-_SCAN_BLOCK_B = 256
-_SCAN_BLOCK_E = 16
+# Per-program budget: BLOCK_T · BE elements per [BLOCK_T, BE] tile. 2048 with 8 warps keeps the
+# forward near 80 and the backward near 150 registers on sm_90, with no spills (E = 64..256).
+_TILE_ELEMS = 2048
+# The scan walks [BLOCK_B blocks, BLOCK_EC experts] tiles of <= 4096 counts; up to
+# _SCAN_MAX_BLOCK_B blocks per step keeps its serial steps to 1-2 at T = 32768.
+_SCAN_MAX_BLOCK_B = 1024
+_SCAN_TILE = 4096
 _MIN_SUM = 1e-20  # same clamp as the reference's renormalisation
 
 
@@ -45,7 +47,13 @@ def _block_t(num_experts: int) -> int:
 
 
 def _num_warps(block_t: int, block_e: int) -> int:
-    return 8 if block_t * block_e >= 8192 else 4
+    return 8 if block_t * block_e >= 2048 else 4
+
+
+def _scan_blocks(num_blocks: int, block_e: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_EC) of the scan: as many blocks per step as the tile allows."""
+    block_b = min(_SCAN_MAX_BLOCK_B, max(16, triton.next_power_of_2(num_blocks)))
+    return block_b, max(1, min(block_e, _SCAN_TILE // block_b))
 
 
 @triton.jit
@@ -101,21 +109,21 @@ def _route_topk_kernel(
     if HAS_BIAS:
         b_E = tl.load(bias_ptr + cols_E, mask=col_ok_E, other=0.0).to(tl.float32)
         key_TE = x_TE + b_E[None, :]
-    # `free` tracks what may still be picked, so -inf logits still select valid, distinct ids.
+    # `free` tracks what may still be picked, so -inf logits still select valid, distinct ids;
+    # picked keys are knocked out of `key` too, so the loop keeps only three [T, E] tiles live.
     free_TE = ok_TE
-    picked_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    key_TE = tl.where(free_TE, key_TE, float("-inf"))
     cols_K = tl.arange(0, BLOCK_K)
     w_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     idx_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(K):
-        cand_TE = tl.where(free_TE, key_TE, float("-inf"))
-        best_T = tl.max(cand_TE, axis=1)
-        is_best_TE = free_TE & (cand_TE == best_T[:, None])
+        best_T = tl.max(key_TE, axis=1)
+        is_best_TE = free_TE & (key_TE == best_T[:, None])
         # Lowest column among the maxima: ties resolve to the lower expert id.
         idx_T = tl.min(tl.where(is_best_TE, cols_E[None, :], BLOCK_E), axis=1)
         hit_TE = cols_E[None, :] == idx_T[:, None]
         free_TE = free_TE & ~hit_TE
-        picked_TE += (hit_TE & row_ok_T[:, None]).to(tl.int32)
+        key_TE = tl.where(hit_TE, float("-inf"), key_TE)
         w_T = tl.sum(tl.where(hit_TE, p_TE, 0.0), axis=1)
         # Keep the k choices in registers and write them once, as one [BLOCK_T, K] tile.
         w_TK = tl.where(cols_K[None, :] == j, w_T[:, None], w_TK)
@@ -128,7 +136,8 @@ def _route_topk_kernel(
     tl.store(weights_ptr + out_ptrs, w_TK, mask=out_ok)
     tl.store(experts_ptr + out_ptrs, idx_TK, mask=out_ok)
 
-    counts_E = tl.sum(picked_TE, axis=0)
+    picked_TE = ok_TE & ~free_TE  # exactly the K chosen columns of every valid row
+    counts_E = tl.sum(picked_TE.to(tl.int32), axis=0)
     tl.store(counts_ptr + pid * E + cols_E, counts_E, mask=col_ok_E)
 
 
@@ -251,25 +260,25 @@ def _route_backward_kernel(
         g_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
 
     if HAS_GRAD_W:
+        # Scatter the k weight gradients onto their columns; chosen columns are distinct.
         slot0_T = rows64_T * K
-        if RENORMALIZE:
-            # w_j = r_j / max(S, MIN_SUM), S = Σ r_j: d r_j = (gw_j - [S >= MIN_SUM] Σ gw_i w_i) / max(S, MIN_SUM)
-            sum_T = tl.zeros([BLOCK_T], dtype=tl.float32)
-            dot_T = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for j in tl.static_range(K):
-                idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
-                gw_T = tl.load(grad_weights_ptr + slot0_T + j, mask=row_ok_T, other=0.0)
-                r_T = tl.sum(tl.where(cols_E[None, :] == idx_T[:, None], p_TE, 0.0), axis=1)
-                sum_T += r_T
-                dot_T += gw_T * r_T
-            denom_T = tl.maximum(sum_T, MIN_SUM)
-            shift_T = tl.where(sum_T >= MIN_SUM, dot_T / (denom_T * denom_T), 0.0)
+        gw_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        chosen_TE = cols_E[None, :] < 0
         for j in tl.static_range(K):
             idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
-            gr_T = tl.load(grad_weights_ptr + slot0_T + j, mask=row_ok_T, other=0.0)
-            if RENORMALIZE:
-                gr_T = gr_T / denom_T - shift_T
-            g_TE += tl.where(cols_E[None, :] == idx_T[:, None], gr_T[:, None], 0.0)
+            gw_T = tl.load(grad_weights_ptr + slot0_T + j, mask=row_ok_T, other=0.0)
+            hit_TE = cols_E[None, :] == idx_T[:, None]
+            gw_TE = tl.where(hit_TE, gw_T[:, None], gw_TE)
+            chosen_TE = chosen_TE | hit_TE
+        if RENORMALIZE:
+            # w_j = r_j / max(S, MIN_SUM), S = Σ r_j:
+            # d r_j = gw_j / max(S, MIN_SUM) - [S >= MIN_SUM] Σ_i gw_i r_i / max(S, MIN_SUM)²
+            sum_T = tl.sum(tl.where(chosen_TE, p_TE, 0.0), axis=1)
+            dot_T = tl.sum(gw_TE * p_TE, axis=1)
+            denom_T = tl.maximum(sum_T, MIN_SUM)
+            shift_T = tl.where(sum_T >= MIN_SUM, dot_T / (denom_T * denom_T), 0.0)
+            gw_TE = tl.where(chosen_TE, gw_TE / denom_T[:, None] - shift_T[:, None], 0.0)
+        g_TE += gw_TE
 
     if SOFTMAX:
         inner_T = tl.sum(g_TE * p_TE, axis=1)
@@ -343,9 +352,10 @@ def route_forward_triton(
         WRITE_SCORES=return_scores, MIN_SUM=_MIN_SUM, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k), num_warps=warps,
     )  # fmt: skip
-    _route_scan_kernel[(triton.cdiv(num_experts, _SCAN_BLOCK_E),)](
+    scan_b, scan_e = _scan_blocks(num_blocks, block_e)
+    _route_scan_kernel[(triton.cdiv(num_experts, scan_e),)](
         counts_BE, prefix_BE, tokens_per_expert_E, num_blocks, num_experts,
-        BLOCK_B=_SCAN_BLOCK_B, BLOCK_EC=_SCAN_BLOCK_E, num_warps=4,
+        BLOCK_B=scan_b, BLOCK_EC=scan_e, num_warps=8,
     )  # fmt: skip
     _route_permute_kernel[(num_blocks,)](
         experts_TK, prefix_BE, tokens_per_expert_E, offsets_E1, sort_order_S, inverse_S, num_tokens, num_experts,

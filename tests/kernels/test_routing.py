@@ -176,9 +176,10 @@ def test_triton_forward_matches_reference(num_tokens, num_experts, top_k, score,
 
 
 def test_triton_many_blocks_and_scan_steps(monkeypatch):
-    # Tiny tiles: 33 token blocks, a 2-block scan step and a partial expert chunk (60 = 3·16 + 12).
+    # Tiny tiles: 33 token blocks, three 16-block scan steps, chunks of 8 experts (60 = 7·8 + 4).
     monkeypatch.setattr(routing_triton, "_TILE_ELEMS", 256)
-    monkeypatch.setattr(routing_triton, "_SCAN_BLOCK_B", 2)
+    monkeypatch.setattr(routing_triton, "_SCAN_MAX_BLOCK_B", 16)
+    monkeypatch.setattr(routing_triton, "_SCAN_TILE", 128)
     logits_TE = _logits(130, 60)
     got, want = _route_both(logits_TE, 8, "softmax", torch.randn(60), True)
     _assert_same_routing(got, want)
