@@ -123,12 +123,22 @@ def test_left_padded_forward_reproduces_greedy_generation():
     keep = batch.response_mask_BR.bool()
     assert torch.equal(logits.argmax(-1)[keep], batch.sequences_BS[:, batch.prompt_length :][keep])
     assert len(router_logits) == 2 and selected[0].shape == (batch.sequences_BS.numel(), 2)
-    old = old_policy_stats(student, batch)
+    old = old_policy_stats(student, batch, temperature=0.7)
     assert old.old_logprobs_BR.shape == batch.response_mask_BR.shape
     assert [p.shape for p in old.old_router_probs] == [(4, batch.response_mask_BR.shape[1], 4)] * 2
     torch.testing.assert_close(
         old.old_router_probs[0].sum(-1), torch.ones(4, batch.response_mask_BR.shape[1])
     )
+    # Log-probs of the sampling distribution softmax(z / T): greedy tokens are its argmax too.
+    expected = torch.log_softmax(logits / 0.7, -1).max(-1).values
+    torch.testing.assert_close(old.old_logprobs_BR[keep], expected[keep])
+
+
+def test_first_update_runs_at_theta_old():
+    """With one update per batch the ratio is exactly 1: no clipping, no drift."""
+    trainer = PADDTrainer(tiny_student(), tiny_teacher(), char_tokenizer(), small_config(num_iterations=1))
+    m = trainer.step(PROBLEMS)
+    assert m["clip_fraction"] == 0.0 and m["router_drift"] == 0.0
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -302,3 +312,16 @@ def test_teacher_grpo_trains_a_dense_model():
     assert changed > len(before) // 2
     with pytest.raises(ValueError, match="without KD"):
         train_teacher_grpo(teacher, char_tokenizer(), PROBLEMS, steps=1, config=small_config("padd"))
+
+
+def test_fused_linear_kd_path_matches_the_logits_path():
+    """kd_fused=True (padd.kernels.fused_linear_kd_loss, reference backend on CPU) gives the same
+    step as KD on materialised logits."""
+    runs = {}
+    for fused in (False, True):
+        trainer = PADDTrainer(
+            tiny_student(), tiny_teacher(), char_tokenizer(), small_config(seed=2, kd_fused=fused)
+        )
+        runs[fused] = trainer.step(PROBLEMS[:2])
+    assert runs[True]["kd_loss"] == pytest.approx(runs[False]["kd_loss"], rel=1e-4)
+    assert runs[True]["loss"] == pytest.approx(runs[False]["loss"], rel=1e-3, abs=1e-5)

@@ -9,6 +9,8 @@ token, and recomputing gives exactly the tensors the update's forward produces f
 (same positions, same padding), so the importance ratio is 1 and the drift 0 at the first
 update. The router probabilities are captured by `RoutingControl` (selection bias included in
 top-k, probabilities unbiased), or by transformers' `output_router_logits` when none is given.
+`PADDTrainer` gets the same tensors for free: its first update's forward runs at θ = θ_old, so
+it detaches that forward's log-probs and router probabilities instead of running this one.
 
 Legend: B = rows (prompts × G), S = P + R tokens, P = prompt columns, R = response columns,
 E = experts, L = MoE layers.
@@ -173,14 +175,20 @@ def response_slice(x_BS, prompt_length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def old_policy_stats(model, batch: RolloutBatch, control=None, *, moe: bool = True) -> RolloutBatch:
-    """Fill `old_logprobs_BR` and `old_router_probs` with one no-grad forward (see module doc)."""
+def old_policy_stats(
+    model, batch: RolloutBatch, control=None, *, moe: bool = True, temperature: float = 1.0
+) -> RolloutBatch:
+    """Fill `old_logprobs_BR` and `old_router_probs` with one no-grad forward (see module doc).
+
+    `temperature`: the sampling temperature; log-probs are those of softmax(logits / T), the
+    distribution the tokens were drawn from (before top-p truncation), as the update computes them.
+    """
     hidden_BSH, router_logits, _ = forward_with_routing(
         model, batch.sequences_BS, batch.attention_mask_BS, control, moe=moe
     )
     P = batch.prompt_length
     logits_BRV = model.get_output_embeddings()(response_slice(hidden_BSH, P))
-    batch.old_logprobs_BR = token_logprobs(logits_BRV, batch.sequences_BS[:, P:])
+    batch.old_logprobs_BR = token_logprobs(logits_BRV / temperature, batch.sequences_BS[:, P:])
     B, S = batch.sequences_BS.shape
     batch.old_router_probs = [
         response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits
@@ -193,4 +201,4 @@ def sample_rollouts(
 ) -> RolloutBatch:
     """`generate` then `old_policy_stats`: the complete rollout of one step."""
     batch = generate(model, tokenizer, prompts, **gen_kwargs)
-    return old_policy_stats(model, batch, control, moe=moe)
+    return old_policy_stats(model, batch, control, moe=moe, temperature=gen_kwargs.get("temperature", 1.0))

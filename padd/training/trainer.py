@@ -241,16 +241,11 @@ class PADDTrainer:
         t_head = self.teacher.get_output_embeddings()
         loss_kwargs = dict(divergence=cfg.kd_divergence, temperature=temp_N, beta=cfg.kd_jsd_beta)
         fused = self._fused_kd(student_hidden_BRH.device)
-        if fused is not None:
+        if fused is not None:  # neither [N, V] teacher logits nor the KD intermediates are built
             s_head = self.student.get_output_embeddings()
+            teacher = kernels.TeacherHead(teacher_hidden_BRH[keep], t_head.weight, t_head.bias)
             return fused(
-                student_hidden_BRH[keep],
-                s_head.weight,
-                s_head.bias,
-                teacher_hidden=teacher_hidden_BRH[keep],
-                teacher_head_weight=t_head.weight,
-                teacher_head_bias=t_head.bias,
-                **loss_kwargs,
+                student_hidden_BRH[keep], s_head.weight, teacher, student_head_bias=s_head.bias, **loss_kwargs
             )
         with torch.no_grad():
             teacher_logits_NV = t_head(teacher_hidden_BRH[keep])
