@@ -3,14 +3,15 @@
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
 rows are slots in `sort_order_S` order (grouped by expert); slot `s` belongs to token `s // K`.
 
-Forward (two GEMM launches, no padded copy of x, no per-expert Python loop, no host sync):
+Forward (two GEMM launches and a combine; no padded copy of x, no per-expert Python loop, no
+host sync):
 1. `_gate_up_swiglu_kernel`: gathers x rows by token inside its loads, computes the gate and up
    tiles against `gate_up_proj[e]` and writes `h = silu(gate) * up` in sorted order, `[S, I]`.
 2. `_scatter_down_kernel`: `h @ down_proj[e].T`, times the slot's routing weight, stored at the
-   slot's row of `[S, H]`; the combine sums each token's K rows in slot order (deterministic, no
-   atomics).
+   slot's row of `[S, H]`; `_combine_slots_kernel` sums each token's K rows in slot order in
+   fp32 (deterministic, no atomics).
 
-Backward (four launches) recomputes gate/up instead of saving the `[S, 2I]` intermediate: the
+Backward (five launches) recomputes gate/up instead of saving the `[S, 2I]` intermediate: the
 forward saves nothing beyond its inputs, which is the memory that matters when many MoE layers
 keep activations for backward. The recompute costs one extra `S·H·2I` GEMM, fused into the
 kernel that needs it (`_swiglu_backward_kernel`), which also yields the routing-weight gradient.
@@ -33,32 +34,30 @@ from ..routing.metadata import Routing
 __all__ = ["moe_ffn_triton", "moe_ffn_triton_backward", "moe_ffn_triton_forward"]
 
 
-def _configs(block_n: int | None = None) -> list[triton.Config]:
-    """A small H100-minded search space; one cheap config in the CPU interpreter."""
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": block_n or 32, "BLOCK_K": 32}, num_warps=4)]
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 8, 4),
-        (64, 64, 64, 4, 3),
-    ]
-    seen, out = set(), []
-    for bm, bn, bk, warps, stages in shapes:
-        bn = block_n or bn
-        if (bm, bn, bk, warps, stages) in seen:
-            continue
-        seen.add((bm, bn, bk, warps, stages))
-        out.append(
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        )
-    return out
-
-
 # The backward kernel writes one routing-weight partial per I-tile: a fixed BLOCK_N keeps the
 # partials buffer's shape independent of the autotuner's choice.
 _BWD_BLOCK_N = 32 if interpreter_enabled() else 64
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for H100-class GPUs, per accumulator count:
+# the gate/up kernel holds two [BLOCK_M, BLOCK_N] fp32 accumulators, the backward kernel three.
+_GPU_TILES = {
+    "single": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+               (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
+    "dual": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+             (64, 64, 64, 4, 3)],
+    "triple": [(128, _BWD_BLOCK_N, 64, 8, 3), (128, _BWD_BLOCK_N, 32, 8, 4), (64, _BWD_BLOCK_N, 64, 4, 4),
+               (64, _BWD_BLOCK_N, 64, 4, 3)],
+}  # fmt: skip
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """A small search space per kernel kind; one cheap config in the CPU interpreter."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in _GPU_TILES[kind]
+    ]
 
 
 @triton.jit
@@ -87,7 +86,7 @@ def _split_pid(n_cols, BLOCK_N: tl.constexpr):
     return pid // n_tiles, pid % n_tiles
 
 
-@triton.autotune(configs=_configs(), key=["H", "I", "ROWS_BUCKET"])
+@triton.autotune(configs=_configs("dual"), key=["H", "I", "ROWS_BUCKET"])
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr,
@@ -150,7 +149,7 @@ def _gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["N", "K_DIM", "ROWS_BUCKET"])
+@triton.autotune(configs=_configs("single"), key=["N", "K_DIM", "ROWS_BUCKET"])
 @triton.jit
 def _scatter_down_kernel(
     a_ptr,
@@ -211,7 +210,7 @@ def _scatter_down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(_BWD_BLOCK_N), key=["H", "I", "ROWS_BUCKET"])
+@triton.autotune(configs=_configs("triple"), key=["H", "I", "ROWS_BUCKET"])
 @triton.jit
 def _swiglu_backward_kernel(
     x_ptr,
@@ -316,7 +315,7 @@ def _swiglu_backward_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "ROWS_BUCKET"])
+@triton.autotune(configs=_configs("single"), key=["M", "N", "ROWS_BUCKET"])
 @triton.jit
 def _expert_weight_grad_kernel(
     a_ptr,
@@ -387,6 +386,18 @@ def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+@triton.jit
+def _combine_slots_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = Σ_j y[t·K + j] in slot order with fp32 accumulation: deterministic, no atomics."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + j) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * H + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's matmul setting (exact by default); 16-bit inputs take the default path.
     exact = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -408,10 +419,16 @@ def _row_tiles(num_slots: int, num_experts: int):
 
 
 def _sum_slots(y_SH: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
-    """Sum each token's K slot rows in slot order (deterministic), accumulating in fp32."""
+    """`[T, H]`: each token's K slot rows of the contiguous `[S, H]` summed in slot order."""
     if top_k == 1:
         return y_SH
-    return y_SH.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(y_SH.dtype)
+    hidden = y_SH.shape[1]
+    out_TH = _empty(num_tokens, hidden, device=y_SH.device, dtype=y_SH.dtype)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_slots_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y_SH, out_TH, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4
+    )
+    return out_TH
 
 
 def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
