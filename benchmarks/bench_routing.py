@@ -72,7 +72,8 @@ def torch_eager_route(logits_TE: torch.Tensor, top_k: int, *, compile_friendly: 
     )
 
 
-_compiled_eager = torch.compile(lambda x, k: torch_eager_route(x, k, compile_friendly=True))
+# dynamic=True: one compile serves every T and E (a recompile per shape would dominate the run).
+_compiled_eager = torch.compile(lambda x, k: torch_eager_route(x, k, compile_friendly=True), dynamic=True)
 
 
 def _te_peer() -> tuple[Callable | None, str]:
@@ -141,6 +142,7 @@ def test_bench_route_forward(num_tokens, num_experts, top_k):
             # No speed-up is reported for a kernel that disagrees with its reference.
             got = fn(logits_TE, top_k)
             assert torch.equal(got.sort_order_S, reference.sort_order_S), "padd routing disagrees"
+            torch.testing.assert_close(got.weights_TK, reference.weights_TK, atol=1e-5, rtol=1e-4)
         try:
             timing = time_fn(lambda fn=fn: fn(logits_TE, top_k), **_REPS)
         except Exception as exc:  # a peer whose API moved: report, do not fail the suite

@@ -94,3 +94,5 @@ def _check_route_inputs(logits: torch.Tensor, top_k: int, score: str, bias: torc
             raise ValueError(f"selection_bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
         if not bias.is_floating_point():
             raise TypeError(f"selection_bias must be floating point, got {bias.dtype}")
+        if bias.device != logits.device:
+            raise ValueError(f"selection_bias is on {bias.device} but router_logits on {logits.device}")

@@ -321,6 +321,7 @@ def test_bias_gets_no_gradient_and_never_enters_weights(backend):
         (lambda: (torch.randn(4, 3), 1, {"selection_bias": [0.0, 0.0, 0.0]}), TypeError),
         (lambda: (torch.randn(4, 3), 1, {"selection_bias": torch.zeros(3, dtype=torch.int64)}), TypeError),
         (lambda: (torch.randn(4, 3), 1, {"score": "relu"}), ValueError),
+        (lambda: (torch.randn(4, 3), 1, {"selection_bias": torch.zeros(3, device="meta")}), ValueError),
         (lambda: (torch.randn(4, 3), 1, {"backend": "cuda"}), ValueError),
         (lambda: ([[1.0, 2.0]], 1, {}), TypeError),
     ],
