@@ -118,3 +118,17 @@ def test_pretrained_student_errors():
                          num_key_value_heads=1)  # fmt: skip
     with pytest.raises(ValueError, match="not divisible"):
         init_pretrained_student(AutoModelForCausalLM.from_config(cfg), teacher, token_batches(1))
+
+
+def test_warmup_batches_and_log():
+    teacher = tiny_teacher("llama")
+    stats = collect_stats(teacher, token_batches(1), num_experts=4)
+    student = decompress(teacher, 4, 2, stats)
+    seen = []
+    # A list shorter than `steps` is gone through again; plain id tensors work.
+    history = warmup(
+        student, teacher, [token_batches(1)[0]["input_ids"]], stats.clusters, steps=2, log=seen.append
+    )
+    assert seen == history and [h["step"] for h in history] == [0, 1]
+    with pytest.raises(ValueError, match="ran out before `steps`"):
+        warmup(student, teacher, iter(token_batches(1)), stats.clusters, steps=2)

@@ -138,7 +138,8 @@ def _resolve_clusters(teacher, num_experts, init, stats, clusters, seed, feature
         return cluster_teacher(teacher, num_experts, method=method, seed=seed, features=features)
     if clusters.method != method:
         raise DecompressionError(
-            f"init={init!r} needs {method!r} clusters, but the given stats/clusters used {clusters.method!r}"
+            f"init={init!r} needs {method!r} clusters, but the given stats/clusters used {clusters.method!r} "
+            f"(compute them with collect_stats(..., method={method!r}))"
         )
     if clusters.num_experts != num_experts or len(clusters) != teacher.config.num_hidden_layers:
         raise DecompressionError(

@@ -146,6 +146,7 @@ def collect_stats(
     clusters: TeacherClusters | None = None,
     *,
     num_experts: int | None = None,
+    method: str = "kmeans",
     xi: float = 1.0,
     seed: int = 0,
     max_batches: int | None = None,
@@ -156,8 +157,10 @@ def collect_stats(
         teacher: the dense teacher (eval mode is used; its mode is restored).
         batches: token-id tensors `[B, S]` or dicts with `input_ids` (and `attention_mask`).
         clusters: the neuron clustering; when None it is computed here with
-            `cluster_teacher(teacher, num_experts, seed=seed)`.
+            `cluster_teacher(teacher, num_experts, method=method, seed=seed)`.
         num_experts: N, needed only when `clusters` is None.
+        method: "kmeans" (for `decompress(init="cluster")`) or "random" (for
+            `init="random_split"`), used only when `clusters` is None.
         xi: temperature ξ of the cluster targets.
         max_batches: stop after this many batches.
 
@@ -167,7 +170,7 @@ def collect_stats(
     if clusters is None:
         if num_experts is None:
             raise ValueError("collect_stats needs `clusters` or `num_experts`")
-        clusters = cluster_teacher(teacher, num_experts, seed=seed)
+        clusters = cluster_teacher(teacher, num_experts, method=method, seed=seed)
     mlps = teacher_mlps(teacher)
     n = clusters.num_experts
     device = mlps[0].down_proj.weight.device

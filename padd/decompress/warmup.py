@@ -15,9 +15,8 @@ Shape legend: B batch, S sequence, T = B·S tokens, V vocabulary, E experts, L M
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -47,6 +46,7 @@ def warmup(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     optimizer: torch.optim.Optimizer | None = None,
+    log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run `steps` warmup steps on `batches` (cycled) and return per-step metrics.
 
@@ -55,8 +55,9 @@ def warmup(
             `init_pretrained_student`); trained in place.
         teacher: the dense teacher (frozen, eval mode, no grad).
         batches: dicts with `input_ids [B, S]` and optionally `attention_mask` and `labels`
-            (default: the ids, padding set to -100), or plain id tensors. Cycled when shorter
-            than `steps` (a generator is cached by `itertools.cycle`).
+            (default: the ids, padding set to -100), or plain id tensors. A re-iterable (list,
+            DataLoader) is gone through again when shorter than `steps`; an iterator (e.g. an
+            endless generator) is read once and must yield `steps` batches.
         clusters: the teacher clustering the student was built from (one entry per MoE layer).
         steps: optimiser steps.
         lr, weight_decay: AdamW settings, used when `optimizer` is None.
@@ -65,6 +66,7 @@ def warmup(
         kd_divergence, kd_temperature: of `L_KD` (see `padd.kernels.kd_loss`). A teacher with a
             larger (padded) vocabulary is cut to the student's.
         max_grad_norm: gradient clipping (None: off).
+        log: called with each step's metrics as soon as the step is done.
 
     Returns:
         One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
@@ -80,7 +82,7 @@ def warmup(
     with RoutingControl(student, mode="uniform", capture=True) as control:
         _check_layers(control, clusters)
         with ClusterScoreHooks(teacher, clusters, xi=xi) as targets:
-            for step, batch in zip(range(steps), itertools.cycle(batches), strict=False):
+            for step, batch in zip(range(steps), _repeat(batches), strict=False):
                 losses = warmup_losses(
                     student, teacher, batch, control, targets,
                     alpha=alpha, beta=beta, kd_divergence=kd_divergence, kd_temperature=kd_temperature,
@@ -93,6 +95,8 @@ def warmup(
                     {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "grad_norm": norm,
                      "load_cv": _load_cv(control)}
                 )  # fmt: skip
+                if log is not None:
+                    log(history[-1])
     student.eval()
     return history
 
@@ -140,6 +144,20 @@ def warmup_losses(
         init = init + kd_loss(logits_TE, scores_TN.to(device), divergence="reverse_kl", mask=keep_T)
     loss = out.loss + alpha * kd + beta * init
     return {"loss": loss, "lm": out.loss.detach(), "kd": kd.detach(), "init": init.detach()}
+
+
+def _repeat(batches: Iterable) -> Iterator:
+    """Endless batches: re-iterate a re-iterable; read an iterator once, without caching it."""
+    if iter(batches) is batches:
+        yield from batches
+        raise ValueError("`batches` (an iterator) ran out before `steps`; pass a list or a re-iterable")
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("`batches` is empty")
 
 
 def _unpack(batch, device):
