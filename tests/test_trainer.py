@@ -325,3 +325,10 @@ def test_fused_linear_kd_path_matches_the_logits_path():
         runs[fused] = trainer.step(PROBLEMS[:2])
     assert runs[True]["kd_loss"] == pytest.approx(runs[False]["kd_loss"], rel=1e-4)
     assert runs[True]["loss"] == pytest.approx(runs[False]["loss"], rel=1e-3, abs=1e-5)
+
+
+def test_trainer_refuses_a_control_left_in_uniform_routing():
+    student = tiny_student()
+    control = RoutingControl(student, mode="uniform")
+    with pytest.raises(ValueError, match="learned"):
+        PADDTrainer(student, tiny_teacher(), char_tokenizer(), small_config(), control)

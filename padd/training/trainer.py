@@ -128,6 +128,11 @@ class PADDTrainer:
             from padd.moe.routing_control import RoutingControl
 
             control = RoutingControl(student)
+        if self.moe and control.mode != "learned":
+            raise ValueError(
+                f"RoutingControl.mode is {control.mode!r} (Stage I warmup routing); "
+                "Stages II–IV train the learned router: set control.mode = 'learned'"
+            )
         self.control = control
         if cfg.use_kd:
             if teacher is None:
@@ -270,10 +275,13 @@ class PADDTrainer:
             logits_BRV = head(hidden_BRH)
             # The policy that sampled is softmax(z / T_sample): ratios use the same logits.
             logp_BR = token_logprobs(logits_BRV / cfg.temperature, tokens_BR)
-            probs = [response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits]
+            with torch.no_grad():  # router probabilities only enter through sg(Γ)
+                probs = [
+                    response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits
+                ]
             if it == 0:  # θ = θ_old here (see module doc)
                 old_logp = logp_BR.detach()
-                old_probs = [p.detach() for p in probs]
+                old_probs = probs
                 first = self._routing_metrics(router_logits, selected, batch)
                 if self.reference is not None:
                     with torch.no_grad():
