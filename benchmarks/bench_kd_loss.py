@@ -1,0 +1,232 @@
+"""KD-loss benchmark: padd `kd_loss` / `fused_linear_kd_loss` against their peers, in one process.
+
+    python -m pytest benchmarks/bench_kd_loss.py -s          (PADD_BENCH_OUT=dir writes JSON)
+
+Ops, all forward + backward (the gradient wrt the student is what training pays for):
+  kd_fwd_kl    KL(p_T || p_S) on logits [N, V]: padd (Triton on GPU, reference on CPU), torch
+               eager (log_softmax + kl_div), torch.compile of it, Liger's LigerKLDIVLoss (fed
+               log-softmaxes, as its API requires).
+  kd_jsd       beta = 0.5 JSD on logits: padd, torch eager, torch.compile, LigerJSD.
+  fused_linear_jsd  JSD of two LM heads, hidden [N, H] -> V: padd fused_linear_kd_loss, the
+               unfused torch eager path, LigerFusedLinearJSD.
+Peers that are not importable are skipped with the reason printed.
+
+Figures: time (median, p20/p80); for the logits ops, effective GB/s over the bytes a fused
+kernel must move (read both logits, write the gradient) and its % of HBM peak; for the
+fused-linear op, TFLOP/s of its GEMMs (2NVH for each head + 2 x 2NVH for the two gradients);
+peak CUDA memory above the inputs. On CPU the shapes are tiny and every row is labelled CPU:
+they check that the suite runs; they are not GPU results and are not committed.
+
+Shape legend: N token rows, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from padd.kernels import TeacherHead, fused_linear_kd_loss, kd_loss, kd_loss_reference
+
+from benchmarks.common import (
+    bench_device,
+    make_record,
+    on_gpu,
+    peak_memory_mb,
+    print_table,
+    time_fn,
+    write_results,
+)
+
+SUITE = "kd_loss"
+GPU_LOGIT_SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
+GPU_LINEAR_SHAPES = [
+    (n, v, h) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936) for h in (2048, 4096)
+]
+CPU_LOGIT_SHAPES = [(64, 1000)]
+CPU_LINEAR_SHAPES = [(64, 1000, 32)]
+LOGIT_SHAPES = GPU_LOGIT_SHAPES if on_gpu() else CPU_LOGIT_SHAPES
+LINEAR_SHAPES = GPU_LINEAR_SHAPES if on_gpu() else CPU_LINEAR_SHAPES
+DTYPE = torch.bfloat16 if on_gpu() else torch.float32
+_REPS = {"warmup": 3, "reps": 10} if on_gpu() else {"warmup": 1, "reps": 3}
+_RECORDS: list = []
+Impl = tuple[str, Callable | None, str]
+
+
+def eager_forward_kl(student_NV: torch.Tensor, teacher_NV: torch.Tensor) -> torch.Tensor:
+    """What users write today: log_softmax of both, then kl_div(batchmean) = KL(p_T || p_S) / N."""
+    log_q_NV = torch.log_softmax(student_NV.float(), dim=-1)
+    log_p_NV = torch.log_softmax(teacher_NV.float(), dim=-1)
+    return F.kl_div(log_q_NV, log_p_NV, reduction="batchmean", log_target=True)
+
+
+def eager_jsd(student_NV: torch.Tensor, teacher_NV: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q, mean over rows."""
+    log_q_NV = torch.log_softmax(student_NV.float(), dim=-1)
+    log_p_NV = torch.log_softmax(teacher_NV.float(), dim=-1)
+    log_m_NV = torch.logaddexp(log_p_NV + math.log(beta), log_q_NV + math.log(1 - beta))
+    kl_pm = F.kl_div(log_m_NV, log_p_NV, reduction="batchmean", log_target=True)
+    kl_qm = F.kl_div(log_m_NV, log_q_NV, reduction="batchmean", log_target=True)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+_compiled_forward_kl = torch.compile(eager_forward_kl)
+_compiled_jsd = torch.compile(eager_jsd)
+# Compiling the peers costs ~25 s on a 2-core CPU, for figures that mean nothing there.
+_COMPILE_ON_CPU = os.environ.get("PADD_BENCH_CPU_COMPILE") == "1"
+_NO_COMPILE_REASON = "CPU smoke run (set PADD_BENCH_CPU_COMPILE=1 to include torch.compile on CPU)"
+
+
+def _liger(name: str) -> tuple[object | None, str]:
+    try:
+        import liger_kernel.transformers as liger
+    except Exception as exc:  # absent or broken install: a peer, never a requirement
+        return None, f"Liger-Kernel not importable ({type(exc).__name__}: {exc})"
+    if not on_gpu():
+        return None, "Liger-Kernel needs CUDA"
+    return getattr(liger, name, None), f"liger_kernel.transformers has no {name}"
+
+
+def _padd_name(op: str) -> str:
+    return f"padd.{op} (triton)" if on_gpu() else f"padd.{op} (reference)"
+
+
+def logit_impls(divergence: str) -> list[Impl]:
+    """(name, fn(student, teacher) -> loss, skip reason) for one logits divergence."""
+    padd = lambda s, t: kd_loss(s, t, divergence=divergence, reduction="batchmean", check_nan=False)
+    eager, compiled = (
+        (eager_forward_kl, _compiled_forward_kl) if divergence == "forward_kl" else (eager_jsd, _compiled_jsd)
+    )
+    if not (on_gpu() or _COMPILE_ON_CPU):
+        compiled = None
+    impls: list[Impl] = [
+        (_padd_name("kd_loss"), padd, ""),
+        ("torch eager", eager, ""),
+        ("torch.compile", compiled, _NO_COMPILE_REASON),
+    ]
+    if divergence == "forward_kl":
+        cls, reason = _liger("LigerKLDIVLoss")
+        fn = None
+        if cls is not None:
+            module = cls(reduction="batchmean", log_target=True)
+            fn = lambda s, t: module(torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
+        impls.append(("Liger LigerKLDIVLoss", fn, reason))
+    else:
+        cls, reason = _liger("LigerJSD")
+        fn = None
+        if cls is not None:
+            module = cls(beta=0.5)
+            fn = lambda s, t: module(torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
+        impls.append(("Liger LigerJSD", fn, reason))
+    return impls
+
+
+def _fwd_bwd(fn: Callable, leaves: list[torch.Tensor], *args) -> Callable[[], object]:
+    """A closure running forward + backward, returning grads without accumulating into .grad."""
+    return lambda: torch.autograd.grad(fn(*leaves, *args), leaves)
+
+
+def _measure(suite_op: str, name: str, run: Callable, shape: dict, **figures) -> None:
+    try:
+        timing = time_fn(run, **_REPS)
+        peak = peak_memory_mb(run)
+    except torch.OutOfMemoryError:
+        print(f"skip {name} {shape}: out of memory")
+        torch.cuda.empty_cache()
+        return
+    except Exception as exc:  # a peer whose API moved: report it, do not fail the suite
+        print(f"skip {name} {shape}: failed ({type(exc).__name__}: {exc})")
+        return
+    _RECORDS.append(make_record(SUITE, suite_op, name, shape, timing, peak_mem_mb=peak, **figures))
+
+
+def _check_padd_logits(student_NV, teacher_NV, divergence):
+    """No figure for a kernel that disagrees with its reference (checked on a row slice)."""
+    rows = slice(0, 256)
+    got = kd_loss(student_NV[rows].detach(), teacher_NV[rows], divergence=divergence, reduction="none")
+    want = kd_loss_reference(
+        student_NV[rows].detach(), teacher_NV[rows], divergence=divergence, reduction="none"
+    )
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    if _RECORDS:
+        print_table(_RECORDS)
+        if os.environ.get("PADD_BENCH_OUT"):
+            print("results:", write_results(SUITE, _RECORDS))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("n_rows,vocab", LOGIT_SHAPES)
+def test_bench_kd_logits(n_rows, vocab, divergence):
+    torch.manual_seed(0)
+    device = bench_device()
+    student_NV = torch.randn(n_rows, vocab, device=device).to(DTYPE).requires_grad_()
+    teacher_NV = torch.randn(n_rows, vocab, device=device).to(DTYPE)
+    _check_padd_logits(student_NV, teacher_NV, divergence)
+    shape = {"N": n_rows, "V": vocab, "dtype": str(DTYPE).removeprefix("torch.")}
+    bytes_moved = 3 * n_rows * vocab * DTYPE.itemsize  # read both logits, write the gradient
+    op = "kd_fwd_kl" if divergence == "forward_kl" else "kd_jsd"
+    for name, fn, reason in logit_impls(divergence):
+        if fn is None:
+            print(f"skip {name}: {reason}")
+            continue
+        _measure(op, name, _fwd_bwd(fn, [student_NV], teacher_NV), shape, bytes_moved=bytes_moved)
+
+
+def linear_impls() -> list[Impl]:
+    """(name, fn(student_hidden, student_weight, teacher_hidden, teacher_weight) -> loss, reason)."""
+    padd = lambda h, w, th, tw: fused_linear_kd_loss(
+        h, w, TeacherHead(th, tw), divergence="jsd", check_nan=False
+    )
+
+    def eager(h, w, th, tw):
+        with torch.no_grad():
+            teacher_NV = th @ tw.t()
+        return eager_jsd(h @ w.t(), teacher_NV)
+
+    impls: list[Impl] = [(_padd_name("fused_linear_kd_loss"), padd, ""), ("torch eager (unfused)", eager, "")]
+    cls, reason = _liger("LigerFusedLinearJSD")
+    fn = None
+    if cls is not None:
+        module = cls(jsd_beta=0.5)
+        fn = lambda h, w, th, tw: module(h, w, th, tw)
+    impls.append(("Liger LigerFusedLinearJSD", fn, reason))
+    return impls
+
+
+@pytest.mark.parametrize("n_rows,vocab,hidden", LINEAR_SHAPES)
+def test_bench_fused_linear_jsd(n_rows, vocab, hidden):
+    torch.manual_seed(0)
+    device = bench_device()
+    student_h_NH = torch.randn(n_rows, hidden, device=device).to(DTYPE).requires_grad_()
+    student_w_VH = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(DTYPE).requires_grad_()
+    teacher_h_NH = torch.randn(n_rows, hidden, device=device).to(DTYPE)
+    teacher_w_VH = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(DTYPE)
+    _check_padd_linear(student_h_NH, student_w_VH, teacher_h_NH, teacher_w_VH)
+    shape = {"N": n_rows, "V": vocab, "H": hidden, "dtype": str(DTYPE).removeprefix("torch.")}
+    flops = 2 * n_rows * vocab * hidden * (1 + 2 + 1)  # student logits, 2 grads, teacher logits
+    leaves = [student_h_NH, student_w_VH]
+    for name, fn, reason in linear_impls():
+        if fn is None:
+            print(f"skip {name}: {reason}")
+            continue
+        _measure(
+            "fused_linear_jsd", name, _fwd_bwd(fn, leaves, teacher_h_NH, teacher_w_VH), shape, flops=flops
+        )
+
+
+def _check_padd_linear(h_NH, w_VH, th_NH, tw_VH):
+    rows = slice(0, 256)
+    got = fused_linear_kd_loss(
+        h_NH[rows].detach(), w_VH.detach(), TeacherHead(th_NH[rows], tw_VH), divergence="jsd"
+    )
+    with torch.no_grad():
+        want = eager_jsd(h_NH[rows] @ w_VH.t(), th_NH[rows] @ tw_VH.t())
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
