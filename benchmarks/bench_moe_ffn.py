@@ -46,7 +46,11 @@ MODELS = [
     ("deepseek-v2-lite", 2048, 1408, 64, 6),
     ("anchor-30b", 4096, 1024, 64, 4),
 ]
-GPU_SHAPES = [(name, t, h, i, e, k) for name, h, i, e, k in MODELS for t in (4096, 16384, 32768)]
+# PADD_BENCH_TOKENS="4096,16384" and PADD_BENCH_MODELS="olmoe-1b-7b,..." narrow a GPU run, e.g.
+# to fit one device call.
+_TOKENS = [int(t) for t in os.environ.get("PADD_BENCH_TOKENS", "4096,16384,32768").split(",")]
+_MODELS = os.environ.get("PADD_BENCH_MODELS", ",".join(m[0] for m in MODELS)).split(",")
+GPU_SHAPES = [(name, t, h, i, e, k) for name, h, i, e, k in MODELS if name in _MODELS for t in _TOKENS]
 CPU_SHAPES = [("tiny-cpu", 256, 128, 64, 8, 2), ("tiny-cpu-many-experts", 128, 64, 32, 32, 4)]
 SHAPES = GPU_SHAPES if on_gpu() else CPU_SHAPES
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
