@@ -332,3 +332,22 @@ def test_trainer_refuses_a_control_left_in_uniform_routing():
     control = RoutingControl(student, mode="uniform")
     with pytest.raises(ValueError, match="learned"):
         PADDTrainer(student, tiny_teacher(), char_tokenizer(), small_config(), control)
+
+
+def test_stage4_all_reduces_under_torch_distributed(tmp_path):
+    """With a process group (gloo, one rank here) the bias update goes through all_reduce and
+    gives the same bias as without one."""
+    import torch.distributed as dist
+
+    biases = []
+    for distributed in (False, True):
+        if distributed:
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        try:
+            trainer = PADDTrainer(tiny_student(), tiny_teacher(), char_tokenizer(), small_config(seed=4))
+            trainer.step(PROBLEMS[:2])
+            biases.append(trainer.control.selection_bias.clone())
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+    assert torch.equal(biases[0], biases[1]) and biases[0].abs().sum() > 0

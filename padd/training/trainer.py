@@ -27,7 +27,9 @@ import copy
 import os
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,11 +53,37 @@ from .objectives import (
     update_selection_bias,
 )
 from .rewards import answer_reward, format_reward, reward
-from .rollout import RolloutBatch, forward_with_routing, generate, response_slice, token_logprobs
+from .rollout import (
+    RolloutBatch,
+    forward_with_routing,
+    generate,
+    position_ids_from_mask,
+    response_slice,
+    token_logprobs,
+)
 
 __all__ = ["PADDTrainer", "seed_everything"]
 
 TRAINER_STATE_FILE = "padd_trainer_state.pt"
+
+
+class _PolicyForward(NamedTuple):
+    """One student forward on the rollouts (response positions only)."""
+
+    hidden_BRH: torch.Tensor
+    logits_BRV: torch.Tensor
+    logp_BR: torch.Tensor  # with grad
+    router_probs: list[torch.Tensor]  # L × [B, R, E], no grad
+    router_logits: list[torch.Tensor]  # L × [B·S, E]
+    selected: list[torch.Tensor]  # L × [B·S, k]
+
+
+class _OldPolicy(NamedTuple):
+    """θ_old's quantities, fixed for the updates of one rollout batch."""
+
+    logp_BR: torch.Tensor
+    router_probs: list[torch.Tensor]
+    ref_logp_BR: torch.Tensor | None
 
 
 def seed_everything(seed: int) -> None:
@@ -220,7 +248,7 @@ class PADDTrainer:
         out = base(
             input_ids=batch.sequences_BS,
             attention_mask=batch.attention_mask_BS,
-            position_ids=(batch.attention_mask_BS.long().cumsum(-1) - 1).clamp_min(0),
+            position_ids=position_ids_from_mask(batch.attention_mask_BS),
         )
         hidden_BRH = response_slice(out.last_hidden_state, batch.prompt_length)
         if cfg.kd_temperature_mode == "adaptive":
@@ -257,79 +285,90 @@ class PADDTrainer:
         return kernels.kd_loss(student_logits_BRV[keep], teacher_logits_NV, **loss_kwargs)
 
     def _update(self, batch: RolloutBatch, adv_B, teacher_hidden_BRH, t_eff_B) -> dict:
+        """`num_iterations` optimiser steps on one rollout batch, each followed by Stage IV."""
         cfg = self.config
-        P = batch.prompt_length
-        B, S = batch.sequences_BS.shape
-        tokens_BR = batch.sequences_BS[:, P:]
-        mask_BR = batch.response_mask_BR
-        head = self.student.get_output_embeddings()
-        old_logp = old_probs = ref_logp = None
-        log: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kd_loss", "clip_fraction",
-                                                       "router_drift", "ref_kl", "grad_norm")}  # fmt: skip
-        first: dict = {}
-        for it in range(cfg.num_iterations):
-            hidden_BSH, router_logits, selected = forward_with_routing(
-                self.student, batch.sequences_BS, batch.attention_mask_BS, self.control, moe=self.moe
-            )
-            hidden_BRH = response_slice(hidden_BSH, P)
-            logits_BRV = head(hidden_BRH)
-            # The policy that sampled is softmax(z / T_sample): ratios use the same logits.
-            logp_BR = token_logprobs(logits_BRV / cfg.temperature, tokens_BR)
-            with torch.no_grad():  # router probabilities only enter through sg(Γ)
-                probs = [
-                    response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits
-                ]
-            if it == 0:  # θ = θ_old here (see module doc)
-                old_logp = logp_BR.detach()
-                old_probs = probs
-                first = self._routing_metrics(router_logits, selected, batch)
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref_logits = self.reference(
-                            input_ids=batch.sequences_BS,
-                            attention_mask=batch.attention_mask_BS,
-                            position_ids=(batch.attention_mask_BS.long().cumsum(-1) - 1).clamp_min(0),
-                        ).logits
-                        ref_logp = token_logprobs(response_slice(ref_logits, P) / cfg.temperature, tokens_BR)
-            drift_BR = None
-            if probs:
-                with torch.no_grad():
-                    drift_BR = router_drift(probs, old_probs)
-                log["router_drift"].append(float(masked_mean(drift_BR, mask_BR)))
-            ratio_BR = drift_penalised_ratio(
-                logp_BR, old_logp, drift_BR, adv_B, cfg.drift_lambda, drift_on=cfg.effective_drift_on
-            )
-            objective = clipped_surrogate(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high)
-            loss = -objective
-            log["policy_loss"].append(-float(objective.detach()))
-            log["clip_fraction"].append(
-                float(clip_fraction(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high))
-            )
-            if teacher_hidden_BRH is not None:
-                kd = self._kd_term(hidden_BRH, logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR)
-                loss = loss + cfg.alpha_kd * kd
-                log["kd_loss"].append(float(kd.detach()))
-            if ref_logp is not None:
-                kl = masked_mean(reference_kl(logp_BR, ref_logp), mask_BR)
-                loss = loss + cfg.beta * kl
-                log["ref_kl"].append(float(kl.detach()))
+        log: dict[str, list[float]] = defaultdict(list)
+        old: _OldPolicy | None = None
+        routing: dict = {}
+        for _ in range(cfg.num_iterations):
+            fwd = self._policy_forward(batch)
+            if old is None:  # θ = θ_old at the first update (see module doc)
+                old = _OldPolicy(fwd.logp_BR.detach(), fwd.router_probs, self._reference_logp(batch))
+                routing = self._routing_metrics(fwd.router_logits, fwd.selected, batch)
+            loss = self._loss(fwd, old, batch, adv_B, teacher_hidden_BRH, t_eff_B, log)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             log["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             self.optimizer.step()
-            log["loss"].append(float(loss.detach()))
             if self.moe and cfg.use_bias:
-                self._update_bias(selected, adv_B, mask_BR, B, S, P)
-        out = {k: v[0] if k == "kd_loss" else float(np.mean(v)) for k, v in log.items() if v}
-        # Drift at θ_old is 0 by construction: report the drift of the later updates.
+                self._update_bias(fwd.selected, adv_B, batch)
+        # KD at θ_old (comparable across steps); the rest averaged over the updates.
+        out = {k: v[0] if k == "kd_loss" else float(np.mean(v)) for k, v in log.items()}
+        # The drift is 0 by construction at the first update: report the later ones'.
         drifts = log["router_drift"][1:]
         out["router_drift"] = float(np.mean(drifts)) if drifts else 0.0
-        out.update(first)
+        out.update(routing)
         if self.moe:
             out["bias_abs_mean"] = float(self.control.selection_bias.abs().mean())
         return out
+
+    def _policy_forward(self, batch: RolloutBatch) -> _PolicyForward:
+        """The student's forward on the rollouts: what the loss, drift and Stage IV need."""
+        P = batch.prompt_length
+        B, S = batch.sequences_BS.shape
+        hidden_BSH, router_logits, selected = forward_with_routing(
+            self.student, batch.sequences_BS, batch.attention_mask_BS, self.control, moe=self.moe
+        )
+        hidden_BRH = response_slice(hidden_BSH, P)
+        logits_BRV = self.student.get_output_embeddings()(hidden_BRH)
+        # The policy that sampled is softmax(z / T_sample): ratios use the same distribution.
+        logp_BR = token_logprobs(logits_BRV / self.config.temperature, batch.sequences_BS[:, P:])
+        with torch.no_grad():  # router probabilities only enter through sg(Γ)
+            probs = [response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits]
+        return _PolicyForward(hidden_BRH, logits_BRV, logp_BR, probs, router_logits, selected)
+
+    @torch.no_grad()
+    def _reference_logp(self, batch: RolloutBatch) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        P = batch.prompt_length
+        logits = self.reference(
+            input_ids=batch.sequences_BS,
+            attention_mask=batch.attention_mask_BS,
+            position_ids=position_ids_from_mask(batch.attention_mask_BS),
+        ).logits
+        return token_logprobs(response_slice(logits, P) / self.config.temperature, batch.sequences_BS[:, P:])
+
+    def _loss(self, fwd: _PolicyForward, old: _OldPolicy, batch, adv_B, teacher_hidden_BRH, t_eff_B, log):
+        """`−J_PR-GRPO + α_KD·L_KD (+ β·KL_ref)` for one update; appends its terms to `log`."""
+        cfg = self.config
+        mask_BR = batch.response_mask_BR
+        drift_BR = None
+        if fwd.router_probs:
+            with torch.no_grad():
+                drift_BR = router_drift(fwd.router_probs, old.router_probs)
+            log["router_drift"].append(float(masked_mean(drift_BR, mask_BR)))
+        ratio_BR = drift_penalised_ratio(
+            fwd.logp_BR, old.logp_BR, drift_BR, adv_B, cfg.drift_lambda, drift_on=cfg.effective_drift_on
+        )
+        objective = clipped_surrogate(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high)
+        log["policy_loss"].append(-float(objective.detach()))
+        log["clip_fraction"].append(
+            float(clip_fraction(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high))
+        )
+        loss = -objective
+        if teacher_hidden_BRH is not None:
+            kd = self._kd_term(fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR)
+            loss = loss + cfg.alpha_kd * kd
+            log["kd_loss"].append(float(kd.detach()))
+        if old.ref_logp_BR is not None:
+            kl = masked_mean(reference_kl(fwd.logp_BR, old.ref_logp_BR), mask_BR)
+            loss = loss + cfg.beta * kl
+            log["ref_kl"].append(float(kl.detach()))
+        log["loss"].append(float(loss.detach()))
+        return loss
 
     def _response_selected(self, selected, B: int, S: int, P: int) -> list[torch.Tensor]:
         """Per layer, the experts of the response positions, [B·R, k]."""
@@ -353,10 +392,11 @@ class PADDTrainer:
         }
 
     @torch.no_grad()
-    def _update_bias(self, selected, adv_B, mask_BR, B: int, S: int, P: int) -> None:
+    def _update_bias(self, selected, adv_B, batch: RolloutBatch) -> None:
         """Stage IV after the optimiser step, from the forward that produced this update."""
         cfg = self.config
-        R = mask_BR.shape[1]
+        mask_BR = batch.response_mask_BR
+        (B, S), P, R = batch.sequences_BS.shape, batch.prompt_length, mask_BR.shape[1]
         sel = self._response_selected(selected, B, S, P)
         token_adv = adv_B[:, None].expand(B, R).reshape(-1)
         counts, sums = expert_load_and_advantage(
