@@ -5,10 +5,10 @@ routing entropy.
 
 from __future__ import annotations
 
-import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from padd.data.problem import Problem, format_prompt
@@ -30,16 +30,20 @@ def normalized_mutual_information(labels_a: Sequence, labels_b: Sequence) -> flo
     n = len(labels_a)
     if n == 0:
         return 0.0
-    count_a, count_b = Counter(labels_a), Counter(labels_b)
-    joint = Counter(zip(labels_a, labels_b, strict=True))
-    h_a = -sum(c / n * math.log(c / n) for c in count_a.values())
-    h_b = -sum(c / n * math.log(c / n) for c in count_b.values())
+    _, a = np.unique(np.asarray(labels_a), return_inverse=True)
+    _, b = np.unique(np.asarray(labels_b), return_inverse=True)
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1.0)
+    p_ab = joint / n
+    p_a, p_b = p_ab.sum(1), p_ab.sum(0)
+    h_a, h_b = -(p_a * np.log(p_a)).sum(), -(p_b * np.log(p_b)).sum()  # every class occurs: p > 0
     if h_a == 0.0 and h_b == 0.0:
         return 1.0
     if h_a == 0.0 or h_b == 0.0:
         return 0.0
-    mi = sum(c / n * math.log(c * n / (count_a[a] * count_b[b])) for (a, b), c in joint.items())
-    return max(0.0, min(1.0, mi / (0.5 * (h_a + h_b))))
+    nz = p_ab > 0
+    mi = (p_ab[nz] * np.log(p_ab[nz] / np.outer(p_a, p_b)[nz])).sum()
+    return float(max(0.0, min(1.0, mi / (0.5 * (h_a + h_b)))))
 
 
 @torch.no_grad()

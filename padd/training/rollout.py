@@ -107,6 +107,8 @@ def generate(
     Returns a `RolloutBatch` without old-policy statistics (see `old_policy_stats`).
     """
     device = next(model.parameters()).device
+    if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     input_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, 0)
     attn = enc["attention_mask"].to(device).repeat_interleave(num_generations, 0)
