@@ -36,8 +36,9 @@ def moe_ffn(
             PyTorch function, differentiated by autograd).
 
     Returns:
-        `[T, H]` in x's dtype. Differentiable in x, both weights and `routing.weights_TK`;
-        deterministic (each token's K slots are summed in slot order, no atomics).
+        `[T, H]` in x's dtype (the autocast dtype under `torch.autocast`). Differentiable in
+        x, both weights and `routing.weights_TK`; deterministic (each token's K slots are summed
+        in slot order, no atomics).
 
     Example:
         >>> from padd.kernels import routing_from_topk
@@ -46,6 +47,8 @@ def moe_ffn(
         >>> moe_ffn(x, w13, w2, r).shape
         torch.Size([3, 8])
     """
+    _check_types(x, gate_up_proj, down_proj, routing)
+    x, gate_up_proj, down_proj = _autocast(x, gate_up_proj, down_proj)
     _check_moe_inputs(x, gate_up_proj, down_proj, routing)
     if backend == "reference":
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
@@ -53,12 +56,26 @@ def moe_ffn(
     return moe_ffn_op_from_routing(x, gate_up_proj, down_proj, routing, use_triton=use_triton)
 
 
-def _check_moe_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> None:
+def _check_types(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> None:
     for name, t in (("x", x), ("gate_up_proj", w13), ("down_proj", w2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a padd.kernels.Routing, got {type(routing).__name__}")
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under `torch.autocast`, compute in its dtype like `F.linear` does (e.g. fp32 master weights)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in tensors
+    )
+
+
+def _check_moe_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> None:
     _check_weight_shapes(x, w13, w2)
     for name, t in (("x", x), ("gate_up_proj", w13), ("down_proj", w2)):
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -2,12 +2,16 @@
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots.
 
-The ops dispatch by device: CUDA tensors (or `use_triton=True`, e.g. CPU under
-`TRITON_INTERPRET=1`) run the Triton kernels; otherwise the PyTorch reference, whose host sync
-(`.tolist()` of the offsets) stays inside the opaque op, so `torch.compile(fullgraph=True)`
-traces through on CPU too. The backward is its own op for the same reason. Both carry FLOP
-formulas for `torch.utils.flop_counter.FlopCounterMode`: forward 2·T·K·H·3I, backward twice
-that (the Triton backward's gate/up recompute is not counted: it is not useful work).
+The ops dispatch on `use_triton`, which `moe_ffn` resolves from the device (`backend="auto"`:
+Triton for CUDA tensors; `"triton"` also on CPU under `TRITON_INTERPRET=1`); otherwise the
+PyTorch reference runs, whose host sync (`.tolist()` of the offsets) stays inside the opaque op,
+so `torch.compile(fullgraph=True)` traces through on CPU too. The backward is its own op for the
+same reason. `moe_ffn` applies autocast before the op; inside, the reference runs with autocast
+off so its fp32 math stays fp32.
+
+Both ops carry FLOP formulas for `torch.utils.flop_counter.FlopCounterMode`: forward
+2·T·K·H·3I, backward twice that (the Triton backward's gate/up recompute is not counted: it is
+not useful work).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def moe_ffn_op(
     use_triton: bool,
 ) -> torch.Tensor:
     """Routed SwiGLU experts `[T, H]` from the `Routing` fields (see `moe_ffn`)."""
-    if use_triton or x.is_cuda:
+    if use_triton:
         from .triton import moe_ffn_triton_forward
 
         return moe_ffn_triton_forward(x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1)
@@ -68,7 +72,8 @@ def moe_ffn_op(
         inverse_order_S,
         gate_up_proj.shape[0],
     )
-    return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
+    with torch.autocast(x.device.type, enabled=False):
+        return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
 
 
 @moe_ffn_op.register_fake
@@ -91,7 +96,7 @@ def moe_ffn_backward_op(
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dx, d gate_up_proj, d down_proj, d weights_TK)` of `padd::moe_ffn`."""
-    if use_triton or x.is_cuda:
+    if use_triton:
         from .triton import moe_ffn_triton_backward
 
         return moe_ffn_triton_backward(
@@ -106,7 +111,8 @@ def moe_ffn_backward_op(
         inverse_order_S,
         gate_up_proj.shape[0],
     )
-    return moe_ffn_reference_backward(grad, x, gate_up_proj, down_proj, routing)
+    with torch.autocast(x.device.type, enabled=False):
+        return moe_ffn_reference_backward(grad, x, gate_up_proj, down_proj, routing)
 
 
 @moe_ffn_backward_op.register_fake

@@ -137,6 +137,18 @@ def test_triton_entry_point_with_routed_logits():
     assert_matches(moe_triton.moe_ffn_triton(x, w13, w2, r), moe_ffn_reference(x, w13, w2, r), torch.float32)
 
 
+def test_autocast_computes_in_autocast_dtype():
+    x, w13, w2, r = make_inputs(5, 24, 16, 4, 2)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe_ffn(x, w13, w2, r)
+    assert out.dtype == torch.bfloat16
+    want = moe_ffn_reference(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), r)
+    assert_matches(out, want, torch.bfloat16)
+    (dx,) = torch.autograd.grad(out.float().sum(), x)
+    assert dx.dtype == torch.float32
+
+
 def test_empty_batch():
     x, w13, w2, r = make_inputs(0, 24, 16, 4, 2)
     for backend in ("auto", "triton", "reference"):
