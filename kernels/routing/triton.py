@@ -109,34 +109,39 @@ def _route_topk_kernel(
     if HAS_BIAS:
         b_E = tl.load(bias_ptr + cols_E, mask=col_ok_E, other=0.0).to(tl.float32)
         key_TE = x_TE + b_E[None, :]
-    # `free` tracks what may still be picked, so -inf logits still select valid, distinct ids;
-    # picked keys are knocked out of `key` too, so the loop keeps only three [T, E] tiles live.
-    free_TE = ok_TE
-    key_TE = tl.where(free_TE, key_TE, float("-inf"))
+    # One int64 max per choice instead of a max, an arg-min and a gather: the high word is the
+    # key mapped to an order-preserving int32, the low word BLOCK_E - 1 - column, so among equal
+    # keys the lower expert id wins. `+ 0.0` turns -0.0 into +0.0, which compare equal as floats.
+    bits_TE = (key_TE + 0.0).to(tl.int32, bitcast=True)
+    mono_TE = bits_TE ^ ((bits_TE >> 31) & 0x7FFFFFFF)
+    packed_TE = (mono_TE.to(tl.int64) << 32) | (BLOCK_E - 1 - cols_E[None, :]).to(tl.int64)
+    # Padding and picked entries sit below every real key (-inf included).
+    taken = -9223372036854775807 - 1
+    packed_TE = tl.where(ok_TE, packed_TE, taken)
     cols_K = tl.arange(0, BLOCK_K)
-    w_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     idx_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(K):
-        best_T = tl.max(key_TE, axis=1)
-        is_best_TE = free_TE & (key_TE == best_T[:, None])
-        # Lowest column among the maxima: ties resolve to the lower expert id.
-        idx_T = tl.min(tl.where(is_best_TE, cols_E[None, :], BLOCK_E), axis=1)
-        hit_TE = cols_E[None, :] == idx_T[:, None]
-        free_TE = free_TE & ~hit_TE
-        key_TE = tl.where(hit_TE, float("-inf"), key_TE)
-        w_T = tl.sum(tl.where(hit_TE, p_TE, 0.0), axis=1)
-        # Keep the k choices in registers and write them once, as one [BLOCK_T, K] tile.
-        w_TK = tl.where(cols_K[None, :] == j, w_T[:, None], w_TK)
+        best_T = tl.max(packed_TE, axis=1)
+        idx_T = BLOCK_E - 1 - (best_T & 0xFFFFFFFF).to(tl.int32)
+        packed_TE = tl.where(cols_E[None, :] == idx_T[:, None], taken, packed_TE)
         idx_TK = tl.where(cols_K[None, :] == j, idx_T[:, None], idx_TK)
+
+    # Weights from the unbiased logits of the chosen experts (just read, so an L1/L2 hit).
+    out_ok = row_ok_T[:, None] & (cols_K[None, :] < K)
+    xk_ptrs = logits_ptr + rows64_T[:, None] * stride_lt + idx_TK * stride_le
+    x_TK = tl.load(xk_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    if SOFTMAX:
+        w_TK = tl.where(out_ok, tl.exp(x_TK - m_T[:, None]) / sum_T[:, None], 0.0)
+    else:
+        w_TK = tl.where(out_ok, tl.sigmoid(x_TK), 0.0)
 
     if RENORMALIZE:
         w_TK = w_TK / tl.maximum(tl.sum(w_TK, axis=1), MIN_SUM)[:, None]
     out_ptrs = rows64_T[:, None] * K + cols_K[None, :]
-    out_ok = row_ok_T[:, None] & (cols_K[None, :] < K)
     tl.store(weights_ptr + out_ptrs, w_TK, mask=out_ok)
     tl.store(experts_ptr + out_ptrs, idx_TK, mask=out_ok)
 
-    picked_TE = ok_TE & ~free_TE  # exactly the K chosen columns of every valid row
+    picked_TE = ok_TE & (packed_TE == taken)  # exactly the K chosen columns of every valid row
     counts_E = tl.sum(picked_TE.to(tl.int32), axis=0)
     tl.store(counts_ptr + pid * E + cols_E, counts_E, mask=col_ok_E)
 

@@ -230,6 +230,9 @@ def test_exact_ties_go_to_lower_id(backend):
     bias_E = torch.tensor([0.0, 1.0, -1.0, 0.0])  # keys 1, 1, 1, 0.5
     r = route(logits_TE, 2, selection_bias=bias_E, backend=backend)
     assert r.experts_TK.tolist() == [[0, 1]]
+    signed_zeros_TE = torch.tensor([[-1.0, -0.0, 0.0, -0.0]])  # -0.0 == 0.0: still the lower id
+    got, want = _route_both(signed_zeros_TE, 2, "softmax", None, True, backend)
+    assert got.experts_TK.tolist() == want.experts_TK.tolist() == [[1, 2]]
     ties_TE = torch.randint(0, 3, (130, 64)).float()
     got, want = _route_both(ties_TE, 8, "sigmoid", None, False, backend)
     _assert_same_routing(got, want)
