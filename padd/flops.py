@@ -13,7 +13,9 @@ any shared expert), router, lm_head, other (anything else the counter sees; 0 fo
 models). `measure` runs the model once under `FlopCounterMode`, on any device including `meta`
 (7B-class configs need no weights): attention is switched to "eager" and experts to
 "batched_mm" (which gathers exactly the k active experts per token) for the count, unless the
-model uses `experts_implementation="padd"`, whose custom ops carry their own FLOP formulas.
+model uses `experts_implementation="padd"` on real tensors: then padd's custom ops are counted
+through their own FLOP formulas (on `meta`, padd's routing metadata has no kernel, so
+"batched_mm" is used there too).
 """
 
 from __future__ import annotations
@@ -148,9 +150,14 @@ class _countable:
         self.attn = self.config._attn_implementation
         self.experts = getattr(self.config, "_experts_implementation", None)
         self.model.set_attn_implementation("eager")
-        if self.experts is not None and self.experts not in ("padd", "eager", "batched_mm"):
+        keep = ("eager", "batched_mm") if self._on_meta() else ("padd", "eager", "batched_mm")
+        if self.experts is not None and self.experts not in keep:
             self.model.set_experts_implementation("batched_mm")
         return self
+
+    def _on_meta(self) -> bool:
+        # padd's routing metadata (bincount) has no meta kernel: count meta models via batched_mm.
+        return next(self.model.parameters()).device.type == "meta"
 
     def __exit__(self, *exc):
         self.model.set_attn_implementation(self.attn)

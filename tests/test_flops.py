@@ -23,6 +23,19 @@ def test_analytic_equals_measured_teacher_and_student(arch):
     assert student.config._experts_implementation == "grouped_mm"
 
 
+def test_measured_through_padd_experts():
+    """With experts_implementation="padd" the count goes through padd's custom ops."""
+    import padd  # noqa: F401  (registers "padd" in transformers)
+
+    student = decompress(tiny_teacher("llama"), 4, 2)
+    student.set_experts_implementation("padd")
+    assert flops.measure(student, seq_len=8) == flops.analytic(student.config, seq_len=8)
+    assert student.config._experts_implementation == "padd"
+    meta = flops.meta_model(student.config)
+    meta.set_experts_implementation("padd")
+    assert flops.measure(meta, seq_len=8) == flops.analytic(student.config, seq_len=8)
+
+
 def test_tiny_default_parity():
     cfg = LlamaConfig(
         vocab_size=64,
