@@ -1,0 +1,7 @@
+"""`python -m padd ...` is the `padd` command."""
+
+import sys
+
+from padd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""GSM8K's format: a worked solution whose last line is `#### <final answer>`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from padd.data.problem import Problem
+
+_FINAL = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
+
+
+def parse_final_answer(text: str) -> str | None:
+    """The canonical final answer of a GSM8K solution (`#### 1,234` → "1234"), or of a bare answer.
+
+    Returns None when there is no `####` line and the text is not itself a number.
+    """
+    matches = _FINAL.findall(text)
+    raw = matches[-1] if matches else text.strip()
+    raw = raw.replace(",", "").replace("$", "").strip().rstrip(".")
+    if not _NUMBER.match(raw):
+        # a non-numeric `####` answer ("3/4", "x=2") is kept verbatim; bare text is not an answer
+        return (raw or None) if matches else None
+    if "." in raw:  # "2.50" → "2.5", "3.0" → "3"
+        raw = raw.rstrip("0").rstrip(".")
+    return str(int(raw)) if re.fullmatch(r"-?\d+", raw) else raw
+
+
+def load_gsm8k(path: str | Path, limit: int = 0) -> list[Problem]:
+    """GSM8K JSONL (`question`, `answer` with `#### N`), e.g. the official `train.jsonl`."""
+    from padd.data.jsonl import load_jsonl
+
+    return load_jsonl(path, limit=limit, question_field="question", answer_field="answer")

@@ -1,0 +1,139 @@
+"""torch.distributed for `torchrun --nproc_per_node=N -m padd train CONFIG`.
+
+- Data parallel: each rank takes its shard of every step's prompts and generates its own rollouts;
+  gradients are averaged across ranks right before each optimiser step (the DDP all-reduce,
+  done as an optimiser pre-step hook because the trainer owns the backward passes and calls the
+  model's `generate`, which a `DistributedDataParallel` wrapper would hide).
+- FSDP2 (`fully_shard` per decoder layer, then the root) when the model should be sharded.
+- Stage IV: the trainer sums expert loads and advantages over ranks; after every step the bias is
+  additionally averaged, so every rank provably holds the same bias.
+- Single-rank code runs unchanged: every helper is a no-op when the world size is 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(backend: str = "auto") -> DistContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available() and backend == "nccl":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
+    """This rank's share of a step's items (strided, so shards differ by at most one item)."""
+    return list(items[ctx.rank :: ctx.world_size]) if ctx.enabled else list(items)
+
+
+def all_reduce_mean_(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place mean over ranks."""
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(ctx.world_size)
+    return t
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when it is true on one (an interruption must stop all ranks together)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def average_gradients_before_step(optimizer: torch.optim.Optimizer, ctx: DistContext) -> Any:
+    """Register the data-parallel gradient all-reduce as an optimiser pre-step hook."""
+    if not ctx.enabled:
+        return None
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per step
+        all_reduce_mean_(flat, ctx)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    return optimizer.register_step_pre_hook(hook)
+
+
+def broadcast_parameters(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Start every rank from rank 0's weights."""
+    if ctx.enabled:
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p.data, src=0)
+
+
+def should_shard(model: torch.nn.Module, strategy: str, ctx: DistContext) -> bool:
+    """FSDP2 when asked, or under "auto" when weights + Adam state would exceed 40% of the GPU."""
+    if not ctx.enabled or strategy == "ddp":
+        return False
+    if strategy == "fsdp":
+        return True
+    if ctx.device.type != "cuda":
+        return False
+    bytes_needed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return bytes_needed > 0.4 * torch.cuda.get_device_properties(ctx.device).total_memory
+
+
+def apply_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: shard every decoder layer, then the root (the module keeps its class and `generate`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", model), "layers", [])
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model

@@ -1,0 +1,166 @@
+"""Step 6: `report.md`, `report.json` and PNG plots, built from the run directory's files only
+(so `padd report RUN_DIR` can rebuild them at any time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from padd.pipeline.checkpoint import atomic_write_json, atomic_write_text
+from padd.pipeline.metrics import read_metrics
+
+ROUTING_KEYS = ("nmi", "load_cv", "routing_entropy")
+STEP_ORDER = {s: i for i, s in enumerate(("teacher", "data", "stage1", "train", "eval", "report"))}
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(run_dir: str | Path) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-able dict."""
+    from padd.pipeline.run import read_done
+
+    run_dir = Path(run_dir)
+    ev = run_dir / "eval"
+    methods: dict[str, dict] = {}
+    found = {p.stem: p for p in ev.glob("*.json") if p.stem not in ("summary", "flops")}
+    order = sorted(found, key=lambda n: (n != "teacher", n != "base_student", n))
+    for name in order:
+        methods[name] = _load(found[name])
+    for p in sorted((run_dir / "compare").glob("*/eval.json")):
+        methods.setdefault(p.parent.name, _load(p))
+    rows = []
+    for name, res in methods.items():
+        row = {
+            "method": name,
+            "accuracy": res.get("accuracy"),
+            "n": res.get("n"),
+            "params": res.get("params"),
+        }
+        row.update({k: res.get(k) for k in ROUTING_KEYS})
+        row.update({k: v for k, v in res.items() if k.startswith("accuracy/")})
+        rows.append(row)
+    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    return {
+        "run_dir": str(run_dir),
+        "config": (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None,
+        "methods": rows,
+        "flops": _load(ev / "flops.json"),
+        "wall_s": {k: v.get("wall_s") for k, v in read_done(run_dir).items()},
+        "train_curve": [
+            {k: r.get(k) for k in ("step", "reward", "drift", "router_drift", "kd_loss", "load_cv")}
+            for r in train
+        ],
+    }
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    if pct:
+        return f"{100 * x:.1f}%"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    if isinstance(x, int) and x >= 10_000:
+        return f"{x / 1e6:.2f}M"
+    return str(x)
+
+
+def render_markdown(rep: dict[str, Any]) -> str:
+    lines = ["# PADD run report", "", f"Run directory: `{rep['run_dir']}`", ""]
+    lines += ["## Held-out accuracy (greedy pass@1 on D_D) and routing", ""]
+    lines += ["| model | accuracy | n | params | NMI (expert–kind) | load CV | routing entropy |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for r in rep["methods"]:
+        lines.append(
+            f"| {r['method']} | {_fmt(r['accuracy'], True)} | {_fmt(r['n'])} | {_fmt(r['params'])} | "
+            f"{_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | {_fmt(r['routing_entropy'])} |"
+        )
+    fl = rep.get("flops")
+    if fl:
+        lines += ["", "## Cost", "", "| model | FLOPs/token (analytic) | total params | active params |"]
+        lines += ["|---|---|---|---|"]
+        for who in ("teacher", "student"):
+            d = fl[who]
+            lines.append(
+                f"| {who} | {d['analytic']['total']:.3g} | {_fmt(d['params'])} | {_fmt(d['active_params'])} |"
+            )
+        lines.append(f"\nStudent / teacher FLOPs per token: {fl['ratio']:.4f}")
+    lines += ["", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
+    for k, v in sorted(rep["wall_s"].items(), key=lambda kv: STEP_ORDER.get(kv[0], 99)):
+        lines.append(f"| {k} | {_fmt(v)} |")
+    lines += ["", "Plots: `plots/accuracy.png`, `plots/expert_load.png`, `plots/training.png`.", ""]
+    return "\n".join(lines)
+
+
+def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
+    """Accuracy by method; expert load per layer over training; router drift and reward over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["method"] for r in rep["methods"]]
+    ax.bar(names, [100 * (r["accuracy"] or 0) for r in rep["methods"]], color="tab:blue")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Accuracy by method")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    paths.append(out / "accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    loads = [r["tokens_per_expert"] for r in train if r.get("tokens_per_expert")]
+    if loads:
+        arr = np.asarray(loads, dtype=float)  # [steps, L, E]
+        arr = arr / np.clip(arr.sum(-1, keepdims=True), 1, None)
+        L = arr.shape[1]
+        fig, axes = plt.subplots(L, 1, figsize=(7, 1.4 * L + 0.6), squeeze=False, sharex=True)
+        for l in range(L):
+            im = axes[l, 0].imshow(arr[:, l, :].T, aspect="auto", cmap="viridis", vmin=0)
+            axes[l, 0].set_ylabel(f"layer {l}\nexpert")
+        axes[-1, 0].set_xlabel("training step")
+        fig.colorbar(im, ax=axes[:, 0].tolist(), label="load fraction")
+        fig.suptitle("Expert load per layer over training")
+        paths.append(out / "expert_load.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+    if train:
+        fig, ax1 = plt.subplots(figsize=(6, 3.5))
+        steps = [r["step"] for r in train]
+        ax1.plot(steps, [r.get("reward") for r in train], color="tab:green", label="reward")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("reward")
+        drift_key = next((k for k in ("router_drift", "drift", "drift_mean") if k in train[-1]), None)
+        if drift_key:
+            ax2 = ax1.twinx()
+            ax2.plot(steps, [r.get(drift_key) for r in train], color="tab:red", label="router drift")
+            ax2.set_ylabel("router drift")
+        ax1.set_title("Reward and router drift over training")
+        fig.tight_layout()
+        paths.append(out / "training.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Write `report.json`, `report.md` and `plots/*.png` into `run_dir`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "eval").is_dir():
+        raise FileNotFoundError(f"{run_dir} has no eval/ results yet; run `padd train` first")
+    rep = collect(run_dir)
+    rep["plots"] = [str(p.relative_to(run_dir)) for p in make_plots(run_dir, rep)]
+    atomic_write_json(run_dir / "report.json", rep)
+    atomic_write_text(run_dir / "report.md", render_markdown(rep))
+    return rep

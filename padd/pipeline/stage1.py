@@ -1,0 +1,122 @@
+"""Step 3, Stage I: teacher statistics on D_A, neuron clustering, student construction (or the
+pre-trained MoE student), expert warmup on D_B. Output: `stage1/student/` (HF model + tokenizer +
+selection bias), written atomically."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from padd.config import PADDRunConfig
+from padd.data.problem import Problem
+from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir
+from padd.pipeline.teacher import encode_sft_batch
+
+
+def lm_batches(
+    problems: Sequence[Problem], tokenizer: Any, batch_size: int, max_len: int, limit: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenized `prompt + solution` batches (`input_ids`, `attention_mask`, `labels`)."""
+    count = 0
+    for i in range(0, len(problems), batch_size):
+        if limit is not None and count >= limit:
+            return
+        yield encode_sft_batch(problems[i : i + batch_size], tokenizer, max_len)
+        count += 1
+
+
+def _call_with_supported(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    # Pass only the keyword arguments the Stage I API accepts (it may grow or shrink options).
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+def build_student(
+    cfg: PADDRunConfig,
+    teacher: Any,
+    tokenizer: Any,
+    d_a: Sequence[Problem],
+    d_b: Sequence[Problem],
+    out: Path,
+    interrupt: GracefulInterrupt,
+    log: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Stage I end to end; returns timings and what was done."""
+    import padd.decompress as dec
+    from padd.moe.routing_control import RoutingControl
+
+    s1, st = cfg.stage1, cfg.student
+    max_len = cfg.teacher.max_len
+    info: dict[str, Any] = {"init": st.init}
+    t0 = time.perf_counter()
+    stats = dec.collect_stats(
+        teacher,
+        lm_batches(d_a, tokenizer, s1.batch_size, max_len, s1.stats_batches),
+        num_experts=st.num_experts,
+        seed=cfg.run.seed,
+    )
+    info["stats_s"] = time.perf_counter() - t0
+    interrupt.check()
+    t0 = time.perf_counter()
+    if st.source == "pretrained":
+        from padd.pipeline.inputs import load_model
+
+        student = load_model(st.path, cfg.teacher.dtype)
+        student = _call_with_supported(dec.init_pretrained_student, student, teacher, stats)
+    else:
+        student = dec.decompress(teacher, st.num_experts, st.top_k, stats, init=st.init, seed=cfg.run.seed)
+    info["construct_s"] = time.perf_counter() - t0
+    interrupt.check()
+    warmup = getattr(dec, "warmup", None)
+    if s1.skip or s1.warmup_steps == 0:
+        info["warmup"] = "skipped"
+    elif warmup is None:
+        info["warmup"] = "unavailable (padd.decompress.warmup not found)"
+        log({"stage": "stage1", "step": 0, "warning": info["warmup"]})
+    else:
+        t0 = time.perf_counter()
+        batches = _cycle(d_b, tokenizer, s1.batch_size, max_len)
+        result = _call_with_supported(
+            warmup,
+            student,
+            teacher,
+            batches,
+            stats.clusters,
+            steps=s1.warmup_steps,
+            lr=s1.warmup_lr,
+            alpha=s1.alpha,
+            beta=s1.beta,
+            log=log,
+            progress=cfg.run.progress,
+        )
+        if isinstance(result, torch.nn.Module):
+            student = result
+        elif isinstance(result, list):  # per-step metrics
+            for rec in result:
+                log({**rec, "stage": "stage1_warmup", "step": int(rec.get("step", 0))})
+        info["warmup"] = "done"
+        info["warmup_s"] = time.perf_counter() - t0
+    student.eval()
+    control = RoutingControl(student)
+
+    def write(d: Path) -> None:
+        student.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        control.save_selection_bias(d)
+
+    atomic_dir(out, write)
+    control.remove()
+    return info
+
+
+def _cycle(problems: Sequence[Problem], tokenizer: Any, batch_size: int, max_len: int) -> Iterator[dict]:
+    # Warmup may take more steps than D_B has batches: go round again.
+    while True:
+        yield from lm_batches(problems, tokenizer, batch_size, max_len)

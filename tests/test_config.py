@@ -1,0 +1,68 @@
+"""padd.config: presets, validation errors naming the dotted key, `key.sub=value` overrides."""
+
+import pytest
+
+from padd.config import ConfigError, PADDRunConfig, load_config, preset_names
+
+
+def test_presets_load_and_differ():
+    assert {"tiny", "micro", "qwen2.5-math-1.5b", "pretrained-moe"} <= set(preset_names())
+    fps = {load_config(name).fingerprint() for name in preset_names()}
+    assert len(fps) == len(preset_names())
+    tiny = load_config("tiny")
+    assert isinstance(tiny, PADDRunConfig)
+    assert tiny.student.num_experts == 8 and tiny.teacher.source == "train"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("teacher.bogus=1", "teacher.bogus"),
+        ("nosection.x=1", "nosection"),
+        ("data.splits.e=0.1", "data.splits.e"),
+        ("teacher.lr=-1", "teacher.lr"),
+        ("teacher.steps=ten", "teacher.steps"),
+        ("teacher.steps=2.5", "teacher.steps"),
+        ("student.top_k=9", "student.top_k"),
+        ("student.init=magic", "student.init"),
+        ("data.splits.d=0.5", "data.splits.d"),
+        ("data.kinds=[shop,poetry]", "data.kinds"),
+        ("data.source=jsonl", "data.path"),
+        ("run.progress=maybe", "run.progress"),
+        ("teacher.num_heads=3", "teacher.num_heads"),
+    ],
+)
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("micro", [override])
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(
+        "micro", ["teacher.lr=1e-3", "training.steps=9", "data.kinds=[shop,trip]", "run.dir=/x/y"]
+    )
+    assert cfg.teacher.lr == 1e-3 and isinstance(cfg.teacher.lr, float)
+    assert cfg.training.steps == 9 and cfg.data.kinds == ["shop", "trip"]
+    assert cfg.run.dir == "/x/y"
+
+
+def test_fingerprint_ignores_where_the_run_lives():
+    a = load_config("micro", ["run.dir=/a", "run.progress=true"])
+    b = load_config("micro", ["run.dir=/b"])
+    c = load_config("micro", ["training.steps=7"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_yaml_file_and_bad_override_syntax(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher:\n  steps: 5\n")
+    assert load_config(str(path)).teacher.steps == 5
+    path.write_text("teacher:\n  stepz: 5\n")
+    with pytest.raises(ConfigError, match="teacher.stepz"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config("micro", ["teacher.steps"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
