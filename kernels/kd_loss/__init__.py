@@ -34,12 +34,17 @@ p_j > 0 = q_j (forward_kl) or q_j > 0 = p_j (reverse_kl) is a genuinely infinite
 the row's loss is +inf (not NaN) and its gradient is not defined (forward_kl still returns
 the finite q - p). Each row needs at least one finite student and one finite teacher logit.
 
-NaN policy: with `check_nan=True` (default) the inputs (and temperature tensors, which must
-be > 0) are checked before any compute and a NaN raises ValueError naming the tensor. It is
-one fused `isnan().any()` reduction and ONE host synchronisation per call on CUDA (it runs
-inside the custom op, so torch.compile graphs are unaffected). `check_nan=False` skips it: a
-NaN row then gives a NaN loss (visible, never masked into a finite value) unless the row is
-dropped by the mask.
+NaN policy (`check_nan=True`, the default): a NaN never comes back silently as a loss.
+  - reference backend: before any compute, one fused `isnan().any()` over the inputs (and a
+    `> 0` check of temperature tensors); a NaN raises ValueError naming the tensor.
+  - Triton backend: re-reading the [N, V] inputs would cost as much HBM traffic as the loss
+    itself, so the check runs after the kernel on the `[N]` row losses: a NaN logit in a kept
+    row always makes that row's loss NaN. Then the inputs are scanned to name the culprit and
+    ValueError is raised (also for +inf logits or temperatures <= 0).
+  Either way it is ONE host synchronisation per call on CUDA. It runs inside the custom op, so
+  torch.compile graphs are unaffected. `check_nan=False` skips it (no sync): a NaN row then
+  gives a NaN loss (visible, never turned into a finite value) unless the row is dropped by
+  the mask.
 
 The gradient is produced during the forward pass (the loss needs the same reads) and only
 scaled in the backward, in place; rows whose upstream gradient is exactly 1 are not touched
@@ -129,7 +134,7 @@ def kd_loss(
         student_temperature: float > 0 or `[N]`; the student's logits are divided by it.
         temperature_scaling: multiply each row's loss by its teacher temperature squared.
         labels, ignore_index: rows whose label equals `ignore_index` are dropped.
-        check_nan: raise ValueError on NaN inputs (one host sync on CUDA).
+        check_nan: raise ValueError on NaN inputs (one host sync on CUDA; see the NaN policy).
 
     Returns:
         A 0-d fp32 loss, or `[N]` fp32 for reduction="none".

@@ -126,9 +126,19 @@ def _kd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
+def _refuse_second_backward(ctx) -> None:
+    """The saved gradients are scaled in place, so a second backward would scale them twice."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(
+            "kd_loss: backward ran twice through one graph (retain_graph=True is not supported)"
+        )
+    ctx.consumed = True
+
+
 def _kd_backward(ctx, grad_loss_N, _grad_of_grad):
     if not ctx.compute_grad:
         raise RuntimeError("kd_loss: the forward ran without a student gradient (student had no grad)")
+    _refuse_second_backward(ctx)
     (grad_NV,) = ctx.saved_tensors
     torch.ops.padd.kd_scale_rows_(grad_NV, grad_loss_N, ctx.backend)
     return (grad_NV,) + (None,) * 9
@@ -215,6 +225,7 @@ def _fl_backward(ctx, grad_loss_N, *_unused):
         grads = _fl_recompute_grads(ctx, grad_loss_N)
     else:
         # Scalar reductions: grad_loss_N is one value broadcast over the rows.
+        _refuse_second_backward(ctx)
         go = grad_loss_N.reshape(-1)[:1]
         grads = tuple(g.mul_(go.to(g.dtype)) for g in ctx.saved_tensors)
     grad_b = grads[2] if ctx.has_bias else None

@@ -234,6 +234,14 @@ def test_triton_scale_rows_skips_unit_rows():
     torch.testing.assert_close(g_NV, want)
 
 
+def test_second_backward_through_one_graph_is_refused():
+    s_NV, t_NV, _, _ = make_inputs(3, 9)
+    loss = kd_loss(s_NV, t_NV, backend="reference")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        loss.backward()
+
+
 def test_no_grad_student_gives_loss_only():
     s_NV, t_NV, _, _ = make_inputs(3, 19)
     for backend in ("reference", "triton"):
@@ -367,6 +375,48 @@ def test_torch_compile_fullgraph_cpu():
     want, want_grad, _ = loss_and_grad(loss_fn, s_NV, t_NV, tau_N, mask_N, go=go)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grad, want_grad)
+
+
+# ---------------------------------------------------------------- real compiler, no GPU
+
+_COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from padd.kernels.kd_loss.triton import _kd_loss_fwd_kernel, _scale_rows_kernel
+
+def sig(kernel, types):
+    return {n: types.get(n, "constexpr" if n.isupper() else "i64" if "stride" in n else "*fp32")
+            for n in kernel.arg_names}
+
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 12)}
+target = GPUTarget("cuda", 90, 32)
+for dtype, divergence in (("bf16", 0), ("fp16", 4)):
+    types = {"s_ptr": "*" + dtype, "t_ptr": "*" + dtype, "g_ptr": "*" + dtype, "V": "i32", "beta": "fp32"}
+    consts = {"DIVERGENCE": divergence, "COMPUTE_GRAD": True, "BLOCK_V": 4096}
+    src = ASTSource(_kd_loss_fwd_kernel, sig(_kd_loss_fwd_kernel, types), constexprs=consts, attrs=aligned)
+    kernel = triton.compile(src, target=target, options={"num_warps": 8})
+    assert "ld.global.v4" in kernel.asm["ptx"], "aligned rows should give 16-byte loads"
+types = {"g_ptr": "*bf16", "V": "i32"}
+src = ASTSource(_scale_rows_kernel, sig(_scale_rows_kernel, types), constexprs={"BLOCK_V": 4096})
+triton.compile(src, target=target, options={"num_warps": 8})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter does not run Triton's code generator: compile to sm_90 cubin offline."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas for an offline sm_90 compile")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- GPU
