@@ -338,6 +338,21 @@ def test_input_errors(make_args, error):
 # ---------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_custom_ops_pass_opcheck(backend):
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch of both ops.
+    logits_TE, bias_E = _logits(7, 12).requires_grad_(), torch.randn(12)
+    for args in (
+        (logits_TE, 3, "softmax", bias_E, True, True),
+        (logits_TE, 2, "sigmoid", None, False, False),
+    ):
+        torch.library.opcheck(torch.ops.padd.route.default, (*args, backend))
+    experts_TK = torch.stack([torch.randperm(12)[:3] for _ in range(7)]).int()
+    grads = (torch.randn(7, 3), torch.randn(7, 12), torch.randn(7))
+    bwd_args = (logits_TE.detach(), torch.randn(7), experts_TK, *grads, "softmax", True, backend)
+    torch.library.opcheck(torch.ops.padd.route_backward.default, bwd_args)
+
+
 def _routed_loss(logits_TE, bias_E):
     r = route(logits_TE, 2, selection_bias=bias_E, return_scores=True)
     weighted_S = r.weights_TK.reshape(-1)[r.sort_order_S.long()]
