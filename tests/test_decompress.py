@@ -84,6 +84,17 @@ def test_saved_student_reloads_with_plain_transformers(arch_teacher, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, student(ids).logits, atol=0, rtol=0)
 
 
+def test_tied_embeddings_teacher(tmp_path):
+    teacher = tiny_teacher("qwen2", tie_word_embeddings=True)
+    student = decompress(teacher, 4, 2, fill=False, rescale="none")
+    assert student.config.tie_word_embeddings
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids()
+    with torch.no_grad(), all_experts_active(reloaded):
+        _assert_logits_close(reloaded(ids).logits, teacher(ids).logits)
+
+
 def test_student_shapes_and_shared_weights():
     teacher = tiny_teacher("qwen2")
     student = decompress(teacher, 8, 2)

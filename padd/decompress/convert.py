@@ -92,7 +92,9 @@ def decompress(
     with warnings.catch_warnings():
         # Qwen2-MoE's width-0 shared expert: torch warns that initialising it is a no-op.
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        student = AutoModelForCausalLM.from_config(cfg, dtype=param.dtype).to(param.device)
+        # Built directly on the teacher's device: no host copy of a model N/k times the FFN size.
+        with torch.device(param.device):
+            student = AutoModelForCausalLM.from_config(cfg, dtype=param.dtype)
     _copy_shared_weights(teacher, student)
     hidden = teacher.config.hidden_size
     with torch.no_grad():

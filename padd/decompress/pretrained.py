@@ -124,10 +124,9 @@ def init_pretrained_student(
                     break
                 input_ids, mask = unpack_batch(batch)
                 t_mask = mask.to(teacher.device) if mask is not None else None
-                teacher(input_ids=input_ids.to(teacher.device), attention_mask=t_mask)
-                student(
-                    input_ids=input_ids.to(device), attention_mask=None if mask is None else mask.to(device)
-                )
+                teacher(input_ids=input_ids.to(teacher.device), attention_mask=t_mask, use_cache=False)
+                s_mask = mask.to(device) if mask is not None else None
+                student(input_ids=input_ids.to(device), attention_mask=s_mask, use_cache=False)
                 keep_T = None if mask is None else mask.reshape(-1).to(device) > 0
                 acc.add([s.to(device) for s in targets.scores], keep_T)
     finally:

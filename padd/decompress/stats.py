@@ -189,7 +189,7 @@ def collect_stats(
                 input_ids, attention_mask = unpack_batch(batch)
                 input_ids = input_ids.to(device)
                 mask = attention_mask.to(device) if attention_mask is not None else None
-                teacher(input_ids=input_ids, attention_mask=mask)
+                teacher(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 keep_T = (mask.reshape(-1) > 0) if mask is not None else None
                 for l in range(num_layers):
                     act_TF, p_TN = hooks.activations[l].abs(), torch.softmax(hooks.scores[l], -1)

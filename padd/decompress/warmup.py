@@ -121,9 +121,13 @@ def warmup_losses(
     device = next(student.parameters()).device
     input_ids, attention_mask, labels = _unpack(batch, device)
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     out = student(
-        input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        output_router_logits=False,
+        use_cache=False,
     )
     keep_T = attention_mask.reshape(-1) if attention_mask is not None else None
     vocab = out.logits.shape[-1]
