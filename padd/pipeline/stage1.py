@@ -93,8 +93,6 @@ def build_student(
             lr=s1.warmup_lr,
             alpha=s1.alpha,
             beta=s1.beta,
-            log=log,
-            progress=cfg.run.progress,
         )
         if isinstance(result, torch.nn.Module):
             student = result

@@ -1,0 +1,124 @@
+"""`padd train micro` through every stage, every artifact; a real SIGTERM mid-training, then a
+resume that ends with exactly the metrics of an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# A few more steps than the preset so the signal reliably lands mid-training.
+OVERRIDES = ["training.steps=10", "training.checkpoint_every=3"]
+
+
+def _cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "padd",
+        "train",
+        "micro",
+        f"run.dir={run_dir}",
+        f"run.cache_dir={cache}",
+        *OVERRIDES,
+        *extra,
+    ]
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    # wall-clock timings differ between runs; everything else must match exactly
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time")} for r in recs if r.get("stage") == "train"
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted micro run (its teacher cache is shared with the interrupted run)."""
+    base = tmp_path_factory.mktemp("pipeline")
+    out = subprocess.run(
+        _cmd(base / "ref", base / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return base
+
+
+def test_every_stage_and_artifact(reference):
+    run = reference / "ref"
+    for step in ("teacher", "data", "stage1", "train", "eval", "report"):
+        assert (run / "done" / f"{step}.json").is_file(), step
+    assert (run / "config.yaml").is_file() and (run / "fingerprint").is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    splits = json.loads((run / "data" / "splits.json").read_text())
+    assert splits["sizes"] == {"A": 20, "B": 40, "C": 130, "D": 10}
+    for name in "ABCD":
+        assert (run / "data" / f"D_{name}.jsonl").is_file()
+    for d in (run / "stage1" / "student", run / "train" / "final"):
+        assert (d / "model.safetensors").is_file() and (d / "padd_router_bias.safetensors").is_file()
+    assert json.loads((run / "stage1" / "student" / "config.json").read_text())["model_type"] == "mixtral"
+    assert (run / "train" / "ckpt" / "latest").is_file()
+    for name in ("teacher", "base_student", "padd", "flops", "summary"):
+        assert (run / "eval" / f"{name}.json").is_file(), name
+    ev = json.loads((run / "eval" / "padd.json").read_text())
+    assert ev["n"] == 10 and 0 <= ev["accuracy"] <= 1 and "nmi" in ev and "load_cv" in ev
+    steps = [r["step"] for r in _train_records(run)]
+    assert steps == list(range(1, 11))
+    report = json.loads((run / "report.json").read_text())
+    assert {r["method"] for r in report["methods"]} == {"teacher", "base_student", "padd"}
+    assert report["flops"]["ratio"] == pytest.approx(1.0, abs=0.05)  # the teacher's FLOPs per token
+    assert set(report["wall_s"]) >= {"teacher", "data", "stage1", "train", "eval"}
+    md = (run / "report.md").read_text()
+    assert "| teacher |" in md and "FLOPs/token" in md
+    for plot in ("accuracy", "expert_load", "training"):
+        assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
+
+
+def test_resume_skips_done_steps_and_refuses_other_config(reference):
+    run = reference / "ref"
+    out = subprocess.run(
+        _cmd(run, reference / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("done already, skipped") == 6
+    out = subprocess.run(
+        _cmd(run, reference / "cache", "training.params.learning_rate=0.5"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and "run.dir" in out.stderr and "--force" in out.stderr
+
+
+def test_sigterm_mid_training_then_resume_matches_uninterrupted(reference):
+    run = reference / "interrupted"
+    metrics = run / "metrics.jsonl"
+    proc = subprocess.Popen(
+        _cmd(run, reference / "cache"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"stage": "train"' in metrics.read_text():
+            break  # training has started
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "checkpoint written" in err
+    assert not (run / "done" / "train.json").exists()
+    assert (run / "train" / "ckpt" / "latest").is_file()
+    partial = _train_records(run)
+    assert 1 <= len(partial) < 10
+
+    out = subprocess.run(
+        _cmd(run, reference / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from step_" in out.stdout
+    assert _train_records(run) == _train_records(reference / "ref")
+    for name in ("padd", "base_student", "teacher"):
+        a = json.loads((run / "eval" / f"{name}.json").read_text())
+        b = json.loads((reference / "ref" / "eval" / f"{name}.json").read_text())
+        assert a == b, name
