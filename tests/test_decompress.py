@@ -200,3 +200,19 @@ def test_unsupported_and_non_gated_teachers():
         decompress(
             AutoModelForCausalLM.from_config(tiny_dense_config("qwen2", use_sliding_window=True)), 2, 1
         )
+
+
+def test_package_is_callable():
+    import padd
+    import padd.decompress
+
+    student = padd.decompress(tiny_teacher("llama"), 4, 2, init="upcycle")
+    assert type(student).__name__ == "MixtralForCausalLM"
+    assert padd.decompress.collect_stats is collect_stats
+
+
+def test_stats_and_clusters_together_rejected():
+    teacher = tiny_teacher("llama")
+    stats = collect_stats(teacher, token_batches(1), num_experts=4)
+    with pytest.raises(DecompressionError, match="not both"):
+        decompress(teacher, 4, 2, stats, clusters=cluster_teacher(teacher, 4))

@@ -7,7 +7,14 @@
 - `init_pretrained_student`: the paper's setting, an existing MoE student's router fitted to the
   teacher's cluster scores.
 - `warmup`: Stage I warmup on `D_B` (uniform frozen routing, `L_LM + α·L_KD + β·L_init`).
+
+The package itself is callable: `padd.decompress(teacher, N, k, ...)` is `decompress(...)`, while
+`padd.decompress.collect_stats` etc. stay reachable (a function named like the package would
+shadow it).
 """
+
+import sys
+import types
 
 from .all_experts import all_experts_active
 from .architectures import SUPPORTED_TEACHERS, DecompressionError, check_teacher_config, student_config
@@ -51,3 +58,13 @@ __all__ = [
     "warmup",
     "warmup_losses",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """`padd.decompress(...)` calls `decompress`; attribute access is the package's."""
+
+    def __call__(self, *args, **kwargs):
+        return decompress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -53,7 +53,7 @@ def decompress(
         top_k: k ≤ N, must divide `d_ff` (expert width `d_ff / k`).
         stats: `collect_stats(teacher, D_A batches, ...)`: its clustering is used and its
             neuron importance picks the fill neurons. Without it the fill falls back to the
-            data-free proxy (gate-row similarity to the cluster centroid).
+            data-free proxy (gate-row similarity to the cluster centroid). Ignored by "upcycle".
         init: "cluster" (balanced k-means, the method), "random_split" (random balanced neuron
             split, then the same fill and router init) or "upcycle" (sparse upcycling:
             experts are slices/copies of the FFN, random router).
@@ -71,7 +71,8 @@ def decompress(
 
     Raises:
         DecompressionError: unsupported architecture, non-gated MLP, `d_ff % N`, `d_ff % k`,
-            `k > N`, unknown init; all before any compute.
+            `k > N`, unknown init, stats/clusters of another method or shape; all before any
+            compute.
 
     Example:
         >>> stats = collect_stats(teacher, batches_DA, num_experts=8)
@@ -134,6 +135,10 @@ def moe_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _resolve_clusters(teacher, num_experts, init, stats, clusters, seed, features) -> TeacherClusters:
     method = "kmeans" if init == "cluster" else "random"
+    if clusters is not None and stats is not None and stats.clusters is not clusters:
+        raise DecompressionError(
+            "pass `stats` or `clusters`, not both: stats carry the clustering they were computed for"
+        )
     if clusters is None and stats is not None:
         clusters = stats.clusters
     if clusters is None:
