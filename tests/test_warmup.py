@@ -130,5 +130,10 @@ def test_warmup_batches_and_log():
         student, teacher, [token_batches(1)[0]["input_ids"]], stats.clusters, steps=2, log=seen.append
     )
     assert seen == history and [h["step"] for h in history] == [0, 1]
+    embed = student.model.embed_tokens.weight.detach().clone()
+    router = moe_blocks(student)[1].gate.weight.detach().clone()
+    warmup(student, teacher, token_batches(1), stats.clusters, steps=1, trainable="moe")
+    assert torch.equal(student.model.embed_tokens.weight, embed)
+    assert not torch.equal(moe_blocks(student)[1].gate.weight, router)
     with pytest.raises(ValueError, match="ran out before `steps`"):
         warmup(student, teacher, iter(token_batches(1)), stats.clusters, steps=2)

@@ -24,6 +24,7 @@ from torch import nn
 from padd.kernels import kd_loss
 from padd.moe.routing_control import RoutingControl
 
+from .convert import moe_blocks
 from .neurons import TeacherClusters
 from .stats import ClusterScoreHooks
 
@@ -47,6 +48,7 @@ def warmup(
     max_grad_norm: float | None = 1.0,
     optimizer: torch.optim.Optimizer | None = None,
     log: Callable[[dict], None] | None = None,
+    trainable: str = "all",
 ) -> list[dict]:
     """Run `steps` warmup steps on `batches` (cycled) and return per-step metrics.
 
@@ -67,6 +69,9 @@ def warmup(
             larger (padded) vocabulary is cut to the student's.
         max_grad_norm: gradient clipping (None: off).
         log: called with each step's metrics as soon as the step is done.
+        trainable: "all" (every parameter that requires grad) or "moe" (experts and routers
+            only; embeddings, attention and norms, copied from the teacher, stay fixed).
+            Ignored when `optimizer` is given.
 
     Returns:
         One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
@@ -74,7 +79,7 @@ def warmup(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = _trainable(student, trainable)
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     teacher.eval()
     student.train()
@@ -148,6 +153,17 @@ def warmup_losses(
         init = init + kd_loss(logits_TE, scores_TN.to(device), divergence="reverse_kl", mask=keep_T)
     loss = out.loss + alpha * kd + beta * init
     return {"loss": loss, "lm": out.loss.detach(), "kd": kd.detach(), "init": init.detach()}
+
+
+TRAINABLE = ("all", "moe")
+
+
+def _trainable(student: nn.Module, trainable: str) -> list[torch.Tensor]:
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    if trainable == "all":
+        return [p for p in student.parameters() if p.requires_grad]
+    return [p for block in moe_blocks(student) for p in block.parameters() if p.requires_grad]
 
 
 def _repeat(batches: Iterable) -> Iterator:
