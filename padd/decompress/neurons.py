@@ -9,7 +9,7 @@ column i of `down_proj`; its activation `a_i(x)` is entry i of `down_proj`'s inp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -99,7 +99,6 @@ class TeacherClusters:
     method: str = "kmeans"
     features: str = "gate"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
