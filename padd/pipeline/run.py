@@ -109,7 +109,7 @@ class Pipeline:
         if self.ctx.is_main:
             atomic_write_json(self.dir / "done" / f"{step}.json", {"wall_s": seconds, **extra})
 
-    def _step(self, step: str, fn: Callable[[], dict[str, Any] | None]) -> None:
+    def _step(self, step: str, fn: Callable[[], dict[str, Any] | None], sync: bool = True) -> None:
         if self.done(step):
             self.say(f"[padd] {step}: done already, skipped")
             return
@@ -117,7 +117,8 @@ class Pipeline:
         t0 = time.perf_counter()
         extra = fn() or {}
         self._mark(step, time.perf_counter() - t0, **extra)
-        pdist.barrier(self.ctx)
+        if sync:
+            pdist.barrier(self.ctx)
 
     @property
     def problems(self) -> list[Problem]:
@@ -164,7 +165,9 @@ class Pipeline:
             "report": self.step_report,
         }
         for name in STEPS:
-            if name == "report" and not self.ctx.is_main:
+            if name == "report":  # rank 0 alone; the other ranks are done
+                if self.ctx.is_main:
+                    self._step(name, steps[name], sync=False)
                 break
             self._step(name, steps[name])
             if name == until:

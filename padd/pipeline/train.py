@@ -15,7 +15,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import CheckpointDir, GracefulInterrupt, Interrupted, atomic_dir
+from padd.pipeline.checkpoint import (
+    CheckpointDir,
+    GracefulInterrupt,
+    Interrupted,
+    atomic_dir,
+    atomic_write_json,
+)
 
 
 def training_config(method: str, params: dict[str, Any], seed: int) -> Any:
@@ -73,8 +79,10 @@ def train_student(
         total=tcfg.steps, initial=start, desc=stage_name, disable=not (cfg.run.progress and ctx.is_main)
     )
     t0 = time.perf_counter()
+    seen: list[str] = []
     for step in range(start, tcfg.steps):
         problems = pdist.shard(next(batches), ctx)
+        seen += [p.question for p in problems]
         metrics = trainer.step(problems)
         pdist.all_reduce_mean_(control.selection_bias, ctx)  # identical bias on every rank
         done = step + 1
@@ -90,10 +98,11 @@ def train_student(
     seconds = time.perf_counter() - t0
     if ctx.is_main:
         atomic_dir(out / "final", lambda d: (trainer.save_checkpoint(d), pipe.tokenizer.save_pretrained(d)))
-        if ctx.enabled:
-            control.save_selection_bias(out / "rank_bias" / f"rank{ctx.rank}")
-    elif ctx.enabled:
-        control.save_selection_bias(out / "rank_bias" / f"rank{ctx.rank}")
+    if ctx.enabled:  # per-rank evidence that ranks agree: bias and a weight checksum
+        rank_dir = out / "ranks" / f"rank{ctx.rank}"
+        control.save_selection_bias(rank_dir)
+        checksum = sum(float(p.detach().double().abs().sum()) for p in student.parameters())
+        atomic_write_json(rank_dir / "rank.json", {"weights_abs_sum": checksum, "prompts_seen": seen})
     pdist.barrier(ctx)
     control.remove()
     return {"method": method, "steps": tcfg.steps, "resumed_from": start, "loop_s": seconds}
