@@ -162,6 +162,35 @@ def _report():
             print("results:", write_results(SUITE, _RECORDS))
 
 
+def kernel_variants(divergence: str) -> list[Impl]:
+    """GPU only: the raw logits kernel under other grids / block sizes, to tune the default.
+
+    Same work as padd's forward + backward (the backward's scaling is skipped for an upstream
+    gradient of 1); "persistent" grids keep fewer rows in flight so the second sweep over a
+    row can hit L2.
+    """
+    if not on_gpu():
+        return []
+    from padd.kernels.kd_loss.triton import kd_loss_triton
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    knobs = {
+        "persistent 1/SM, 16 warps": dict(num_programs=sms, num_warps=16),
+        "persistent 4/SM, 8 warps": dict(num_programs=4 * sms, num_warps=8),
+        "BLOCK_V 8192, 16 warps": dict(block_v=8192, num_warps=16),
+    }
+
+    def variant(knob: dict) -> Callable:
+        def run(student_NV, teacher_NV):
+            ones_N = torch.ones(student_NV.shape[0], device=student_NV.device)
+            args = (student_NV.detach(), teacher_NV, ones_N, ones_N, ones_N, divergence, 0.5, True)
+            return kd_loss_triton(*args, **knob)
+
+        return run
+
+    return [(f"padd kernel ({name})", variant(knob), "") for name, knob in knobs.items()]
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("n_rows,vocab", LOGIT_SHAPES)
 def test_bench_kd_logits(n_rows, vocab, divergence):
@@ -178,6 +207,8 @@ def test_bench_kd_logits(n_rows, vocab, divergence):
             print(f"skip {name}: {reason}")
             continue
         _measure(op, name, _fwd_bwd(fn, [student_NV], teacher_NV), shape, bytes_moved=bytes_moved)
+    for name, fn, _ in kernel_variants(divergence):
+        _measure(op, name, lambda fn=fn: fn(student_NV, teacher_NV), shape, bytes_moved=bytes_moved)
 
 
 def linear_impls() -> list[Impl]:

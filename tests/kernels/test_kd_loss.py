@@ -212,6 +212,26 @@ def test_triton_odd_vocab_and_multi_block(vocab, block_v, divergence):
     assert torch.all(grad_NV[1] == 0)  # weight-0 (masked) row: zero gradient, written
 
 
+def test_triton_persistent_grid_matches_one_row_per_program():
+    from padd.kernels.kd_loss.triton import kd_loss_triton
+
+    s_NV, t_NV, tau_N, _ = make_inputs(5, 40, per_row_tau=True)
+    args = (
+        s_NV.detach(),
+        t_NV,
+        tau_N,
+        torch.ones(5),
+        torch.tensor([1.0, 0.0, 0.5, 1.0, 2.0]),
+        "reverse_kl",
+        0.5,
+        True,
+    )
+    loss_N, grad_NV = kd_loss_triton(*args)
+    loss2_N, grad2_NV = kd_loss_triton(*args, num_programs=2)  # rows 0, 2, 4 and 1, 3
+    torch.testing.assert_close(loss2_N, loss_N, atol=0, rtol=0)
+    torch.testing.assert_close(grad2_NV, grad_NV, atol=0, rtol=0)
+
+
 def test_triton_gradient_can_overwrite_the_logits_in_place():
     from padd.kernels.kd_loss.reference import kd_loss_and_grad_reference
     from padd.kernels.kd_loss.triton import kd_loss_triton
@@ -389,10 +409,11 @@ def sig(kernel, types):
     return {n: types.get(n, "constexpr" if n.isupper() else "i64" if "stride" in n else "*fp32")
             for n in kernel.arg_names}
 
-aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 12)}
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 13)}
 target = GPUTarget("cuda", 90, 32)
 for dtype, divergence in (("bf16", 0), ("fp16", 4)):
-    types = {"s_ptr": "*" + dtype, "t_ptr": "*" + dtype, "g_ptr": "*" + dtype, "V": "i32", "beta": "fp32"}
+    types = {"s_ptr": "*" + dtype, "t_ptr": "*" + dtype, "g_ptr": "*" + dtype, "beta": "fp32"}
+    types.update(n_rows="i32", V="i32")
     consts = {"DIVERGENCE": divergence, "COMPUTE_GRAD": True, "BLOCK_V": 4096}
     src = ASTSource(_kd_loss_fwd_kernel, sig(_kd_loss_fwd_kernel, types), constexprs=consts, attrs=aligned)
     kernel = triton.compile(src, target=target, options={"num_warps": 8})
