@@ -10,8 +10,8 @@ same reason. `moe_ffn` applies autocast before the op; inside, the reference run
 off so its fp32 math stays fp32.
 
 Both ops carry FLOP formulas for `torch.utils.flop_counter.FlopCounterMode`: forward
-2·T·K·H·3I, backward twice that (the Triton backward's gate/up recompute is not counted: it is
-not useful work).
+2·T·K·H·3I, backward twice that when every input needs a gradient (less when some do not; the
+Triton backward's gate/up recompute is not counted: it is not useful work).
 """
 
 from __future__ import annotations
@@ -94,13 +94,20 @@ def moe_ffn_backward_op(
     sort_order_S: torch.Tensor,
     inverse_order_S: torch.Tensor,
     use_triton: bool,
+    needs_dx: bool,
+    needs_d_gate_up: bool,
+    needs_d_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(dx, d gate_up_proj, d down_proj, d weights_TK)` of `padd::moe_ffn`."""
+    """`(dx, d gate_up_proj, d down_proj, d weights_TK)` of `padd::moe_ffn`.
+
+    A gradient whose `needs_*` flag is False is skipped and returned as an empty `[0]` tensor.
+    """
+    needs = (needs_dx, needs_d_gate_up, needs_d_down)
     if use_triton:
         from .triton import moe_ffn_triton_backward
 
         return moe_ffn_triton_backward(
-            grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1
+            grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs=needs
         )
     routing = _routing(
         weights_TK,
@@ -112,17 +119,15 @@ def moe_ffn_backward_op(
         gate_up_proj.shape[0],
     )
     with torch.autocast(x.device.type, enabled=False):
-        return moe_ffn_reference_backward(grad, x, gate_up_proj, down_proj, routing)
+        grads = moe_ffn_reference_backward(grad, x, gate_up_proj, down_proj, routing)
+    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, (*needs, True), strict=True))
 
 
 @moe_ffn_backward_op.register_fake
-def _moe_ffn_backward_fake(grad, x, gate_up_proj, down_proj, weights_TK, *routing_and_flag):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(gate_up_proj),
-        torch.empty_like(down_proj),
-        torch.empty_like(weights_TK),
-    )
+def _moe_ffn_backward_fake(grad, x, gate_up_proj, down_proj, weights_TK, *routing_and_flags):
+    needs = (*routing_and_flags[-3:], True)
+    like = (x, gate_up_proj, down_proj, weights_TK)
+    return tuple(torch.empty_like(t) if need else t.new_empty(0) for t, need in zip(like, needs, strict=True))
 
 
 def moe_ffn_reference_backward(
@@ -178,8 +183,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    dx, d_gate_up, d_down, d_weights = moe_ffn_backward_op(grad, *ctx.saved_tensors, ctx.use_triton)
-    return dx, d_gate_up, d_down, d_weights, None, None, None, None, None, None
+    needs = ctx.needs_input_grad[:3]
+    grads = moe_ffn_backward_op(grad, *ctx.saved_tensors, ctx.use_triton, *needs)
+    grads = [g if need else None for g, need in zip(grads, (*needs, True), strict=True)]
+    return *grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("padd::moe_ffn", _backward, setup_context=_setup_context)
@@ -194,7 +201,11 @@ def _moe_ffn_flop(x_shape, gate_up_shape, down_shape, weights_shape, *args, out_
 def _moe_ffn_backward_flop(
     grad_shape, x_shape, gate_up_shape, down_shape, weights_shape, *args, out_shape=None, **kwargs
 ) -> int:
-    return 2 * moe_ffn_flops(x_shape[0], weights_shape[1], x_shape[1], down_shape[2])
+    needs_dx, needs_d_gate_up, needs_d_down = args[-3:]
+    slots, hidden, inter = x_shape[0] * weights_shape[1], x_shape[1], down_shape[2]
+    # Per slot: dh = dy·W2 (H·I) always; dx (2I·H), d gate_up (2I·H), d down (H·I) when asked.
+    macs = hidden * inter * (1 + 2 * needs_dx + 2 * needs_d_gate_up + needs_d_down)
+    return 2 * slots * macs
 
 
 def moe_ffn_op_from_routing(

@@ -539,6 +539,30 @@ def moe_ffn_triton_forward(
     return _sum_slots(y_SH, num_tokens, top_k)
 
 
+def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets_E1):
+    """`(d(gate|up) [S, 2I], w·h [S, I], d weights [T, K])` from the fused recompute kernel."""
+    num_tokens, hidden = x_TH.shape
+    num_experts, two_inter, _ = w13_E2IH.shape
+    inter = two_inter // 2
+    top_k = weights_TK.shape[1]
+    num_slots = num_tokens * top_k
+    dgu_S2I = _empty(num_slots, two_inter, device=x_TH.device, dtype=x_TH.dtype)
+    hw_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
+    n_tiles = triton.cdiv(inter, _BWD_BLOCK_N)
+    dweight_part_NS = _empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
+    rows = _row_tiles(num_slots, num_experts)
+    _swiglu_backward_kernel[lambda m: (rows(m) * n_tiles,)](
+        x_TH, dy_TH, w13_E2IH, w2_EHI, weights_TK.reshape(-1).contiguous(), order_S, offsets_E1,
+        dgu_S2I, hw_SI, dweight_part_NS,
+        num_experts, hidden, inter, num_slots, _rows_bucket(num_slots, num_experts),
+        *x_TH.stride(), *dy_TH.stride(), *w13_E2IH.stride(), *w2_EHI.stride(), dgu_S2I.stride(0), hw_SI.stride(0),
+        TOP_K=top_k, BLOCK_E=_block_e(num_experts), DOT_PRECISION=_dot_precision(x_TH.dtype),
+    )  # fmt: skip
+    # Fixed-order sum of the per-I-tile partials: deterministic, no atomics.
+    d_weights_TK = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
+    return dgu_S2I, hw_SI, d_weights_TK
+
+
 def moe_ffn_triton_backward(
     grad_TH: torch.Tensor,
     x_TH: torch.Tensor,
@@ -547,73 +571,58 @@ def moe_ffn_triton_backward(
     weights_TK: torch.Tensor,
     sort_order_S: torch.Tensor,
     expert_offsets_E1: torch.Tensor,
+    needs: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(dx [T,H], d gate_up_proj [E,2I,H], d down_proj [E,H,I], d weights [T,K])`."""
-    num_tokens, hidden = x_TH.shape
-    num_experts, two_inter, _ = gate_up_proj_E2IH.shape
-    inter = two_inter // 2
-    top_k = weights_TK.shape[1]
-    num_slots = num_tokens * top_k
+    """`(dx [T,H], d gate_up_proj [E,2I,H], d down_proj [E,H,I], d weights [T,K])`.
+
+    `needs` flags (dx, d gate_up_proj, d down_proj): a gradient not needed is skipped and
+    returned as an empty `[0]` tensor. The routing-weight gradient is always returned (it is a
+    by-product of the recompute kernel).
+    """
+    num_tokens, top_k = weights_TK.shape
+    needs_dx, needs_d_gate_up, needs_d_down = needs
+    skipped = lambda: x_TH.new_empty(0)  # one per output: custom-op outputs must not alias
     if num_tokens == 0:
-        return (
-            torch.zeros_like(x_TH),
-            torch.zeros_like(gate_up_proj_E2IH),
-            torch.zeros_like(down_proj_EHI),
-            torch.zeros_like(weights_TK),
-        )
+        zeros = [torch.zeros_like(t) if need else skipped() for t, need in
+                 zip((x_TH, gate_up_proj_E2IH, down_proj_EHI), needs, strict=True)]  # fmt: skip
+        return (*zeros, torch.zeros_like(weights_TK))
     order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
     dy_TH = grad_TH.to(x_TH.dtype)
-    weights_S = weights_TK.reshape(-1).contiguous()
-    dgu_S2I = _empty(num_slots, two_inter, device=x_TH.device, dtype=x_TH.dtype)
-    hw_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
-    n_tiles = triton.cdiv(inter, _BWD_BLOCK_N)
-    dweight_part_NS = _empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
-    rows = _row_tiles(num_slots, num_experts)
-    _swiglu_backward_kernel[lambda m: (rows(m) * n_tiles,)](
-        x_TH,
-        dy_TH,
-        gate_up_proj_E2IH,
-        down_proj_EHI,
-        weights_S,
-        order_S,
-        offsets_E1,
-        dgu_S2I,
-        hw_SI,
-        dweight_part_NS,
-        num_experts,
-        hidden,
-        inter,
-        num_slots,
-        _rows_bucket(num_slots, num_experts),
-        *x_TH.stride(),
-        *dy_TH.stride(),
-        *gate_up_proj_E2IH.stride(),
-        *down_proj_EHI.stride(),
-        dgu_S2I.stride(0),
-        hw_SI.stride(0),
-        TOP_K=top_k,
-        BLOCK_E=_block_e(num_experts),
-        DOT_PRECISION=_dot_precision(x_TH.dtype),
+    dgu_S2I, hw_SI, d_weights = _swiglu_backward(
+        dy_TH, x_TH, gate_up_proj_E2IH, down_proj_EHI, weights_TK, order_S, offsets_E1
     )
-    d_weights = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
     # Ordered so each [S, ·] buffer is freed once its last reader has run (lower peak memory).
-    d_down = _expert_weight_grad(
-        dy_TH, hw_SI, order_S, offsets_E1, top_k, gather_a=True, gather_b=False, out_dtype=down_proj_EHI.dtype
-    )
-    del hw_SI, dweight_part_NS
-    d_gate_up = _expert_weight_grad(
-        dgu_S2I,
-        x_TH,
-        order_S,
-        offsets_E1,
-        top_k,
-        gather_a=False,
-        gather_b=True,
-        out_dtype=gate_up_proj_E2IH.dtype,
-    )
-    dx_SH = _scatter_grouped_mm(dgu_S2I, gate_up_proj_E2IH, order_S, offsets_E1, None, x_TH.dtype)
-    del dgu_S2I
-    return _sum_slots(dx_SH, num_tokens, top_k), d_gate_up, d_down, d_weights
+    d_down = skipped()
+    if needs_d_down:
+        d_down = _expert_weight_grad(
+            dy_TH,
+            hw_SI,
+            order_S,
+            offsets_E1,
+            top_k,
+            gather_a=True,
+            gather_b=False,
+            out_dtype=down_proj_EHI.dtype,
+        )
+    del hw_SI
+    d_gate_up = skipped()
+    if needs_d_gate_up:
+        d_gate_up = _expert_weight_grad(
+            dgu_S2I,
+            x_TH,
+            order_S,
+            offsets_E1,
+            top_k,
+            gather_a=False,
+            gather_b=True,
+            out_dtype=gate_up_proj_E2IH.dtype,
+        )
+    dx = skipped()
+    if needs_dx:
+        dx_SH = _scatter_grouped_mm(dgu_S2I, gate_up_proj_E2IH, order_S, offsets_E1, None, x_TH.dtype)
+        del dgu_S2I
+        dx = _sum_slots(dx_SH, num_tokens, top_k)
+    return dx, d_gate_up, d_down, d_weights
 
 
 def moe_ffn_triton(
