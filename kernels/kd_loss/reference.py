@@ -84,9 +84,10 @@ def row_weights_N(
         w_N = keep_N.to(device=device, dtype=torch.float32)
     if temperature_scaling:
         w_N = w_N * tau_t_N * tau_t_N
-    if reduction == "mean":
-        count = torch.ones_like(w_N).sum() if keep_N is None else keep_N.float().sum()
-        w_N = w_N / count.clamp_min(1.0)
+    if reduction == "mean" and keep_N is None:
+        w_N = w_N / max(n_rows, 1)
+    elif reduction == "mean":
+        w_N = w_N / keep_N.float().sum().clamp_min(1.0)  # a device tensor: no host sync
     elif reduction == "batchmean":
         w_N = w_N / max(n_rows, 1)
     return w_N

@@ -2,7 +2,8 @@
 
 Shape legend: N token rows, V vocabulary.
 
-One program per row walks the vocabulary in blocks of BLOCK_V:
+A program takes one row at a time (rows pid, pid + P, ... for a grid of P programs; P = N by
+default) and walks the vocabulary in blocks of BLOCK_V:
   sweep 1  online log-sum-exp of both a = z_S / tau_S and b = z_T / tau_T (and, for forward
            and reverse KL, the loss itself, accumulated online with the same rescaling);
   sweep 2  (jsd and skew variants only) the loss and the row dot S = sum_j q_j u_j, which their
@@ -31,7 +32,6 @@ import triton.language as tl
 from .._dispatch import interpreter_enabled
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4}
-NEG_INF = float("-inf")
 
 
 @triton.jit
