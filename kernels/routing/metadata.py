@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._dispatch import resolve_backend
+
 
 @dataclass
 class Routing:
@@ -94,8 +96,14 @@ def routing_metadata(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.
     )
 
 
-def routing_from_topk(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> Routing:
+def routing_from_topk(
+    experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, *, backend: str = "auto"
+) -> Routing:
     """Wrap routing decisions made elsewhere (e.g. a transformers router) into a `Routing`.
+
+    The metadata comes from the `padd::routing_metadata` custom op: Triton kernels for CUDA
+    tensors (no host sync), `routing_metadata` otherwise; `backend` as in `route`. Expert ids
+    must lie in [0, num_experts); a token may repeat an id (its slots keep slot order).
 
     Example:
         >>> r = routing_from_topk(torch.tensor([[0, 2], [2, 1]]), torch.full((2, 2), 0.5), 3)
@@ -109,7 +117,11 @@ def routing_from_topk(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_ex
         )
     if experts_TK.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"experts_TK must be int32 or int64, got {experts_TK.dtype}")
-    tpe, offsets, order, inverse = routing_metadata(experts_TK, num_experts)
+    from .op import routing_metadata_op  # here: op.py imports this module
+
+    tpe, offsets, order, inverse = routing_metadata_op(
+        experts_TK, num_experts, resolve_backend(backend, experts_TK)
+    )
     return Routing(
         weights_TK=weights_TK,
         experts_TK=experts_TK.to(torch.int32),

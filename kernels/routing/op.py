@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .metadata import Routing
+from .metadata import Routing, routing_metadata
 from .reference import route_reference
 
 _MIN_SUM = 1e-20  # the reference's clamp on the renormalisation denominator
@@ -164,6 +164,37 @@ def _backward(ctx, grad_w, _ge, _gt, _go, _gs, _gi, grad_scores, grad_lse):
 
 
 _route_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("padd::routing_metadata", mutates_args=())
+def _routing_metadata_op(
+    experts: Tensor, num_experts: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)`, int32."""
+    if backend == "triton":
+        from .triton import routing_metadata_triton
+
+        return routing_metadata_triton(experts, num_experts)
+    return routing_metadata(experts, num_experts)
+
+
+@_routing_metadata_op.register_fake
+def _routing_metadata_fake(experts, num_experts, backend):
+    num_slots = experts.numel()
+    new = experts.new_empty
+    i32 = torch.int32
+    return (
+        new(num_experts, dtype=i32),
+        new(num_experts + 1, dtype=i32),
+        new(num_slots, dtype=i32),
+        new(num_slots, dtype=i32),
+    )
+
+
+def routing_metadata_op(experts_TK: Tensor, num_experts: int, backend: str) -> tuple[Tensor, ...]:
+    """`routing_metadata` through the `padd::routing_metadata` op; `backend` is "triton" or
+    "reference". Opaque to torch.compile, so the data-dependent bincount/sort never break a graph."""
+    return _routing_metadata_op(experts_TK, num_experts, backend)
 
 
 def route_op(

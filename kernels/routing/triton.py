@@ -173,6 +173,36 @@ def _route_scan_kernel(
 
 
 @triton.jit
+def _block_expert_counts(
+    experts_ptr, slot0_T, row_ok_T, cols_E, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    """[BLOCK_T, BLOCK_E] int32: how many of each token's K slots went to each expert."""
+    picked_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    for j in tl.static_range(K):
+        idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
+        picked_TE += (cols_E[None, :] == idx_T[:, None]).to(tl.int32)
+    return picked_TE
+
+
+@triton.jit
+def _route_histogram_kernel(
+    experts_ptr,
+    counts_ptr,
+    T,
+    E,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # Per-block expert histogram of given expert ids (routing decided elsewhere).
+    pid = tl.program_id(0)
+    rows_T = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols_E = tl.arange(0, BLOCK_E)
+    picked_TE = _block_expert_counts(experts_ptr, rows_T * K, rows_T < T, cols_E, K, BLOCK_T, BLOCK_E)
+    tl.store(counts_ptr + pid * E + cols_E, tl.sum(picked_TE, axis=0), mask=cols_E < E)
+
+
+@triton.jit
 def _route_permute_kernel(
     experts_ptr,
     prefix_ptr,
@@ -200,19 +230,17 @@ def _route_permute_kernel(
         tl.store(offsets_ptr + 1 + cols_E, incl_E, mask=col_ok_E)
         tl.store(offsets_ptr + cols_E, tl.zeros([BLOCK_E], dtype=tl.int32), mask=cols_E == 0)
 
-    # A token picks distinct experts, so its rank among the block's slots of expert e is the
-    # number of earlier tokens of the block that picked e: an exclusive cumsum down the rows.
-    picked_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
-    for j in tl.static_range(K):
-        idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
-        picked_TE += (cols_E[None, :] == idx_T[:, None]).to(tl.int32)
-    rank_TE = tl.cumsum(picked_TE, axis=0) - picked_TE
+    # Slot (t, j) of expert e goes after every earlier slot of e: those of the earlier blocks
+    # (prefix), of the block's earlier tokens (an exclusive cumsum down the rows) and the token's
+    # own earlier choices (`seen`; only repeated ids given to `routing_from_topk` have any).
+    picked_TE = _block_expert_counts(experts_ptr, slot0_T, row_ok_T, cols_E, K, BLOCK_T, BLOCK_E)
     base_E = incl_E - counts_E + tl.load(prefix_ptr + pid * E + cols_E, mask=col_ok_E, other=0)
-    pos_TE = rank_TE + base_E[None, :]
-
+    pos_TE = tl.cumsum(picked_TE, axis=0) - picked_TE + base_E[None, :]
     for j in tl.static_range(K):
         idx_T = tl.load(experts_ptr + slot0_T + j, mask=row_ok_T, other=BLOCK_E)
-        pos_T = tl.sum(tl.where(cols_E[None, :] == idx_T[:, None], pos_TE, 0), axis=1)
+        hit_TE = cols_E[None, :] == idx_T[:, None]
+        pos_T = tl.sum(tl.where(hit_TE, pos_TE, 0), axis=1)
+        pos_TE += hit_TE.to(tl.int32)
         slot_T = slot0_T + j
         tl.store(sort_order_ptr + pos_T, slot_T, mask=row_ok_T)
         tl.store(inverse_ptr + slot_T, pos_T, mask=row_ok_T)
@@ -298,6 +326,62 @@ def _route_backward_kernel(
     tl.store(dx_ptrs, dx_TE.to(grad_logits_ptr.dtype.element_ty), mask=ok_TE)
 
 
+def _metadata_buffers(num_tokens: int, top_k: int, num_experts: int, dev: torch.device) -> tuple:
+    """(tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S), int32."""
+    num_slots = num_tokens * top_k
+    if num_slots >= 2**31:
+        raise ValueError(f"T·top_k = {num_slots} slots overflow the int32 permutation")
+    # The kernels write every element; only T = 0 (no launch) needs explicit zeros.
+    alloc = torch.zeros if num_tokens == 0 else _empty
+    return (
+        alloc(num_experts, dtype=torch.int32, device=dev),
+        alloc(num_experts + 1, dtype=torch.int32, device=dev),
+        _empty(num_slots, dtype=torch.int32, device=dev),
+        _empty(num_slots, dtype=torch.int32, device=dev),
+    )
+
+
+def _launch_scan_and_permute(experts_TK: torch.Tensor, counts_BE: torch.Tensor, metadata: tuple) -> None:
+    """Kernels 2 and 3: from per-block histograms to counts, offsets and the permutation."""
+    tokens_per_expert_E, offsets_E1, sort_order_S, inverse_S = metadata
+    num_tokens, top_k = experts_TK.shape
+    num_blocks, num_experts = counts_BE.shape
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = _block_t(num_experts)
+    prefix_BE = _empty(num_blocks, num_experts, dtype=torch.int32, device=counts_BE.device)
+    scan_b, scan_e = _scan_blocks(num_blocks, block_e)
+    _route_scan_kernel[(triton.cdiv(num_experts, scan_e),)](
+        counts_BE, prefix_BE, tokens_per_expert_E, num_blocks, num_experts,
+        BLOCK_B=scan_b, BLOCK_EC=scan_e, num_warps=8,
+    )  # fmt: skip
+    _route_permute_kernel[(num_blocks,)](
+        experts_TK, prefix_BE, tokens_per_expert_E, offsets_E1, sort_order_S, inverse_S, num_tokens,
+        num_experts, K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_num_warps(block_t, block_e),
+    )  # fmt: skip
+
+
+def routing_metadata_triton(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """`routing_metadata` of given expert ids `[T, K]` (each in [0, E)), in three launches.
+
+    Returns `(tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)`, int32.
+    """
+    num_tokens, top_k = experts_TK.shape
+    metadata = _metadata_buffers(num_tokens, top_k, num_experts, experts_TK.device)
+    if num_tokens == 0:
+        return metadata
+    experts_TK = experts_TK.to(torch.int32).contiguous()
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = _block_t(num_experts)
+    num_blocks = triton.cdiv(num_tokens, block_t)
+    counts_BE = _empty(num_blocks, num_experts, dtype=torch.int32, device=experts_TK.device)
+    _route_histogram_kernel[(num_blocks,)](
+        experts_TK, counts_BE, num_tokens, num_experts,
+        K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_num_warps(block_t, block_e),
+    )  # fmt: skip
+    _launch_scan_and_permute(experts_TK, counts_BE, metadata)
+    return metadata
+
+
 def route_forward_triton(
     logits_TE: torch.Tensor,
     top_k: int,
@@ -314,31 +398,14 @@ def route_forward_triton(
     """
     num_tokens, num_experts = logits_TE.shape
     dev = logits_TE.device
-    num_slots = num_tokens * top_k
-    if num_slots >= 2**31:
-        raise ValueError(f"T·top_k = {num_slots} slots overflow the int32 permutation")
     softmax = score == "softmax"
     f32, i32 = torch.float32, torch.int32
+    metadata = _metadata_buffers(num_tokens, top_k, num_experts, dev)
     weights_TK = _empty(num_tokens, top_k, dtype=f32, device=dev)
     experts_TK = _empty(num_tokens, top_k, dtype=i32, device=dev)
     scores_TE = _empty(num_tokens if return_scores else 0, num_experts, dtype=f32, device=dev)
     lse_T = _empty(num_tokens if softmax else 0, dtype=f32, device=dev)
-    # The scan kernel writes every element; only T = 0 (no launch) needs explicit zeros.
-    alloc = torch.zeros if num_tokens == 0 else _empty
-    tokens_per_expert_E = alloc(num_experts, dtype=i32, device=dev)
-    offsets_E1 = alloc(num_experts + 1, dtype=i32, device=dev)
-    sort_order_S = _empty(num_slots, dtype=i32, device=dev)
-    inverse_S = _empty(num_slots, dtype=i32, device=dev)
-    outputs = (
-        weights_TK,
-        experts_TK,
-        tokens_per_expert_E,
-        offsets_E1,
-        sort_order_S,
-        inverse_S,
-        scores_TE,
-        lse_T,
-    )
+    outputs = (weights_TK, experts_TK, *metadata, scores_TE, lse_T)
     if num_tokens == 0:
         return outputs
 
@@ -346,8 +413,6 @@ def route_forward_triton(
     block_t = _block_t(num_experts)
     num_blocks = triton.cdiv(num_tokens, block_t)
     counts_BE = _empty(num_blocks, num_experts, dtype=i32, device=dev)
-    prefix_BE = _empty(num_blocks, num_experts, dtype=i32, device=dev)
-    warps = _num_warps(block_t, block_e)
     # Unused pointer arguments get a live tensor: an empty one may carry a null data pointer.
     _route_topk_kernel[(num_blocks,)](
         logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK,
@@ -355,17 +420,9 @@ def route_forward_triton(
         num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
         K=top_k, SOFTMAX=softmax, HAS_BIAS=bias_E is not None, RENORMALIZE=renormalize,
         WRITE_SCORES=return_scores, MIN_SUM=_MIN_SUM, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=warps,
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=_num_warps(block_t, block_e),
     )  # fmt: skip
-    scan_b, scan_e = _scan_blocks(num_blocks, block_e)
-    _route_scan_kernel[(triton.cdiv(num_experts, scan_e),)](
-        counts_BE, prefix_BE, tokens_per_expert_E, num_blocks, num_experts,
-        BLOCK_B=scan_b, BLOCK_EC=scan_e, num_warps=8,
-    )  # fmt: skip
-    _route_permute_kernel[(num_blocks,)](
-        experts_TK, prefix_BE, tokens_per_expert_E, offsets_E1, sort_order_S, inverse_S, num_tokens, num_experts,
-        K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps,
-    )  # fmt: skip
+    _launch_scan_and_permute(experts_TK, counts_BE, metadata)
     return outputs
 
 

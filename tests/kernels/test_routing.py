@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from padd.kernels import route, route_reference
+from padd.kernels import route, route_reference, routing_from_topk, routing_metadata
 from padd.kernels.routing import triton as routing_triton
 
 FIELDS_INT = ("experts_TK", "tokens_per_expert_E", "expert_offsets_E1", "sort_order_S", "inverse_order_S")
@@ -244,6 +244,41 @@ def test_triton_minus_inf_logits_pick_distinct_lower_ids():
     got, want = _route_both(logits_TE, 3, "softmax", None, True)
     assert got.experts_TK.tolist() == [[3, 0, 1]] * 2
     _assert_same_routing(got, want)
+
+
+# ---------------------------------------------------------------- routing_from_topk
+
+
+def _random_experts(num_tokens, num_experts, top_k, *, repeats=False):
+    if repeats:
+        return torch.randint(0, num_experts, (num_tokens, top_k))
+    return torch.rand(num_tokens, num_experts).argsort(dim=-1)[:, :top_k]  # distinct per token
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,repeats",
+    [(0, 8, 2, False), (1, 3, 3, False), (130, 60, 8, False), (130, 5, 6, True)],
+)
+def test_routing_from_topk_matches_torch_metadata(backend, num_tokens, num_experts, top_k, repeats):
+    experts_TK = _random_experts(num_tokens, num_experts, top_k, repeats=repeats)
+    r = routing_from_topk(experts_TK, torch.rand(num_tokens, top_k), num_experts, backend=backend)
+    want = routing_metadata(experts_TK, num_experts)
+    got = (r.tokens_per_expert_E, r.expert_offsets_E1, r.sort_order_S, r.inverse_order_S)
+    for name, a, b in zip(FIELDS_INT[1:], got, want, strict=True):
+        assert a.dtype == torch.int32 and torch.equal(a, b), name
+    _assert_invariants(r, num_experts)
+
+
+def test_routing_from_topk_compiles_fullgraph_and_runs_on_meta():
+    experts_TK, weights_TK = _random_experts(7, 12, 2), torch.rand(7, 2)
+    fn = lambda e, w: routing_from_topk(e, w, 12).sort_order_S
+    assert torch.equal(
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(experts_TK, weights_TK),
+        fn(experts_TK, weights_TK),
+    )
+    r = routing_from_topk(experts_TK.to("meta"), weights_TK.to("meta"), 12)
+    assert r.sort_order_S.shape == (14,) and r.expert_offsets_E1.shape == (13,)
 
 
 # ---------------------------------------------------------------- backward
