@@ -226,7 +226,7 @@ def _fl_backward(ctx, grad_loss_N, *_unused):
     else:
         # Scalar reductions: grad_loss_N is one value broadcast over the rows.
         _refuse_second_backward(ctx)
-        go = grad_loss_N.reshape(-1)[:1]
+        go = grad_loss_N.reshape(-1)[:1].sum()  # a 0-d tensor, also for N = 0 (zero grads then)
         grads = tuple(g.mul_(go.to(g.dtype)) for g in ctx.saved_tensors)
     grad_b = grads[2] if ctx.has_bias else None
     return (grads[0], grads[1], grad_b) + (None,) * (_FL_N_ARGS - 3)

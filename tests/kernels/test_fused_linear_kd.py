@@ -124,6 +124,13 @@ def test_triton_backend_fp16_without_bias():
     assert_matches(fused, ref, torch.float16)
 
 
+def test_empty_batch():
+    (h, w, b), logits, _ = make_problem(0, 9, "logits")
+    loss = fused_linear_kd_loss(h, w, logits, student_head_bias=b)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, 8) and torch.all(w.grad == 0)
+
+
 def test_chunk_size_does_not_change_the_result():
     student, teacher, _ = make_problem(9, 17, "logits")
     losses = [fused_linear_kd_loss(student[0], student[1], teacher, chunk_size=c) for c in (1, 4, 9, 100)]
