@@ -31,18 +31,9 @@ def moe_ffn_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> int:
     return 2 * num_tokens * top_k * hidden * 3 * inter
 
 
-def _routing(
-    weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S, num_experts
-):
-    return Routing(
-        weights_TK,
-        experts_TK,
-        tokens_per_expert_E,
-        expert_offsets_E1,
-        sort_order_S,
-        inverse_order_S,
-        num_experts,
-    )
+def _routing(num_experts: int, *fields: torch.Tensor) -> Routing:
+    """Rebuild the `Routing` that `moe_ffn_op_from_routing` took apart (fields in dataclass order)."""
+    return Routing(*fields, num_experts)
 
 
 @torch.library.custom_op("padd::moe_ffn", mutates_args=())
@@ -63,15 +54,8 @@ def moe_ffn_op(
         from .triton import moe_ffn_triton_forward
 
         return moe_ffn_triton_forward(x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1)
-    routing = _routing(
-        weights_TK,
-        experts_TK,
-        tokens_per_expert_E,
-        expert_offsets_E1,
-        sort_order_S,
-        inverse_order_S,
-        gate_up_proj.shape[0],
-    )
+    fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
+    routing = _routing(gate_up_proj.shape[0], *fields)
     with torch.autocast(x.device.type, enabled=False):
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
 
@@ -109,15 +93,8 @@ def moe_ffn_backward_op(
         return moe_ffn_triton_backward(
             grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs=needs
         )
-    routing = _routing(
-        weights_TK,
-        experts_TK,
-        tokens_per_expert_E,
-        expert_offsets_E1,
-        sort_order_S,
-        inverse_order_S,
-        gate_up_proj.shape[0],
-    )
+    fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
+    routing = _routing(gate_up_proj.shape[0], *fields)
     with torch.autocast(x.device.type, enabled=False):
         grads = moe_ffn_reference_backward(grad, x, gate_up_proj, down_proj, routing)
     return tuple(g if need else g.new_empty(0) for g, need in zip(grads, (*needs, True), strict=True))
