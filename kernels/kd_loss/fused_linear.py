@@ -31,7 +31,6 @@ def default_chunk_size(n_rows: int, vocab_size: int) -> int:
 def teacher_chunk_CV(
     rows: slice,
     vocab_size: int,
-    dtype: torch.dtype,
     *,
     teacher_logits: torch.Tensor | None,
     teacher_hidden: torch.Tensor | None,
@@ -45,8 +44,10 @@ def teacher_chunk_CV(
         return teacher_logits[rows]
     if teacher_hidden is not None:
         return torch.nn.functional.linear(teacher_hidden[rows], teacher_head_weight, teacher_head_bias)
-    # Sparse teacher as -inf off its support: softmax then renormalises over the K ids.
-    return densify_sparse_teacher_NV(teacher_ids[rows], teacher_logprobs[rows], vocab_size, dtype)
+    # Sparse teacher as -inf off its support: softmax then renormalises over the K ids. Kept in
+    # the log-probs' own dtype (fp32 log-probs stay exact).
+    ids_CK, logprobs_CK = teacher_ids[rows], teacher_logprobs[rows]
+    return densify_sparse_teacher_NV(ids_CK, logprobs_CK, vocab_size, logprobs_CK.dtype)
 
 
 def chunk_loss_and_grad(
@@ -110,7 +111,7 @@ def fused_linear_kd_forward(
             rows = slice(start, min(start + chunk_size, n_rows))
             h_CH = hidden_NH[rows]
             logits_CV = torch.nn.functional.linear(h_CH, weight_VH, bias_V)
-            teacher_CV = teacher_chunk_CV(rows, vocab, logits_CV.dtype, **teacher)
+            teacher_CV = teacher_chunk_CV(rows, vocab, **teacher)
             loss_N[rows], grad_CV = chunk_loss_and_grad(
                 logits_CV, teacher_CV, tau_t_N[rows], tau_s_N[rows], w_N[rows], divergence, beta,
                 compute_grad, backend,
