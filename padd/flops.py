@@ -21,6 +21,7 @@ through their own FLOP formulas (on `meta`, padd's routing metadata has no kerne
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,7 +106,9 @@ def analytic(config: PretrainedConfig, *, seq_len: int = DEFAULT_SEQ_LEN) -> Flo
 
 def meta_model(config: PretrainedConfig) -> nn.Module:
     """The model of `config` on the `meta` device (no memory, no weights), ready for `measure`."""
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # A width-0 Qwen2-MoE shared expert (decompressed students): "initialising is a no-op".
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return AutoModelForCausalLM.from_config(config)
 
 
