@@ -4,11 +4,16 @@ TRITON_INTERPRET must be set before triton is first imported, hence here at coll
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A private compile cache per run: a cache left by an older version of a custom op's schema
+# would otherwise be served to torch.compile tests (AOT-autograd keys on the forward graph).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="padd-inductor-"))
 
 import pytest  # noqa: E402
 
