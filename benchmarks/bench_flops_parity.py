@@ -156,5 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
+def test_flops_parity() -> None:
+    """CI entry: every configuration's student spends at most 1.01x the teacher's FLOPs/token."""
+    assert main([]) == 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
