@@ -11,8 +11,11 @@ Three launches, no host synchronisation, no atomics (so the result is bit-determ
    histograms over blocks, and tokens per expert.
 3. `_route_permute_kernel`, one program per token block: the expert offsets (a cumsum of the
    counts, recomputed by each program), then each slot's position in the stable sort by expert,
-   `offsets[e] + prefix[b, e] + (earlier tokens of the block that chose e)`, which is exactly
+   `offsets[e] + prefix[b, e] + (earlier slots of the block that chose e)`, which is exactly
    the order a stable sort of the flattened expert ids gives.
+
+`routing_metadata_triton` builds the same metadata from expert ids chosen elsewhere
+(`routing_from_topk`): `_route_histogram_kernel` stands in for kernel 1.
 
 The backward (`route_backward_triton`) recomputes the scores from the logits (and the saved
 logsumexp) in one pass and writes d logits.
