@@ -1,4 +1,5 @@
-"""`padd::route` and `padd::route_backward`: routing as opaque `torch.library` custom ops.
+"""`padd::route`, `padd::route_backward` and `padd::routing_metadata`: routing as opaque
+`torch.library` custom ops.
 
 The ops make `torch.compile(fullgraph=True)` trace through routing: the sort, bincount and
 scatter of the reference (data-dependent on CPU) and the Triton launches (on CUDA) stay inside

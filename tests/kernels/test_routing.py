@@ -390,6 +390,8 @@ def test_custom_ops_pass_opcheck(backend):
     grads = (torch.randn(7, 3), torch.randn(7, 12), torch.randn(7))
     bwd_args = (logits_TE.detach(), torch.randn(7), experts_TK, *grads, "softmax", True, backend)
     torch.library.opcheck(torch.ops.padd.route_backward.default, bwd_args)
+    for ids_TK in (experts_TK, experts_TK.long()):
+        torch.library.opcheck(torch.ops.padd.routing_metadata.default, (ids_TK, 12, backend))
 
 
 def _routed_loss(logits_TE, bias_E):
