@@ -94,21 +94,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from padd.config import load_config
     from padd.pipeline.checkpoint import GracefulInterrupt
     from padd.pipeline.run import Pipeline
     from padd.pipeline.stage1 import build_student
 
     cfg = load_config(args.config, args.overrides)
-    cfg = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, skip=True))
     pipe = Pipeline(cfg)
     pipe.run(until="teacher")
     with GracefulInterrupt() as interrupt:
         info = build_student(
             cfg, pipe.load_teacher(), pipe.tokenizer, pipe.split("A"), pipe.split("B"),
-            Path(args.out), interrupt, pipe.metrics.log,
+            Path(args.out), interrupt, pipe.metrics.log, warmup_experts=False,
         )  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0
@@ -141,10 +138,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (2 for config errors, 128+signal when interrupted)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow the flags (`padd train tiny --force a.b=1`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    from transformers.utils import logging as hf_logging
+
     from padd.config import ConfigError
     from padd.pipeline.checkpoint import Interrupted
 
+    hf_logging.disable_progress_bar()  # per-file load/save bars; ours are tqdm on long work
     commands = {
         "train": _cmd_train,
         "eval": _cmd_eval,

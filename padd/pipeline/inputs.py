@@ -131,4 +131,6 @@ def load_model(path: str | Path, dtype: str = "float32") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no model (config.json) at {path}")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()

@@ -47,8 +47,10 @@ def build_student(
     out: Path,
     interrupt: GracefulInterrupt,
     log: Callable[[dict[str, Any]], None],
+    *,
+    warmup_experts: bool = True,
 ) -> dict[str, Any]:
-    """Stage I end to end; returns timings and what was done."""
+    """Stage I end to end (`warmup_experts=False`: decompression only); returns timings."""
     import padd.decompress as dec
     from padd.moe.routing_control import RoutingControl
 
@@ -75,7 +77,7 @@ def build_student(
     info["construct_s"] = time.perf_counter() - t0
     interrupt.check()
     warmup = getattr(dec, "warmup", None)
-    if s1.skip or s1.warmup_steps == 0:
+    if s1.skip or s1.warmup_steps == 0 or not warmup_experts:
         info["warmup"] = "skipped"
     elif warmup is None:
         info["warmup"] = "unavailable (padd.decompress.warmup not found)"
