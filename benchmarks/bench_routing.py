@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from padd.kernels import route
+from padd.kernels import route, routing_from_topk, routing_metadata
 
 from benchmarks.common import bench_device, make_record, on_gpu, print_table, time_fn, write_results
 
@@ -176,3 +176,23 @@ def test_bench_route_forward_backward(num_tokens, num_experts, top_k):
     for name, step in ((padd_name, padd_step), ("torch eager", eager_step)):
         timing = time_fn(step, **_REPS)
         _RECORDS.append(make_record(SUITE, "route_fwd_bwd", name, shape, timing, bytes_moved=bytes_moved))
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[::3])
+def test_bench_metadata_from_topk(num_tokens, num_experts, top_k):
+    """Metadata of decisions made elsewhere (the transformers path): `routing_from_topk`."""
+    torch.manual_seed(0)
+    dev = bench_device()
+    experts_TK = torch.rand(num_tokens, num_experts, device=dev).argsort(dim=-1)[:, :top_k]  # int64, as HF
+    weights_TK = torch.rand(num_tokens, top_k, device=dev)
+    shape = {"T": num_tokens, "E": num_experts, "k": top_k}
+    num_slots = num_tokens * top_k
+    bytes_moved = num_slots * 8 + (2 * num_slots + 2 * num_experts + 1) * 4
+    padd_name = "padd (triton)" if on_gpu() else "padd (reference)"
+    impls = (
+        (padd_name, lambda: routing_from_topk(experts_TK, weights_TK, num_experts)),
+        ("torch eager", lambda: routing_metadata(experts_TK, num_experts)),
+    )
+    for name, fn in impls:
+        timing = time_fn(fn, **_REPS)
+        _RECORDS.append(make_record(SUITE, "metadata", name, shape, timing, bytes_moved=bytes_moved))
