@@ -160,6 +160,8 @@ TRITON_CASES = [
     (130, 128, 8, "sigmoid", False, False),
     (130, 128, 2, "softmax", False, True),
     (130, 256, 8, "softmax", False, False),
+    (5, 1, 1, "softmax", True, True),  # a single expert
+    (33, 1000, 8, "sigmoid", True, True),  # E beyond the grid: two tokens per tile
 ]
 
 
