@@ -485,7 +485,11 @@ def test_gpu_triton_matches_reference(dtype, num_tokens, num_experts, top_k):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_backend_is_triton_and_compiles():
+def test_gpu_auto_backend_is_triton_and_compiles(monkeypatch):
+    calls = []
+    forward = routing_triton.route_forward_triton
+    monkeypatch.setattr(routing_triton, "route_forward_triton", lambda *a: calls.append(1) or forward(*a))
     logits_TE = _logits(1024, 128, torch.bfloat16, "cuda")
     fn = torch.compile(lambda x: route(x, 8).sort_order_S, fullgraph=True)
     assert torch.equal(fn(logits_TE), route(logits_TE, 8, backend="reference").sort_order_S)
+    assert calls, "backend='auto' on CUDA should run the Triton kernels"
