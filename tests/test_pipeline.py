@@ -122,3 +122,20 @@ def test_sigterm_mid_training_then_resume_matches_uninterrupted(reference):
         a = json.loads((run / "eval" / f"{name}.json").read_text())
         b = json.loads((reference / "ref" / "eval" / f"{name}.json").read_text())
         assert a == b, name
+
+
+def test_report_flops_and_convert_subcommands(reference, capsys, tmp_path):
+    from padd.cli import main
+
+    run = reference / "ref"
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0 and (run / "report.md").is_file()
+    teacher = json.loads((run / "done" / "teacher.json").read_text())["path"]
+    capsys.readouterr()
+    assert main(["flops", teacher, str(run / "stage1" / "student")]) == 0
+    flops = json.loads(capsys.readouterr().out)
+    assert flops["student"]["params"] > flops["teacher"]["params"]
+    assert flops["student"]["active_params"] < flops["student"]["params"]
+    args = ["micro", f"run.dir={run}", f"run.cache_dir={reference / 'cache'}", *OVERRIDES]
+    assert main(["convert", *args, "--out", str(tmp_path / "student")]) == 0
+    assert (tmp_path / "student" / "model.safetensors").is_file()
