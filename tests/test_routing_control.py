@@ -59,7 +59,8 @@ def test_learned_gradients_match_hf():
     (model(ids).logits * grad_out).sum().backward()
     for name, param in model.named_parameters():
         if name in ref:
-            torch.testing.assert_close(param.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
+            # fp32: padd renormalises from the logits, HF from its softmax; ~1e-6 apart.
+            torch.testing.assert_close(param.grad, ref[name], rtol=1e-4, atol=1e-5, msg=name)
     assert control.routers[0].weight.grad.abs().sum() > 0
     control.remove()
 
