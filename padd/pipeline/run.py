@@ -114,9 +114,17 @@ class Pipeline:
             self.say(f"[padd] {step}: done already, skipped")
             return
         self.say(f"[padd] {step} ...")
+        # Wall time of a step counts its interrupted attempts too (kept in `partial/`).
+        partial = self.dir / "partial" / f"{step}.json"
+        before = json.loads(partial.read_text())["wall_s"] if partial.exists() else 0.0
         t0 = time.perf_counter()
-        extra = fn() or {}
-        self._mark(step, time.perf_counter() - t0, **extra)
+        try:
+            extra = fn() or {}
+        except Interrupted:
+            if self.ctx.is_main:
+                atomic_write_json(partial, {"wall_s": before + time.perf_counter() - t0})
+            raise
+        self._mark(step, before + time.perf_counter() - t0, **extra)
         if sync:
             pdist.barrier(self.ctx)
 
