@@ -153,11 +153,12 @@ class StudentConfig:
     num_experts: int = 8
     top_k: int = 2
     init: Literal["cluster", "random_split", "upcycle"] = "cluster"
+    router_scale: float = 1.0  # factor on the centroid router init (`padd.decompress.decompress`)
 
     def __post_init__(self) -> None:
         if self.source == "pretrained":
             _check(self.path is not None, "path", "required when source is 'pretrained'")
-        _positive(self, "num_experts", "top_k")
+        _positive(self, "num_experts", "top_k", "router_scale")
         _check(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts ({self.num_experts})")
 
 

@@ -73,7 +73,15 @@ def build_student(
         student = load_model(st.path, cfg.teacher.dtype)
         student = _call_with_supported(dec.init_pretrained_student, student, teacher, stats)
     else:
-        student = dec.decompress(teacher, st.num_experts, st.top_k, stats, init=st.init, seed=cfg.run.seed)
+        student = dec.decompress(
+            teacher,
+            st.num_experts,
+            st.top_k,
+            stats,
+            init=st.init,
+            seed=cfg.run.seed,
+            router_scale=st.router_scale,
+        )
     info["construct_s"] = time.perf_counter() - t0
     interrupt.check()
     warmup = getattr(dec, "warmup", None)
