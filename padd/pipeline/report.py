@@ -88,7 +88,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
                 f"| {who} | {d['analytic']['total']:.3g} | {_fmt(d['params'])} | {_fmt(d['active_params'])} |"
             )
         lines.append(f"\nStudent / teacher FLOPs per token: {fl['ratio']:.4f}")
-    lines += ["", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
+    lines += ["", "## Wall time per step", "", "(a cached teacher shows its load time only)", ""]
+    lines += ["| step | seconds |", "|---|---|"]
     for k, v in sorted(rep["wall_s"].items(), key=lambda kv: STEP_ORDER.get(kv[0], 99)):
         lines.append(f"| {k} | {_fmt(v)} |")
     lines += ["", "Plots: `plots/accuracy.png`, `plots/expert_load.png`, `plots/training.png`.", ""]
@@ -115,7 +116,7 @@ def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
 
     train = read_metrics(run_dir / "metrics.jsonl", "train")
@@ -132,7 +133,7 @@ def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
         fig.colorbar(im, ax=axes[:, 0].tolist(), label="load fraction")
         fig.suptitle("Expert load per layer over training")
         paths.append(out / "expert_load.png")
-        fig.savefig(paths[-1], dpi=100)
+        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
 
     if train:
@@ -146,10 +147,12 @@ def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
             ax2 = ax1.twinx()
             ax2.plot(steps, [r.get(drift_key) for r in train], color="tab:red", label="router drift")
             ax2.set_ylabel("router drift")
+        handles = [h for ax in fig.axes for h in ax.get_lines()]
+        ax1.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
         ax1.set_title("Reward and router drift over training")
         fig.tight_layout()
         paths.append(out / "training.png")
-        fig.savefig(paths[-1], dpi=100)
+        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
     return paths
 
