@@ -132,8 +132,15 @@ def apply_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (the module keeps its class and `generate`)."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(getattr(model, "model", model), "layers", [])
-    for layer in layers:
+    inner = getattr(model, "model", model)
+    for layer in getattr(inner, "layers", []):
         fully_shard(layer)
+    # The trainer also calls the backbone and the LM head on their own (hidden states for the
+    # fused KD loss), so each gets its own unit: a unit's weights are gathered in its own forward.
+    if inner is not model:
+        fully_shard(inner)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        fully_shard(head)
     fully_shard(model)
     return model

@@ -54,10 +54,12 @@ def train_student(
     control.load_selection_bias(stage1_dir)
     pcfg = training_config(method, tcfg.params, cfg.run.seed)
     teacher = pipe.load_teacher() if pcfg.use_kd else None
-    if ctx.enabled and pdist.should_shard(student, cfg.distributed.strategy, ctx):
+    sharded = ctx.enabled and pdist.should_shard(student, cfg.distributed.strategy, ctx)
+    if sharded:
         pdist.apply_fsdp2(student)
     trainer = PADDTrainer(student, teacher, pipe.tokenizer, pcfg, control)
-    pdist.average_gradients_before_step(trainer.optimizer, ctx)
+    if not sharded:  # FSDP2 reduce-scatters gradients itself
+        pdist.average_gradients_before_step(trainer.optimizer, ctx)
 
     ckpts = CheckpointDir(out / "ckpt")
     start = 0
