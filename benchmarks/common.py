@@ -50,7 +50,9 @@ def device_info() -> dict:
             if key in name:
                 info.update(peak)
     else:
-        info.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", kind="cpu")
+        info.update(
+            device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", kind="cpu"
+        )
     return info
 
 
@@ -125,8 +127,20 @@ def make_record(suite, op, impl, shape, timing, *, flops=None, bytes_moved=None,
         pct = 100.0 * tflops / info["bf16_tflops"]
     elif gbps is not None and "hbm_gbps" in info:
         pct = 100.0 * gbps / info["hbm_gbps"]
-    return Record(suite, op, impl, shape, timing["median_ms"], timing["p20_ms"], timing["p80_ms"],
-                  tflops, gbps, pct, peak_mem_mb, extra)
+    return Record(
+        suite,
+        op,
+        impl,
+        shape,
+        timing["median_ms"],
+        timing["p20_ms"],
+        timing["p80_ms"],
+        tflops,
+        gbps,
+        pct,
+        peak_mem_mb,
+        extra,
+    )
 
 
 def print_table(records: list[Record]) -> None:
@@ -146,7 +160,10 @@ def print_table(records: list[Record]) -> None:
             figs.append(f"{r.pct_peak:5.1f}% peak")
         if r.peak_mem_mb is not None:
             figs.append(f"{r.peak_mem_mb:8.1f} MiB")
-        print(f"[{kind}] {r.op:<18} {r.impl:<22} {r.shape} {r.median_ms:9.3f} ms  x{ratio:5.2f}  " + "  ".join(figs))
+        print(
+            f"[{kind}] {r.op:<18} {r.impl:<22} {r.shape} {r.median_ms:9.3f} ms  x{ratio:5.2f}  "
+            + "  ".join(figs)
+        )
 
 
 def write_results(suite: str, records: list[Record], path: str | os.PathLike | None = None) -> Path:
