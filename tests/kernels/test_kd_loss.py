@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from offline_compile import assert_compiles_offline_for_sm90
 from padd.kernels import kd_loss, kd_loss_reference
 from padd.kernels.kd_loss.reference import DIVERGENCES, REDUCTIONS
 
@@ -427,17 +428,7 @@ print("compiled")
 
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter does not run Triton's code generator: compile to sm_90 cubin offline."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas for an offline sm_90 compile")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    assert_compiles_offline_for_sm90(_COMPILE_SCRIPT)
 
 
 # ---------------------------------------------------------------- GPU
