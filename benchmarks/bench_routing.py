@@ -23,7 +23,15 @@ import pytest
 import torch
 from padd.kernels import route, routing_from_topk, routing_metadata
 
-from benchmarks.common import bench_device, make_record, on_gpu, print_table, time_fn, write_results
+from benchmarks.common import (
+    bench_device,
+    make_record,
+    on_gpu,
+    print_table,
+    time_cuda_graph,
+    time_fn,
+    write_results,
+)
 
 SUITE = "routing"
 GPU_SHAPES = [(t, e, k) for t in (4096, 16384, 32768) for e in (64, 128, 256) for k in (4, 8)]
@@ -149,6 +157,28 @@ def test_bench_route_forward(num_tokens, num_experts, top_k):
             print(f"skip {name}: failed ({type(exc).__name__}: {exc})")
             continue
         _RECORDS.append(make_record(SUITE, "route_fwd", name, shape, timing, bytes_moved=bytes_moved))
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES)
+def test_bench_route_forward_device_time(num_tokens, num_experts, top_k):
+    """The same work replayed from a CUDA graph: device time, with Python's launch cost removed
+    (what a compiled or graph-captured model pays). Eager uses the sync-free histogram."""
+    torch.manual_seed(0)
+    logits_TE = torch.randn(num_tokens, num_experts, device=bench_device()).to(LOGITS_DTYPE)
+    shape = {"T": num_tokens, "E": num_experts, "k": top_k, "dtype": str(LOGITS_DTYPE).removeprefix("torch.")}
+    bytes_moved = routing_bytes(num_tokens, num_experts, top_k, LOGITS_DTYPE)
+    impls = (
+        ("padd.route (triton)", lambda: route(logits_TE, top_k, return_scores=True)),
+        ("torch eager", lambda: torch_eager_route(logits_TE, top_k, compile_friendly=True)),
+    )
+    for name, fn in impls:
+        try:
+            timing = time_cuda_graph(fn)
+        except Exception as exc:
+            print(f"skip {name} (CUDA graph): failed ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        _RECORDS.append(make_record(SUITE, "route_fwd_graph", name, shape, timing, bytes_moved=bytes_moved))
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[::3])

@@ -86,6 +86,40 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dic
     return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
 
 
+def time_cuda_graph(fn: Callable[[], object], *, reps: int = 50, rounds: int = 5) -> dict:
+    """Device time per call without host launch overhead: `fn` captured once in a CUDA graph,
+    replayed `reps` times between two events; median/p20/p80 over `rounds` (ms per call).
+
+    Small memory-bound kernels (routing) finish faster than Python can launch them, so the
+    plain timing measures the host. `fn` must not synchronise with the host (no `.item()`,
+    no data-dependent shapes)."""
+    if not on_gpu():
+        raise RuntimeError("CUDA graphs need a GPU")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, allocate) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     """Peak CUDA memory above the current allocation while `fn` runs; None on CPU."""
     if not on_gpu():

@@ -59,6 +59,7 @@ class RunConfig:
     progress: bool = True  # tqdm bars
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    deterministic: bool = True  # CUDA: deterministic algorithms, so a seed reproduces a run
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "dir", "must not be empty")

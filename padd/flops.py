@@ -116,6 +116,9 @@ _ATTN = re.compile(r"\.layers\.\d+\.self_attn$")
 _MLP = re.compile(r"\.layers\.\d+\.mlp$")
 _ROUTER = re.compile(r"\.layers\.\d+\.mlp\.(gate|shared_expert_gate)$")
 _LM_HEAD = re.compile(r"(^|\.)lm_head$")
+# The rotary tables (an outer product of positions and frequencies, once per forward) run as a
+# matmul in some transformers versions and elementwise in others; not per-token model FLOPs.
+_ROTARY = re.compile(r"(^|\.)rotary_emb$")
 
 
 def measure(model: nn.Module, *, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 1) -> FlopsBreakdown:
@@ -129,7 +132,7 @@ def measure(model: nn.Module, *, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int
     with _countable(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=ids)
     counts = {name: sum(per_op.values()) for name, per_op in counter.get_flop_counts().items()}
-    total = counts.get("Global", 0)
+    total = counts.get("Global", 0) - sum(v for k, v in counts.items() if _ROTARY.search(k))
     pick = lambda pattern: sum(v for k, v in counts.items() if pattern.search(k))
     tokens = batch_size * seq_len
     attention, mlp, router, lm_head = pick(_ATTN), pick(_MLP), pick(_ROUTER), pick(_LM_HEAD)

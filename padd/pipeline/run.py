@@ -17,6 +17,7 @@ Run directory layout: `config.yaml` (resolved) + `fingerprint`, `metrics.jsonl`,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +69,14 @@ def prepare_run_dir(cfg: PADDRunConfig, force: bool = False) -> Path:
     return run_dir
 
 
+def make_cuda_deterministic() -> None:
+    """Same seed, same run on a GPU: deterministic kernels (index_add, embedding backward, SDPA)
+    and a fixed cuBLAS workspace. Ops with no deterministic version warn instead of failing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 class Pipeline:
     """One `padd train` run; `run()` executes the steps that are not done yet."""
 
@@ -94,6 +103,8 @@ class Pipeline:
         hf_logging.disable_progress_bar()  # per-file load/save bars drown ours
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
+        if cfg.run.deterministic and self.ctx.device.type == "cuda":
+            make_cuda_deterministic()
         self.metrics = MetricsLogger(
             self.dir / "metrics.jsonl", tensorboard=cfg.run.tensorboard, enabled=self.ctx.is_main
         )

@@ -32,7 +32,7 @@ TOL = {
 }
 
 
-def make_problem(n_rows, vocab, kind, *, hs=8, ht=5, k=4, dtype=torch.float32, bias=True, device="cpu"):
+def make_problem(n_rows, vocab, kind, *, hs=8, ht=5, k=4, dtype=torch.float32, bias=True, device=None):
     """Student (hidden, head, bias) requiring grad, the teacher and its reference kwargs."""
     opts = dict(device=device, dtype=dtype)
     hidden_NH = torch.randn(n_rows, hs, **opts).requires_grad_()
@@ -55,7 +55,7 @@ def make_problem(n_rows, vocab, kind, *, hs=8, ht=5, k=4, dtype=torch.float32, b
     return (hidden_NH, weight_VH, bias_V), teacher, dict(teacher_ids=ids_NK, teacher_logprobs=logprobs_NK)
 
 
-def loss_kwargs(n_rows, divergence, reduction, device="cpu"):
+def loss_kwargs(n_rows, divergence, reduction, device=None):
     mask_N = torch.ones(n_rows, dtype=torch.bool, device=device)
     mask_N[1] = False
     tau_N = 0.5 + 1.5 * torch.rand(n_rows, device=device)
@@ -286,4 +286,5 @@ def test_gpu_peak_memory_independent_of_n():
         # Minus the N-sized outputs (hidden grad) so only the working set is compared.
         return torch.cuda.max_memory_allocated() - base - n_rows * 256 * 2
 
+    peak(1024)  # one-time allocations (cuBLAS workspace, Triton) land here, not in the comparison
     assert peak(4096) <= 1.1 * peak(1024)

@@ -32,7 +32,7 @@ TOL = {
 
 
 def make_inputs(
-    n_rows: int, vocab: int, dtype=torch.float32, *, per_row_tau=False, masked=False, device="cpu"
+    n_rows: int, vocab: int, dtype=torch.float32, *, per_row_tau=False, masked=False, device=None
 ):
     """Student logits (requires grad), teacher logits, teacher temperature and mask."""
     student_NV = (3 * torch.randn(n_rows, vocab, device=device)).to(dtype).requires_grad_()

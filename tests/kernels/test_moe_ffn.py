@@ -40,7 +40,7 @@ def _experts(num_tokens: int, num_experts: int, top_k: int, load: str) -> torch.
     return pool[scores.topk(min(top_k, pool.numel()), dim=1).indices]
 
 
-def make_inputs(T, H, I, E, K, load="random", dtype=torch.float32, device="cpu"):
+def make_inputs(T, H, I, E, K, load="random", dtype=torch.float32, device=None):
     """Random x, HF-layout weights and a Routing (weights sum to 1 per token)."""
     x = torch.randn(T, H)
     w13 = torch.randn(E, 2 * I, H) / H**0.5

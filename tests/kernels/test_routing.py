@@ -90,7 +90,7 @@ def _naive_route(logits_TE, top_k, score, bias_E, renormalize):
     return experts, weights, order, counts
 
 
-def _logits(num_tokens, num_experts, dtype=torch.float32, device="cpu"):
+def _logits(num_tokens, num_experts, dtype=torch.float32, device=None):
     return torch.randn(num_tokens, num_experts, device=device).to(dtype)
 
 
