@@ -16,7 +16,10 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RESULTS/device.txt"
 export PYTHONUNBUFFERED=1 PADD_BENCH_OUT="$RESULTS"
-python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu-tests.log"
+# xdist when present: one process per test file would leave the 16 cores of a lent H100 idle
+# while Triton compiles (the serial suite did not finish in 6 minutes there).
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+python3 -m pytest tests -q -p no:cacheprovider $XDIST -rfE 2>&1 | tee "$RESULTS/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 # A speed-up is only worth reporting for kernels whose tests pass: the log says which failed.
 python3 -m pytest benchmarks -q -s -p no:cacheprovider 2>&1 | tee "$RESULTS/benchmarks.log"

@@ -366,6 +366,8 @@ def test_nan_unchecked_is_visible_not_silent():
 )
 def test_invalid_arguments_raise(kwargs, error, match):
     s_NV, t_NV, _, _ = make_inputs(4, 8)
+    # Parameters are built at collection time (CPU); on a GPU machine the logits are on CUDA.
+    kwargs = {k: v.to(s_NV.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     with pytest.raises(error, match=match):
         kd_loss(s_NV, t_NV, **kwargs)
 
