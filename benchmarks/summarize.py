@@ -35,7 +35,9 @@ def summarize(paths: list[Path]) -> str:
         for record in data["records"]:
             groups[(record["op"], json.dumps(record["shape"], sort_keys=True))].append(record)
         for (op, _), records in groups.items():
-            padd = next((r for r in records if r["impl"].startswith("padd") and "kernel (" not in r["impl"]), None)
+            # The entry point, not the tuning variants ("padd kernel (...)").
+            entry = [r for r in records if r["impl"].startswith("padd") and "kernel (" not in r["impl"]]
+            padd = entry[0] if entry else None
             if padd is None:
                 continue
             peers = ", ".join(
