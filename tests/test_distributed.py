@@ -1,22 +1,26 @@
 """`torchrun --nproc_per_node=2 -m padd train micro` on gloo (CPU): data sharded per rank, rollouts
-per rank, gradients averaged, and the Stage IV selection bias identical on both ranks."""
+per rank, gradients averaged (DDP) or parameters sharded (FSDP2), and the Stage IV selection
+bias identical on both ranks."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "padd", "train", "micro", f"run.dir={tmp_path}/run", f"run.cache_dir={tmp_path}/cache",
-        "distributed.backend=gloo", "training.steps=4", "training.prompts_per_step=4",
+        "distributed.backend=gloo", f"distributed.strategy={strategy}", "training.steps=4",
+        "training.prompts_per_step=4",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -25,7 +29,11 @@ def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path):
     assert bias[0].abs().sum() > 0  # Stage IV did move it
     torch.testing.assert_close(bias[0], bias[1], rtol=0, atol=0)
     info = [json.loads((r / "rank.json").read_text()) for r in ranks]
+    assert info[0]["sharded"] == info[1]["sharded"] == (strategy == "fsdp")
     assert info[0]["weights_abs_sum"] == info[1]["weights_abs_sum"]  # same update on both ranks
     seen = [set(i["prompts_seen"]) for i in info]
     assert seen[0] and seen[1] and not seen[0] & seen[1]  # each rank had its own shard
     assert (tmp_path / "run" / "report.md").is_file()
+    # The final checkpoint is a full (gathered) HF model either way.
+    final = tmp_path / "run" / "train" / "final"
+    assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))

@@ -144,3 +144,58 @@ def apply_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(head)
     fully_shard(model)
     return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank: a sharded (DTensor) parameter is all-gathered."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class ShardedStateIO:
+    """The trainer's `state_io` under FSDP2: full (unsharded) states on CPU for checkpoints,
+    sharded back like the live parameters on resume. Gathering is a collective: every rank
+    calls it (rank 0 writes what it returns)."""
+
+    def model_state(self, model: torch.nn.Module) -> dict:
+        return {k: _cpu_copy(v) for k, v in model.state_dict().items()}
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        state = optimizer.state_dict()
+        gathered = {
+            idx: {k: _cpu_copy(v) if torch.is_tensor(v) else v for k, v in per_param.items()}
+            for idx, per_param in state["state"].items()
+        }
+        return {"state": gathered, "param_groups": state["param_groups"]}
+
+    def load_model_state(self, model: torch.nn.Module, state: dict) -> None:
+        live = model.state_dict()
+        model.load_state_dict({k: _shard_like(state[k], v) for k, v in live.items()})
+
+    def load_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    ) -> None:
+        # State is keyed by the parameter's index over the param groups, as in `state_dict()`.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sharded = {
+            idx: {
+                k: _shard_like(v, params[idx]) if torch.is_tensor(v) and v.shape == params[idx].shape else v
+                for k, v in per_param.items()
+            }
+            for idx, per_param in state["state"].items()
+        }
+        optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A gathered copy on CPU: never an alias of live state (Adam's `step` grows in place)."""
+    return full_tensor(t).to("cpu", copy=True)
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like`: sharded the same way if `like` is a DTensor, else as is."""
+    if not hasattr(like, "device_mesh"):
+        return full.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)

@@ -58,6 +58,8 @@ def train_student(
     if sharded:
         pdist.apply_fsdp2(student)
     trainer = PADDTrainer(student, teacher, pipe.tokenizer, pcfg, control)
+    if sharded:  # checkpoints gather full states on rank 0; resume scatters them back
+        trainer.state_io = pdist.ShardedStateIO()
     if not sharded:  # FSDP2 reduce-scatters gradients itself
         pdist.average_gradients_before_step(trainer.optimizer, ctx)
 
@@ -71,8 +73,9 @@ def train_student(
     pipe.metrics.truncate_after(stage_name, start)
 
     def save(step: int) -> None:
+        state = trainer.gather_checkpoint()  # every rank: a collective when sharded
         if ctx.is_main:
-            ckpts.save(step, trainer.save_checkpoint)
+            ckpts.save(step, lambda d: trainer.write_checkpoint(d, state))
         pdist.barrier(ctx)
 
     d_c = pipe.split("C")
@@ -98,13 +101,17 @@ def train_student(
                 raise Interrupted(interrupt.signum or 15)
     bar.close()
     seconds = time.perf_counter() - t0
+    state = trainer.gather_checkpoint()
     if ctx.is_main:
-        atomic_dir(out / "final", lambda d: (trainer.save_checkpoint(d), pipe.tokenizer.save_pretrained(d)))
+        atomic_dir(
+            out / "final", lambda d: (trainer.write_checkpoint(d, state), pipe.tokenizer.save_pretrained(d))
+        )
     if ctx.enabled:  # per-rank evidence that ranks agree: bias and a weight checksum
         rank_dir = out / "ranks" / f"rank{ctx.rank}"
         control.save_selection_bias(rank_dir)
-        checksum = sum(float(p.detach().double().abs().sum()) for p in student.parameters())
-        atomic_write_json(rank_dir / "rank.json", {"weights_abs_sum": checksum, "prompts_seen": seen})
+        checksum = sum(float(pdist.full_tensor(p).double().abs().sum()) for p in student.parameters())
+        info = {"weights_abs_sum": checksum, "prompts_seen": seen, "sharded": sharded}
+        atomic_write_json(rank_dir / "rank.json", info)
     pdist.barrier(ctx)
     control.remove()
     return {"method": method, "steps": tcfg.steps, "resumed_from": start, "loop_s": seconds}

@@ -90,6 +90,17 @@ def response_mask(responses_BR: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return (~after_eos).float()
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for an FSDP2 model in a multi-rank run: its every forward is a collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() < 2:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -123,6 +134,9 @@ def generate(
         attention_mask=attn,
         pad_token_id=_pad_id(tokenizer),
         eos_token_id=eos or None,
+        # Sharded: a rank whose sequences all ended keeps stepping until every rank is done,
+        # or the others would wait forever in the next layer's all-gather.
+        synced_gpus=is_sharded(model),
         **kwargs,
     )
     P = input_ids.shape[1]

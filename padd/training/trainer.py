@@ -114,6 +114,25 @@ def _has_moe_router(model) -> bool:
     return bool(find_moe_routers(model))
 
 
+class StateIO:
+    """How the trainer reads and writes model and optimiser state. This one is plain
+    `state_dict`; a sharded (FSDP2) run swaps in one that gathers and scatters full states."""
+
+    def model_state(self, model: torch.nn.Module) -> dict:
+        return model.state_dict()
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_model_state(self, model: torch.nn.Module, state: dict) -> None:
+        model.load_state_dict(state)
+
+    def load_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    ) -> None:
+        optimizer.load_state_dict(state)
+
+
 class PADDTrainer:
     """PADD's training loop; every baseline is a `PADDConfig` preset of it.
 
@@ -167,6 +186,7 @@ class PADDTrainer:
                 raise ValueError("PADDConfig.use_kd=True needs a teacher model")
             teacher.eval().requires_grad_(False)
         student.eval()  # see module doc: no dropout, ratio exactly 1 at θ_old
+        self.state_io = StateIO()  # the pipeline swaps in a sharded one under FSDP2
         self.reference = None
         if cfg.beta > 0:
             self.reference = copy.deepcopy(student).eval().requires_grad_(False)
@@ -447,14 +467,26 @@ class PADDTrainer:
             self.reference.load_state_dict(state["reference"])
         _set_rng_state(state["rng"])
 
-    def save_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Student (`save_pretrained`), its selection bias and the trainer state, in `directory`."""
+    def gather_checkpoint(self) -> dict:
+        """Everything `write_checkpoint` stores. A collective when the student is sharded
+        (`state_io`): every rank calls it, rank 0 gets the full state."""
+        state = {k: v for k, v in self.state_dict().items() if k not in ("student", "optimizer")}
+        state["student"] = self.state_io.model_state(self.student)
+        state["optimizer"] = self.state_io.optimizer_state(self.student, self.optimizer)
+        return state
+
+    def write_checkpoint(self, directory: str | os.PathLike, state: dict) -> None:
+        """Write a `gather_checkpoint()` state: student (`save_pretrained`), bias, trainer state."""
         os.makedirs(directory, exist_ok=True)
-        self.student.save_pretrained(directory)
+        self.student.save_pretrained(directory, state_dict=state["student"])
         if self.moe:
             self.control.save_selection_bias(directory)
-        state = {k: v for k, v in self.state_dict().items() if k != "student"}
-        torch.save(state, os.path.join(directory, TRAINER_STATE_FILE))
+        rest = {k: v for k, v in state.items() if k != "student"}
+        torch.save(rest, os.path.join(directory, TRAINER_STATE_FILE))
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Student (`save_pretrained`), its selection bias and the trainer state, in `directory`."""
+        self.write_checkpoint(directory, self.gather_checkpoint())
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Resume from `save_checkpoint(directory)`: weights, bias, optimiser, EMA, step, RNG."""
@@ -462,8 +494,10 @@ class PADDTrainer:
         # (e.g. fused MoE experts stored per expert) and only its loader maps them back.
         dtype = next(self.student.parameters()).dtype
         loaded = type(self.student).from_pretrained(directory, dtype=dtype)
-        self.student.load_state_dict(loaded.state_dict())
+        self.state_io.load_model_state(self.student, loaded.state_dict())
         del loaded
         state = torch.load(os.path.join(directory, TRAINER_STATE_FILE), weights_only=False)
+        self.state_io.load_optimizer_state(self.student, self.optimizer, state.pop("optimizer"))
         state["student"] = self.student.state_dict()
+        state["optimizer"] = self.optimizer.state_dict()
         self.load_state_dict(state)
