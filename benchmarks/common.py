@@ -64,6 +64,13 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if on_gpu() else "cpu")
 
 
+def _quantiles(times_ms: list[float]) -> dict:
+    """Median/p20/p80 of a list of timings in ms."""
+    times = sorted(times_ms)
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dict:
     """Median/p20/p80 wall time of `fn` in ms (CUDA events on GPU, perf_counter on CPU)."""
     for _ in range(warmup):
@@ -81,9 +88,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dic
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
-    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+    return _quantiles(times)
 
 
 def time_cuda_graph(fn: Callable[[], object], *, reps: int = 50, rounds: int = 5) -> dict:
@@ -115,9 +120,7 @@ def time_cuda_graph(fn: Callable[[], object], *, reps: int = 50, rounds: int = 5
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / reps)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
-    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+    return _quantiles(times)
 
 
 def peak_memory_mb(fn: Callable[[], object]) -> float | None:

@@ -447,6 +447,12 @@ class PADDTrainer:
         return {
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **self._loop_state(),
+        }
+
+    def _loop_state(self) -> dict:
+        """The state besides the student's weights and the optimiser's (never sharded)."""
+        return {
             "selection_bias": self.control.selection_bias if self.moe else None,
             "ema_state": self.ema_state,
             "step": self.step_count,
@@ -470,10 +476,11 @@ class PADDTrainer:
     def gather_checkpoint(self) -> dict:
         """Everything `write_checkpoint` stores. A collective when the student is sharded
         (`state_io`): every rank calls it, rank 0 gets the full state."""
-        state = {k: v for k, v in self.state_dict().items() if k not in ("student", "optimizer")}
-        state["student"] = self.state_io.model_state(self.student)
-        state["optimizer"] = self.state_io.optimizer_state(self.student, self.optimizer)
-        return state
+        return {
+            "student": self.state_io.model_state(self.student),
+            "optimizer": self.state_io.optimizer_state(self.student, self.optimizer),
+            **self._loop_state(),
+        }
 
     def write_checkpoint(self, directory: str | os.PathLike, state: dict) -> None:
         """Write a `gather_checkpoint()` state: student (`save_pretrained`), bias, trainer state."""
