@@ -153,7 +153,9 @@ class StudentConfig:
     path: str | None = None
     num_experts: int = 8
     top_k: int = 2
-    init: Literal["cluster", "random_split", "upcycle"] = "cluster"
+    # "exact": tied groups of k experts, equal to the teacher for any router (the default);
+    # "cluster": the earlier importance-filled construction (not function-preserving; ablation).
+    init: Literal["exact", "cluster", "random_split", "upcycle"] = "exact"
     router_scale: float = 1.0  # factor on the centroid router init (`padd.decompress.decompress`)
 
     def __post_init__(self) -> None:
@@ -161,6 +163,31 @@ class StudentConfig:
             _check(self.path is not None, "path", "required when source is 'pretrained'")
         _positive(self, "num_experts", "top_k", "router_scale")
         _check(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts ({self.num_experts})")
+        if self.init == "exact" and self.source == "decompress":
+            _check(
+                self.num_experts % self.top_k == 0,
+                "num_experts",
+                f"init 'exact' forms groups of top_k experts: top_k ({self.top_k}) must divide it",
+            )
+
+
+@dataclass
+class RouterConfig:
+    """How a tied-group student (`student.init=exact`) learns to route.
+
+    The targets are the teacher's sequence clusters (`padd.decompress.sequence_targets`):
+    `p_T = softmax(cos(prompt feature, centroid) / xi)`. Stage I fits the router to them on D_A
+    and its warmup keeps `L_init` on them; Stages II–IV add `weight · Σ_l KL(p_S,l ‖ p_T)` on the
+    rollouts (`objective: none` leaves the router to Stage IV's bias alone).
+    """
+
+    objective: Literal["sequence_kl", "none"] = "sequence_kl"
+    weight: float = 0.1
+    xi: float = 0.05
+
+    def __post_init__(self) -> None:
+        _positive(self, "xi")
+        _non_negative(self, "weight")
 
 
 @dataclass
@@ -173,10 +200,11 @@ class Stage1Config:
     warmup_lr: float = 1e-3
     alpha: float = 1.0  # weight of L_KD in the warmup loss
     beta: float = 1.0  # weight of L_init
-    skip: bool = False  # the "no Stage I" ablation: no warmup
+    xi: float = 1.0  # temperature of the neuron-cluster targets (non-exact inits)
+    skip: bool = False  # no warmup (part of the "no Stage I" ablation)
 
     def __post_init__(self) -> None:
-        _positive(self, "stats_batches", "batch_size", "warmup_lr")
+        _positive(self, "stats_batches", "batch_size", "warmup_lr", "xi")
         _non_negative(self, "warmup_steps", "alpha", "beta")
 
 
@@ -214,7 +242,16 @@ class CompareConfig:
     """Methods `padd train --compare` runs on the same data, teacher and seeds."""
 
     methods: list[str] = field(
-        default_factory=lambda: ["vanilla_grpo", "online_kd", "rspo", "no_stage2", "no_stage3", "no_stage4"]
+        default_factory=lambda: [
+            "teacher_grpo",
+            "vanilla_grpo",
+            "online_kd",
+            "rspo",
+            "no_stage1",
+            "no_stage2",
+            "no_stage3",
+            "no_stage4",
+        ]  # fmt: skip
     )
 
 
@@ -235,6 +272,7 @@ class PADDRunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

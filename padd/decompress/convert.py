@@ -25,10 +25,11 @@ from .experts import (
 )
 from .neurons import TeacherClusters, cluster_teacher, teacher_mlps
 from .stats import NeuronStats
+from .tied_groups import GROUP_SIZE_KEY, plan_tied_group_experts, tie_rows
 
 __all__ = ["INITS", "decompress", "moe_blocks"]
 
-INITS = ("cluster", "random_split", "upcycle")
+INITS = ("exact", "cluster", "random_split", "upcycle")
 
 
 def decompress(
@@ -54,9 +55,13 @@ def decompress(
         stats: `collect_stats(teacher, D_A batches, ...)`: its clustering is used and its
             neuron importance picks the fill neurons. Without it the fill falls back to the
             data-free proxy (gate-row similarity to the cluster centroid). Ignored by "upcycle".
-        init: "cluster" (balanced k-means, the method), "random_split" (random balanced neuron
-            split, then the same fill and router init) or "upcycle" (sparse upcycling:
-            experts are slices/copies of the FFN, random router).
+        init: "exact" (tied groups of k experts, each group a partition of the k-means
+            clusters: the student equals the teacher for any router; see
+            `padd.decompress.tied_groups`), "cluster" (balanced k-means cores filled by
+            importance, rescaled in expectation: the earlier construction, not
+            function-preserving), "random_split" (random balanced neuron split, then the same
+            fill and router init) or "upcycle" (sparse upcycling: experts are slices/copies of
+            the FFN, random router).
         seed: clustering / random-router seed.
         clusters: a precomputed `cluster_teacher(...)` result (else from `stats`, else computed).
         fill: False keeps only the core clusters (width `d_ff / N`): the experts then partition
@@ -82,6 +87,11 @@ def decompress(
     check_teacher_config(teacher.config, num_experts, top_k, fill=fill)
     if init not in INITS:
         raise DecompressionError(f"init must be one of {INITS}, got {init!r}")
+    if init == "exact" and (num_experts % top_k or not fill):
+        raise DecompressionError(
+            f"init='exact' needs top_k to divide num_experts (groups of k experts), got N={num_experts}, "
+            f"k={top_k}" + ("" if fill else ", and fill=True")
+        )
     mlps = teacher_mlps(teacher)
     d_ff = teacher.config.intermediate_size
     width = d_ff // top_k if fill else d_ff // num_experts
@@ -100,7 +110,14 @@ def decompress(
     hidden = teacher.config.hidden_size
     with torch.no_grad():
         for l, block in enumerate(moe_blocks(student)):
-            if init == "upcycle":
+            if init == "exact":
+                plan = plan_tied_group_experts(clusters[l], top_k, seed=seed + l)
+                # Distinct group rows (a cluster centroid each): exact ties would leave the choice
+                # between groups to torch.topk's unspecified order in transformers' own router.
+                router = tie_rows(
+                    router_from_centroids(clusters[l], router_scale)[: num_experts // top_k], top_k
+                )
+            elif init == "upcycle":
                 plan = plan_upcycled_experts(d_ff, num_experts, top_k, rescale=rescale)
                 std = teacher.config.initializer_range
                 router = random_router(num_experts, hidden, std, seed + l)
@@ -120,6 +137,8 @@ def decompress(
             block.gate.weight.copy_(router.to(block.gate.weight))
             if hasattr(block, "shared_expert_gate"):
                 block.shared_expert_gate.weight.zero_()
+    if init == "exact":  # saved in config.json: training keeps these router rows tied
+        setattr(student.config, GROUP_SIZE_KEY, top_k)
     return student.eval()
 
 
@@ -134,7 +153,7 @@ def moe_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _resolve_clusters(teacher, num_experts, init, stats, clusters, seed, features) -> TeacherClusters:
-    method = "kmeans" if init == "cluster" else "random"
+    method = "random" if init == "random_split" else "kmeans"
     if clusters is not None and stats is not None and stats.clusters is not clusters:
         raise DecompressionError(
             "pass `stats` or `clusters`, not both: stats carry the clustering they were computed for"

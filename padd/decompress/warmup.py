@@ -11,6 +11,8 @@ Shape legend: B batch, S sequence, T = B·S tokens, V vocabulary, E experts, L M
 - `L_init = Σ_l KL(p_S,l ‖ p_T,l)`: the router's softmax vs the teacher's cluster targets
   `softmax(mean cluster activation / ξ)` of the same token, i.e. `kd_loss(router_logits,
   cluster_scores, divergence="reverse_kl")` per layer (the fused KD kernel with E classes).
+  For a tied-group student (`init="exact"`) the targets are the teacher's sequence clusters
+  instead (`router_targets`, `padd.decompress.sequence_targets`), the same for every layer.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 from torch import nn
 
 from padd.kernels import kd_loss
+from padd.moe.router_groups import TiedRouterGroups
 from padd.moe.routing_control import RoutingControl
 
 from .convert import moe_blocks
 from .neurons import TeacherClusters
+from .sequence_targets import SequenceRouterTargets, sft_prompt_mask, teacher_prompt_features
 from .stats import ClusterScoreHooks
 
 __all__ = ["warmup", "warmup_losses"]
@@ -35,7 +39,7 @@ def warmup(
     student: nn.Module,
     teacher: nn.Module,
     batches: Iterable[Mapping | torch.Tensor],
-    clusters: TeacherClusters,
+    clusters: TeacherClusters | None,
     *,
     steps: int,
     lr: float = 1e-4,
@@ -49,6 +53,7 @@ def warmup(
     optimizer: torch.optim.Optimizer | None = None,
     log: Callable[[dict], None] | None = None,
     trainable: str = "all",
+    router_targets: SequenceRouterTargets | None = None,
 ) -> list[dict]:
     """Run `steps` warmup steps on `batches` (cycled) and return per-step metrics.
 
@@ -60,7 +65,8 @@ def warmup(
             (default: the ids, padding set to -100), or plain id tensors. A re-iterable (list,
             DataLoader) is gone through again when shorter than `steps`; an iterator (e.g. an
             endless generator) is read once and must yield `steps` batches.
-        clusters: the teacher clustering the student was built from (one entry per MoE layer).
+        clusters: the teacher clustering the student was built from (one entry per MoE layer);
+            its per-token cluster scores are the `L_init` targets unless `router_targets`.
         steps: optimiser steps.
         lr, weight_decay: AdamW settings, used when `optimizer` is None.
         alpha, beta: weights of `L_KD` and `L_init` (the method's defaults: 1, 1).
@@ -72,6 +78,8 @@ def warmup(
         trainable: "all" (every parameter that requires grad) or "moe" (experts and routers
             only; embeddings, attention and norms, copied from the teacher, stay fixed).
             Ignored when `optimizer` is given.
+        router_targets: the teacher's sequence clusters (tied-group students): `L_init`
+            targets shared by every layer; the router rows stay tied.
 
     Returns:
         One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
@@ -84,9 +92,15 @@ def warmup(
     teacher.eval()
     student.train()
     history = []
-    with RoutingControl(student, mode="uniform", capture=True) as control:
-        _check_layers(control, clusters)
-        with ClusterScoreHooks(teacher, clusters, xi=xi) as targets:
+    if clusters is None and router_targets is None:
+        raise ValueError("warmup needs `clusters` or `router_targets` for its L_init targets")
+    with RoutingControl(student, mode="uniform", capture=True) as control, TiedRouterGroups(student):
+        if router_targets is None:
+            _check_layers(control, clusters)
+            targets = ClusterScoreHooks(teacher, clusters, xi=xi)
+        else:
+            targets = _SequenceTargets(teacher, router_targets, control.num_layers)
+        with targets:
             for step, batch in zip(range(steps), _repeat(batches), strict=False):
                 losses = warmup_losses(
                     student, teacher, batch, control, targets,
@@ -106,12 +120,36 @@ def warmup(
     return history
 
 
+class _SequenceTargets:
+    """`ClusterScoreHooks`' interface (`scores`: L × `[T, E]` target logits) for sequence targets;
+    `prepare(batch)` computes them from the teacher before the batch's forward."""
+
+    def __init__(self, teacher: nn.Module, targets: SequenceRouterTargets, num_layers: int):
+        self.teacher, self.targets, self.num_layers = teacher, targets, num_layers
+        self.scores: list[torch.Tensor] = []
+
+    def prepare(self, batch: Mapping | torch.Tensor) -> None:
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        log_BE = self.targets.expert_log_targets(teacher_prompt_features(self.teacher, batch))
+        if not sft_prompt_mask(batch).any():
+            raise ValueError("sequence router targets need prompt positions (labels == -100)")
+        log_TE = log_BE.repeat_interleave(batch["input_ids"].shape[1], dim=0)
+        self.scores = [log_TE] * self.num_layers
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.scores = []
+
+
 def warmup_losses(
     student: nn.Module,
     teacher: nn.Module,
     batch: Mapping | torch.Tensor,
     control: RoutingControl,
-    targets: ClusterScoreHooks,
+    targets: ClusterScoreHooks | _SequenceTargets,
     *,
     alpha: float = 1.0,
     beta: float = 1.0,
@@ -124,6 +162,8 @@ def warmup_losses(
     `teacher`; both are left to the caller so that evaluation can reuse this function.
     """
     device = next(student.parameters()).device
+    if isinstance(targets, _SequenceTargets):
+        targets.prepare(batch)
     input_ids, attention_mask, labels = _unpack(batch, device)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -5,8 +5,9 @@ Importing it registers `experts_implementation="padd"` in transformers' experts 
 
 from . import hf_experts
 from .layer import MoE
+from .router_groups import TiedRouterGroups
 from .routing_control import RoutingControl
 
 hf_experts.register()
 
-__all__ = ["MoE", "RoutingControl"]
+__all__ = ["MoE", "RoutingControl", "TiedRouterGroups"]

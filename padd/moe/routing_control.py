@@ -15,6 +15,14 @@ Modes:
   model's config says so (Mixtral always does). With a zero bias this is the HF router exactly,
   except on exactly tied logits: padd picks the lower expert id, `torch.topk` is unspecified
   (e.g. an all-zero router).
+- Tied groups (`padd_router_group_size = k` in the model config, from
+  `decompress(init="exact")`): selection as in "learned", which always picks one whole group,
+  and weights exactly 1/k as constants. The task loss then sends no gradient to the router
+  (mathematically it would be zero: a group's k renormalised weights are 1/k for any tied
+  logits; numerically it is float noise that Adam would amplify into a random walk). The router
+  learns from its own objective on the captured logits, and only the router: its input is
+  detached (the logits feed nothing else differentiable), so a router objective cannot bend the
+  backbone's hidden states to be easier to route.
 - "uniform" (Stage I warmup): frozen round-robin routing that ignores the router: slot j of
   token t goes to expert `(t·K + j) mod E` with weight `1/K`. The router logits still flow out
   (for `L_init` and HF's aux loss) but the routing itself carries no gradient to the router.
@@ -31,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from padd.kernels import route
+
+from .router_groups import router_group_size
 
 __all__ = ["BIAS_FILENAME", "MODES", "RoutingControl", "find_moe_routers"]
 
@@ -106,6 +116,12 @@ class RoutingControl:
         self.top_k = int(first.top_k)
         # Mixtral's router has no flag and always renormalises.
         self.norm_topk_prob = bool(getattr(first, "norm_topk_prob", True))
+        self.group_size = router_group_size(model)
+        if self.group_size > 1 and (self.group_size != self.top_k or self.num_experts % self.group_size):
+            raise ValueError(
+                f"tied router groups of {self.group_size} need top_k == group size and groups dividing "
+                f"the experts; this model has E={self.num_experts}, k={self.top_k}"
+            )
         for name, router in found:
             if (router.num_experts, router.top_k) != (self.num_experts, self.top_k):
                 raise ValueError(
@@ -123,6 +139,8 @@ class RoutingControl:
         self._handles = [
             router.register_forward_hook(self._make_hook(layer)) for layer, router in enumerate(self.routers)
         ]
+        if self.group_size > 1:
+            self._handles += [router.register_forward_pre_hook(_detach_input) for router in self.routers]
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -239,6 +257,8 @@ class RoutingControl:
                 renormalize=self.norm_topk_prob,
             )
             experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
+            if self.group_size > 1:  # one whole group at 1/k each: constants (module doc)
+                weights_TK = torch.full(experts_TK.shape, 1.0 / self.top_k, device=logits.device)
         # The experts module expects what the HF router returns: int64 ids (one_hot in eager),
         # weights in the router's dtype (fp32 for Mixtral, the logits' dtype elsewhere).
         experts_TK = experts_TK.to(hf_experts.dtype)
@@ -247,6 +267,10 @@ class RoutingControl:
             self.router_logits[layer] = logits_TE
             self.selected_experts[layer] = experts_TK.detach()
         return logits, weights_TK, experts_TK
+
+
+def _detach_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].detach(), *args[1:])
 
 
 def _round_robin_experts(num_tokens: int, top_k: int, num_experts: int, device: torch.device) -> torch.Tensor:

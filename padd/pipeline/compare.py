@@ -1,9 +1,13 @@
 """`padd train CONFIG --compare`: the baselines and ablations on the same data, teacher and seeds.
 
 Training-phase methods (`vanilla_grpo`, `online_kd`, `rspo`, `no_stage2/3/4`, any `padd.training`
-preset) start from the run's Stage-I student. Stage-I ablations build their own student:
-`no_stage1` (no warmup), `upcycle` (sparse upcycling) and `random_split` (random neuron split),
-each then trained with the run's method. Results land in `compare/<method>/` and in the report.
+preset) start from the run's Stage-I student. `teacher_grpo` trains the dense teacher itself with
+the same loop, steps, learning rate and data (the paper's "Teacher (GRPO)" row). Stage-I
+ablations build their own student: `no_stage1` (no clustering, no router fit, no warmup: sparse
+upcycling with a random router), `cluster_init` (the earlier importance-filled construction, not
+function-preserving), `upcycle` (sparse upcycling, warmed up) and `random_split` (random neuron
+split), each then trained with the run's method. Results land in `compare/<method>/` and in the
+report.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any
 from padd.pipeline.checkpoint import GracefulInterrupt, atomic_write_json
 
 STAGE1_ABLATIONS = {
-    "no_stage1": {"skip": True},
+    "no_stage1": {"skip": True, "init": "upcycle"},
+    "cluster_init": {"init": "cluster"},
     "upcycle": {"init": "upcycle"},
     "random_split": {"init": "random_split"},
 }
@@ -25,7 +30,7 @@ def run_compare(pipe: Any) -> None:
     from padd.pipeline.evaluate import evaluate_model
     from padd.pipeline.report import write_report
     from padd.pipeline.stage1 import build_student
-    from padd.pipeline.train import train_student
+    from padd.pipeline.train import DENSE_TEACHER_METHOD, train_student
 
     cfg = pipe.cfg
     for method in cfg.compare.methods:
@@ -54,7 +59,7 @@ def run_compare(pipe: Any) -> None:
                 pipe, train_method, out, interrupt, stage1_dir=stage1_dir, stage_name=f"compare/{method}"
             )
         if pipe.ctx.is_main:
-            res = evaluate_model(pipe, out / "final", "eval", out, moe=True)
+            res = evaluate_model(pipe, out / "final", "eval", out, moe=method != DENSE_TEACHER_METHOD)
             res["wall_s"] = time.perf_counter() - t0
             atomic_write_json(out / "eval.json", res)
     if pipe.ctx.is_main:

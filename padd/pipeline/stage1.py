@@ -4,7 +4,6 @@ selection bias), written atomically."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,14 +29,6 @@ def lm_batches(
         count += 1
 
 
-def _call_with_supported(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # Pass only the keyword arguments the Stage I API accepts (it may grow or shrink options).
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
-
-
 def build_student(
     cfg: PADDRunConfig,
     teacher: Any,
@@ -50,28 +41,32 @@ def build_student(
     *,
     warmup_experts: bool = True,
 ) -> dict[str, Any]:
-    """Stage I end to end (`warmup_experts=False`: decompression only); returns timings."""
+    """Stage I end to end (`warmup_experts=False`: decompression only); returns timings.
+
+    The student directory holds the HF model and tokenizer, the selection bias and, for a
+    tied-group student (`student.init=exact`), the teacher's sequence clusters its router is
+    trained towards (`padd_router_targets.safetensors`).
+    """
     import padd.decompress as dec
     from padd.moe.routing_control import RoutingControl
 
-    s1, st = cfg.stage1, cfg.student
+    s1, st, rt = cfg.stage1, cfg.student, cfg.router
     max_len = cfg.teacher.max_len
     info: dict[str, Any] = {"init": st.init}
     t0 = time.perf_counter()
-    stats = dec.collect_stats(
-        teacher,
-        lm_batches(d_a, tokenizer, s1.batch_size, max_len, s1.stats_batches),
-        num_experts=st.num_experts,
-        seed=cfg.run.seed,
-    )
+    stats_batches = list(lm_batches(d_a, tokenizer, s1.batch_size, max_len, s1.stats_batches))
+    stats = dec.collect_stats(teacher, stats_batches, num_experts=st.num_experts, seed=cfg.run.seed, xi=s1.xi)
     info["stats_s"] = time.perf_counter() - t0
     interrupt.check()
     t0 = time.perf_counter()
+    targets = None
     if st.source == "pretrained":
         from padd.pipeline.inputs import load_model
 
         student = load_model(st.path, cfg.teacher.dtype)
-        student = _call_with_supported(dec.init_pretrained_student, student, teacher, stats)
+        fitted = dec.init_pretrained_student(student, teacher, stats_batches, xi=s1.xi, seed=cfg.run.seed)
+        clusters = fitted.clusters
+        info["router_fit_r2"] = fitted.r2
     else:
         student = dec.decompress(
             teacher,
@@ -82,34 +77,34 @@ def build_student(
             seed=cfg.run.seed,
             router_scale=st.router_scale,
         )
+        clusters = stats.clusters
+        if st.init == "exact":
+            groups = st.num_experts // st.top_k
+            targets = dec.fit_sequence_targets(
+                teacher, stats_batches, groups, st.top_k, xi=rt.xi, seed=cfg.run.seed
+            )
+            info["router_fit_agreement"] = dec.fit_group_router(student, teacher, stats_batches, targets)
     info["construct_s"] = time.perf_counter() - t0
     interrupt.check()
-    warmup = getattr(dec, "warmup", None)
     if s1.skip or s1.warmup_steps == 0 or not warmup_experts:
         info["warmup"] = "skipped"
-    elif warmup is None:
-        info["warmup"] = "unavailable (padd.decompress.warmup not found)"
-        log({"stage": "stage1", "step": 0, "warning": info["warmup"]})
     else:
         t0 = time.perf_counter()
-        batches = _cycle(d_b, tokenizer, s1.batch_size, max_len)
-        result = _call_with_supported(
-            warmup,
+        history = dec.warmup(
             student,
             teacher,
-            batches,
-            stats.clusters,
+            _cycle(d_b, tokenizer, s1.batch_size, max_len),
+            None if targets is not None else clusters,
             steps=s1.warmup_steps,
             lr=s1.warmup_lr,
             alpha=s1.alpha,
             beta=s1.beta,
+            xi=s1.xi,
+            router_targets=targets,
+            log=lambda rec: log({**rec, "stage": "stage1_warmup", "step": int(rec["step"])}),
         )
-        if isinstance(result, torch.nn.Module):
-            student = result
-        elif isinstance(result, list):  # per-step metrics
-            for rec in result:
-                log({**rec, "stage": "stage1_warmup", "step": int(rec.get("step", 0))})
         info["warmup"] = "done"
+        info["warmup_steps"] = len(history)
         info["warmup_s"] = time.perf_counter() - t0
     student.eval()
     control = RoutingControl(student)
@@ -118,6 +113,8 @@ def build_student(
         student.save_pretrained(d)
         tokenizer.save_pretrained(d)
         control.save_selection_bias(d)
+        if targets is not None:
+            targets.save(d)
 
     atomic_dir(out, write)
     control.remove()

@@ -23,12 +23,25 @@ from padd.pipeline.checkpoint import (
     atomic_write_json,
 )
 
+DENSE_TEACHER_METHOD = "teacher_grpo"
 
-def training_config(method: str, params: dict[str, Any], seed: int) -> Any:
-    """The `padd.training` preset `method` with `params` on top (the run seed unless overridden)."""
-    from padd.training.config import preset
 
-    return preset(method, **{"seed": seed, **params})
+def training_config(method: str, params: dict[str, Any], seed: int, router_weight: float = 0.0) -> Any:
+    """The `padd.training` preset `method` with `params` on top (the run seed unless overridden).
+
+    `router_weight` (the run's `router.weight`, 0 when `router.objective` is none) applies to the
+    methods whose preset does not switch teacher-guided routing off (the baselines do)."""
+    from padd.training.config import PRESETS, preset
+
+    base: dict[str, Any] = {"seed": seed}
+    if "router_weight" not in PRESETS.get(method, {}):
+        base["router_weight"] = router_weight
+    return preset(method, **{**base, **params})
+
+
+def run_router_weight(cfg: Any) -> float:
+    """The Stages II–IV router weight a run's config asks for."""
+    return cfg.router.weight if cfg.router.objective != "none" else 0.0
 
 
 def train_student(
@@ -41,6 +54,8 @@ def train_student(
     stage_name: str = "train",
 ) -> dict[str, Any]:
     """Train the Stage-I student with `method` into `out/final`; resumes from `out/ckpt`."""
+    from padd.decompress.sequence_targets import SequenceRouterTargets
+    from padd.moe.router_groups import TiedRouterGroups
     from padd.moe.routing_control import RoutingControl
     from padd.pipeline.inputs import load_model
     from padd.pipeline.run import train_batches
@@ -48,16 +63,24 @@ def train_student(
 
     cfg, ctx = pipe.cfg, pipe.ctx
     tcfg = cfg.training
-    stage1_dir = stage1_dir or pipe.dir / "stage1" / "student"
-    student = load_model(stage1_dir, cfg.teacher.dtype).to(ctx.device)
-    control = RoutingControl(student)
-    control.load_selection_bias(stage1_dir)
-    pcfg = training_config(method, tcfg.params, cfg.run.seed)
-    teacher = pipe.load_teacher() if pcfg.use_kd else None
+    if method == DENSE_TEACHER_METHOD:  # the paper's "Teacher (GRPO)" row: the same loop, dense
+        student, control, targets = pipe.load_teacher(), None, None
+    else:
+        stage1_dir = stage1_dir or pipe.dir / "stage1" / "student"
+        student = load_model(stage1_dir, cfg.teacher.dtype).to(ctx.device)
+        control = RoutingControl(student)
+        control.load_selection_bias(stage1_dir)
+        targets = SequenceRouterTargets.load(stage1_dir)
+        if targets is not None:
+            targets = targets.with_xi(cfg.router.xi)
+    tied = TiedRouterGroups(student)  # a no-op unless the student's router rows are tied
+    pcfg = training_config(method, tcfg.params, cfg.run.seed, run_router_weight(cfg) if targets else 0.0)
+    needs_teacher = pcfg.use_kd or (pcfg.router_weight > 0 and targets is not None)
+    teacher = pipe.load_teacher() if needs_teacher else None
     sharded = ctx.enabled and pdist.should_shard(student, cfg.distributed.strategy, ctx)
     if sharded:
         pdist.apply_fsdp2(student)
-    trainer = PADDTrainer(student, teacher, pipe.tokenizer, pcfg, control)
+    trainer = PADDTrainer(student, teacher, pipe.tokenizer, pcfg, control, router_targets=targets)
     if sharded:  # checkpoints gather full states on rank 0; resume scatters them back
         trainer.state_io = pdist.ShardedStateIO()
     if not sharded:  # FSDP2 reduce-scatters gradients itself
@@ -89,7 +112,8 @@ def train_student(
         problems = pdist.shard(next(batches), ctx)
         seen += [p.question for p in problems]
         metrics = trainer.step(problems)
-        pdist.all_reduce_mean_(control.selection_bias, ctx)  # identical bias on every rank
+        if control is not None:
+            pdist.all_reduce_mean_(control.selection_bias, ctx)  # identical bias on every rank
         done = step + 1
         pipe.metrics.log({**metrics, "stage": stage_name, "step": done})  # ours win over the trainer's
         bar.update(1)
@@ -106,12 +130,15 @@ def train_student(
         atomic_dir(
             out / "final", lambda d: (trainer.write_checkpoint(d, state), pipe.tokenizer.save_pretrained(d))
         )
-    if ctx.enabled:  # per-rank evidence that ranks agree: bias and a weight checksum
+    if ctx.enabled and control is not None:  # per-rank evidence that ranks agree: bias, weights
         rank_dir = out / "ranks" / f"rank{ctx.rank}"
         control.save_selection_bias(rank_dir)
         checksum = sum(float(pdist.full_tensor(p).double().abs().sum()) for p in student.parameters())
         info = {"weights_abs_sum": checksum, "prompts_seen": seen, "sharded": sharded}
         atomic_write_json(rank_dir / "rank.json", info)
     pdist.barrier(ctx)
-    control.remove()
-    return {"method": method, "steps": tcfg.steps, "resumed_from": start, "loop_s": seconds}
+    info = {"router_untied": tied.max_untied()}
+    tied.remove()
+    if control is not None:
+        control.remove()
+    return {**info, "method": method, "steps": tcfg.steps, "resumed_from": start, "loop_s": seconds}

@@ -72,6 +72,14 @@ class PADDConfig:
         default="auto", metadata=_meta("fused-linear KD kernel: 'auto' (CUDA and available), True, False")
     )
 
+    # Routing of a tied-group student (`decompress(init="exact")`), with `router_targets`
+    router_weight: float = field(
+        default=0.0,
+        metadata=_meta(
+            "weight of L_route = Σ_l KL(p_S,l ‖ p_T) towards the teacher's sequence clusters; 0 = off"
+        ),
+    )
+
     # Stage III: PR-GRPO
     use_drift: bool = field(default=True, metadata=_meta("Stage III drift penalty on/off"))
     drift_lambda: float = field(default=1.0, metadata=_meta("λ in exp(−λ·sg(Γ)·1[A<0])"))
@@ -97,7 +105,7 @@ class PADDConfig:
                 raise bad(key, "must be a finite number > 0")
         non_negative = (
             "w_answer", "w_format", "weight_decay", "max_grad_norm", "epsilon", "beta", "alpha_kd",
-            "rho", "kappa", "drift_lambda", "bias_eta", "bias_gamma",
+            "rho", "kappa", "drift_lambda", "bias_eta", "bias_gamma", "router_weight",
         )  # fmt: skip
         for key in non_negative:
             if not _finite(getattr(self, key)) or getattr(self, key) < 0:
@@ -160,9 +168,18 @@ def _finite(x) -> bool:
 # and trains it with the `padd` preset.
 PRESETS: dict[str, dict] = {
     "padd": {},
-    "vanilla_grpo": {"use_kd": False, "use_drift": False, "use_bias": False},
-    "online_kd": {"use_kd": True, "kd_temperature_mode": "fixed", "use_drift": False, "use_bias": False},
-    "rspo": {"use_kd": False, "use_drift": True, "drift_on": "all", "use_bias": False},
+    # The baselines have no teacher-guided routing: `router_weight` 0 wins over a run's setting.
+    "vanilla_grpo": {"use_kd": False, "use_drift": False, "use_bias": False, "router_weight": 0.0},
+    "online_kd": {
+        "use_kd": True,
+        "kd_temperature_mode": "fixed",
+        "use_drift": False,
+        "use_bias": False,
+        "router_weight": 0.0,
+    },  # fmt: skip
+    "rspo": {"use_kd": False, "use_drift": True, "drift_on": "all", "use_bias": False, "router_weight": 0.0},
+    # The dense teacher trained by the same loop (the pipeline trains the teacher, not a student).
+    "teacher_grpo": {"use_kd": False, "use_drift": False, "use_bias": False, "router_weight": 0.0},
     "no_stage2": {"use_kd": False},
     "no_stage3": {"use_drift": False},
     "no_stage4": {"use_bias": False},

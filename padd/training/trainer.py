@@ -147,6 +147,9 @@ class PADDTrainer:
         optimizer: optional; default AdamW(lr, weight_decay) over the student's trainable params.
         reward_fn: optional `(completion, problem) -> float`; default `rewards.reward` with the
             config's `w_answer` / `w_format`. Accuracy is always the exact-match answer reward.
+        router_targets: a `padd.decompress.SequenceRouterTargets` (tied-group students): with
+            `config.router_weight > 0` the loss adds `router_weight · Σ_l KL(p_S,l ‖ p_T)` over
+            every real token of the rollouts, `p_T` from the teacher's reading of the prompt.
 
     Example:
         >>> trainer = PADDTrainer(student, teacher, tokenizer, preset("padd", num_generations=4))
@@ -164,6 +167,7 @@ class PADDTrainer:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         reward_fn: Callable[[str, Problem], float] | None = None,
+        router_targets=None,
     ) -> None:
         self.config = config if config is not None else PADDConfig()
         cfg = self.config
@@ -181,9 +185,12 @@ class PADDTrainer:
                 "Stages II–IV train the learned router: set control.mode = 'learned'"
             )
         self.control = control
-        if cfg.use_kd:
+        self.router_targets = router_targets if (self.moe and cfg.router_weight > 0) else None
+        if cfg.router_weight > 0 and self.moe and router_targets is None:
+            raise ValueError("PADDConfig.router_weight > 0 needs router_targets (a tied-group student)")
+        if cfg.use_kd or self.router_targets is not None:
             if teacher is None:
-                raise ValueError("PADDConfig.use_kd=True needs a teacher model")
+                raise ValueError("PADDConfig.use_kd=True or router_weight > 0 needs a teacher model")
             teacher.eval().requires_grad_(False)
         student.eval()  # see module doc: no dropout, ratio exactly 1 at θ_old
         self.state_io = StateIO()  # the pipeline swaps in a sharded one under FSDP2
@@ -240,7 +247,10 @@ class PADDTrainer:
         t_reward = time.perf_counter()
         device = batch.sequences_BS.device
         adv_B = adv_B.to(device)
-        teacher_out, t_eff_B = self._score_with_teacher(batch, adv_B) if cfg.use_kd else (None, None)
+        teacher_out, t_eff_B, route_target = None, None, None
+        if cfg.use_kd or self.router_targets is not None:
+            teacher_out, t_eff_B, route_target = self._score_with_teacher(batch, adv_B)
+            teacher_out = teacher_out if cfg.use_kd else None
         if t_eff_B is not None:
             metrics.update(
                 t_eff_mean=float(t_eff_B.mean()),
@@ -248,7 +258,7 @@ class PADDTrainer:
                 t_eff_max=float(t_eff_B.max()),
             )
         t_teacher = time.perf_counter()
-        metrics.update(self._update(batch, adv_B, teacher_out, t_eff_B))
+        metrics.update(self._update(batch, adv_B, teacher_out, t_eff_B, route_target))
         t_end = time.perf_counter()
         metrics.update(
             time_generation=t_gen - t_start,
@@ -262,7 +272,8 @@ class PADDTrainer:
 
     @torch.no_grad()
     def _score_with_teacher(self, batch: RolloutBatch, adv_B: torch.Tensor):
-        """Teacher hidden states at the response positions [B, R, H] and T_eff per row [B]."""
+        """Teacher hidden states at the response positions [B, R, H], T_eff per row [B] and, with
+        router targets, the routing target log-probabilities of every row [B, E]."""
         cfg = self.config
         base = self.teacher.get_decoder()
         out = base(
@@ -271,11 +282,18 @@ class PADDTrainer:
             position_ids=position_ids_from_mask(batch.attention_mask_BS),
         )
         hidden_BRH = response_slice(out.last_hidden_state, batch.prompt_length)
+        route_target_BE = None
+        if self.router_targets is not None:
+            from padd.decompress.sequence_targets import prompt_mean
+
+            P = batch.prompt_length
+            feats = prompt_mean(out.last_hidden_state[:, :P], batch.attention_mask_BS[:, :P])
+            route_target_BE = self.router_targets.expert_log_targets(feats)
         if cfg.kd_temperature_mode == "adaptive":
             t_eff_B = advantage_temperature(adv_B, cfg.tau, cfg.rho, cfg.kappa, cfg.temperature_form)
         else:
             t_eff_B = torch.full_like(adv_B, cfg.tau)
-        return hidden_BRH, t_eff_B
+        return hidden_BRH, t_eff_B, route_target_BE
 
     def _fused_kd(self, device: torch.device):
         """`padd.kernels.fused_linear_kd_loss` when configured and present, else None."""
@@ -304,7 +322,7 @@ class PADDTrainer:
             teacher_logits_NV = t_head(teacher_hidden_BRH[keep])
         return kernels.kd_loss(student_logits_BRV[keep], teacher_logits_NV, **loss_kwargs)
 
-    def _update(self, batch: RolloutBatch, adv_B, teacher_hidden_BRH, t_eff_B) -> dict:
+    def _update(self, batch: RolloutBatch, adv_B, teacher_hidden_BRH, t_eff_B, route_target_BE=None) -> dict:
         """`num_iterations` optimiser steps on one rollout batch, each followed by Stage IV."""
         cfg = self.config
         log: dict[str, list[float]] = defaultdict(list)
@@ -316,6 +334,10 @@ class PADDTrainer:
                 old = _OldPolicy(fwd.logp_BR.detach(), fwd.router_probs, self._reference_logp(batch))
                 routing = self._routing_metrics(fwd.router_logits, fwd.selected, batch)
             loss = self._loss(fwd, old, batch, adv_B, teacher_hidden_BRH, t_eff_B, log)
+            if route_target_BE is not None:
+                route = self._route_term(fwd.router_logits, route_target_BE, batch)
+                loss = loss + cfg.router_weight * route
+                log["route_loss"].append(float(route.detach()))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -389,6 +411,18 @@ class PADDTrainer:
             log["ref_kl"].append(float(kl.detach()))
         log["loss"].append(float(loss.detach()))
         return loss
+
+    def _route_term(self, router_logits, route_target_BE, batch: RolloutBatch) -> torch.Tensor:
+        """`Σ_l KL(p_S,l ‖ p_T)` over every real token (prompt and response) of the rollouts."""
+        B, S = batch.sequences_BS.shape
+        target_TE = route_target_BE.repeat_interleave(S, dim=0)
+        mask_T = batch.attention_mask_BS.reshape(-1)
+        total = target_TE.new_zeros(())
+        for z_TE in router_logits:
+            total = total + kernels.kd_loss(
+                z_TE, target_TE.to(z_TE.device), divergence="reverse_kl", mask=mask_T
+            )
+        return total
 
     def _response_selected(self, selected, B: int, S: int, P: int) -> list[torch.Tensor]:
         """Per layer, the experts of the response positions, [B·R, k]."""
