@@ -1,12 +1,14 @@
 """The `padd` command (also `python -m padd`).
 
     padd train CONFIG [--compare] [--force] [key.sub=value ...]
-    padd eval CONFIG [--model DIR] [key.sub=value ...]
+    padd eval CONFIG|RUN_DIR [--model DIR] [--out FILE] [key.sub=value ...]
     padd convert CONFIG --out DIR [key.sub=value ...]
     padd flops TEACHER_DIR [STUDENT_DIR] [--seq-len N]
-    padd report RUN_DIR
+    padd report RUN_DIR [RUN_DIR ...]
 
-CONFIG is a preset name (`tiny`, `micro`, ...) or a path to a YAML file.
+CONFIG is a preset name (`tiny`, `micro`, ...) or a path to a YAML file; `padd eval` also takes a
+run directory (its `config.yaml`). Errors in the config, the data or a model directory are one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,12 +17,29 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+class ModelPathError(Exception):
+    """A model directory that is missing or is not a loadable HF model (config.json + weights)."""
+
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _config_args(p: argparse.ArgumentParser, run_dir: bool = False) -> None:
     from padd.config import preset_names
 
-    p.add_argument("config", help=f"preset name ({', '.join(preset_names())}) or path to a YAML file")
+    presets = f"preset name ({', '.join(preset_names())})"
+    if run_dir:
+        p.add_argument("config", help=f"{presets}, path to a YAML file, or run directory")
+    else:
+        p.add_argument("config", help=f"{presets} or path to a YAML file")
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. training.steps=50"
     )
@@ -40,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="restart a run directory made by a different config")
 
     p = sub.add_parser("eval", help="held-out accuracy of a model", description="Greedy pass@1 of a model "
-                       "on the run's held-out split D_D (default: the run's trained student).")  # fmt: skip
-    _config_args(p)
+                       "on the run's held-out split D_D (default: the run's trained student). Reads the "
+                       "run directory and never writes to it; the config may differ from the run's in "
+                       "eval.* only (e.g. eval.num_problems=50).")  # fmt: skip
+    _config_args(p, run_dir=True)
     p.add_argument("--model", help="model directory (default: RUN_DIR/train/final)")
+    p.add_argument("--out", help="also write the result (with sample completions) to this JSON file")
 
     p = sub.add_parser("convert", help="decompress the teacher into an MoE student (Stage I without warmup)",
                        description="Teacher statistics on D_A, clustering and student construction; "
@@ -57,9 +79,160 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="sequence length for attention FLOPs")
 
     p = sub.add_parser("report", help="(re)build report.md/report.json/plots of a run",
-                       description="Build the report of a run directory from its files.")  # fmt: skip
-    p.add_argument("run_dir", help="run directory")
+                       description="Build the report of each run directory from its files; with several "
+                       "(e.g. one per seed) also print every run's accuracy and mean ± std.")  # fmt: skip
+    p.add_argument("run_dir", nargs="+", help="run directory (several: one table over them)")
     return parser
+
+
+# ---- checks before any compute ------------------------------------------------------------------
+
+
+def _pretrained_dirs(cfg: Any) -> list[tuple[str, str]]:
+    """(key, path) of the local models a config loads."""
+    out = []
+    if cfg.teacher.source == "pretrained":
+        out.append(("teacher.path", cfg.teacher.path))
+    if cfg.student.source == "pretrained":
+        out.append(("student.path", cfg.student.path))
+    return out
+
+
+def _check_model_dir(path: str | Path, what: str, *, weights: bool = True) -> None:
+    """Raise `ModelPathError` unless `path` holds an HF model: a valid config.json and weights."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelPathError(f"{what}: no such directory: {p}")
+    if not p.is_dir():
+        raise ModelPathError(f"{what}: not a directory: {p}")
+    config = p / "config.json"
+    if not config.is_file():
+        raise ModelPathError(f"{what}: no config.json in {p} (not an HF model directory)")
+    try:
+        meta = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ModelPathError(f"{what}: {config} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "model_type" not in meta:
+        raise ModelPathError(f"{what}: {config} names no model_type")
+    if weights and not any((p / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelPathError(f"{what}: no weights in {p} (model.safetensors or pytorch_model.bin)")
+
+
+def _check_inputs(cfg: Any) -> None:
+    """The file-level checks of `padd.pipeline.inputs.preflight`, plus the model directories'
+    contents, so that a broken model directory is one line and not a traceback from transformers."""
+    from padd.pipeline.inputs import preflight
+
+    for key, path in _pretrained_dirs(cfg):
+        # A missing directory or config.json is the preflight's `<key>: ... not found` config error;
+        # an unreadable config.json must be caught first (the preflight parses it).
+        if (Path(path) / "config.json").is_file():
+            _check_model_dir(path, key, weights=False)
+    preflight(cfg)
+    for key, path in _pretrained_dirs(cfg):
+        _check_model_dir(path, key)
+
+
+def _read_only_run(cfg: Any) -> Any:
+    """A `Pipeline` over the run's inputs (problems, splits, tokenizer) that, unlike `Pipeline`
+    itself, neither creates nor rewrites anything in the run directory (`padd eval`, data checks)."""
+    import torch
+
+    from padd.pipeline import distributed as pdist
+    from padd.pipeline.inputs import build_tokenizer
+    from padd.pipeline.run import Pipeline
+
+    class ReadOnlyRun(Pipeline):
+        def __init__(self) -> None:  # not Pipeline.__init__: its `prepare_run_dir` writes the run dir
+            self.cfg = cfg
+            self.ctx = pdist.DistContext()
+            self.dir = Path(cfg.run.dir)
+            self._problems = None
+            self._tokenizer = None
+
+        @property
+        def tokenizer(self) -> Any:  # Pipeline's also saves it into the run directory
+            if self._tokenizer is None:
+                self._tokenizer = build_tokenizer(self.cfg)
+            return self._tokenizer
+
+        def teacher_path(self) -> Path:  # the run's own teacher, whatever run.cache_dir says now
+            done = self.dir / "done" / "teacher.json"
+            recorded = json.loads(done.read_text()).get("path") if done.is_file() else None
+            if recorded and Path(recorded).exists():
+                return Path(recorded)
+            return super().teacher_path()
+
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    return ReadOnlyRun()
+
+
+def _check_data(run: Any) -> None:
+    """Load the problems and cut the splits now: a bad data file or too few problems is a one-line
+    `DataError` before any compute (the pipeline itself would cut the splits after the teacher)."""
+    from padd.data.jsonl import DataError
+
+    cfg = run.cfg
+    try:
+        run.problems  # noqa: B018 -- loads them; the file loaders raise DataError themselves
+    except ValueError as e:
+        if isinstance(e, DataError) or cfg.data.source != "synthetic":
+            raise
+        raise DataError(f"synthetic data: {e}") from None  # cannot draw that many distinct problems
+    try:
+        run.splits()
+    except ValueError as e:  # e.g. "need at least 4 distinct problems, got 3"
+        raise DataError(f"{cfg.data.path or cfg.data.source + ' data'}: {e}") from None
+
+
+def _check_eval_run_dir(cfg: Any) -> None:
+    """`padd eval` takes the run's config with any eval.* changed: refuse anything else (other data
+    or models would make D_D or the student someone else's)."""
+    import dataclasses
+
+    import yaml
+
+    from padd.config import ConfigError, config_from_dict
+    from padd.pipeline.run import RunDirError
+
+    run_dir = Path(cfg.run.dir)
+    fp_file = run_dir / "fingerprint"
+    if not fp_file.is_file():
+        return  # no run there (e.g. `--model` elsewhere on a fresh config): nothing to match
+    recorded = fp_file.read_text().strip()
+    probe = cfg
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        run_cfg = config_from_dict(data) if isinstance(data, dict) else None
+    except (OSError, yaml.YAMLError, ConfigError):  # missing, or written by another padd version
+        run_cfg = None
+    if run_cfg is not None:
+        probe = dataclasses.replace(cfg, eval=run_cfg.eval)
+    if probe.fingerprint() != recorded:
+        raise RunDirError(
+            "run.dir",
+            f"{run_dir} was made by a different config (fingerprint {recorded}); `padd eval` may "
+            "change eval.* only: pass the run's config (or the run directory) plus eval.* overrides",
+        )
+
+
+def _eval_config(config: str, overrides: list[str]) -> Any:
+    """`padd eval`'s config: a preset or YAML file, or a run directory (its config.yaml, run.dir
+    set to that directory), then the overrides."""
+    from padd.config import ConfigError, apply_overrides, config_from_dict, load_config, read_config_source
+
+    run_dir = Path(config)
+    if not run_dir.is_dir():
+        return load_config(config, overrides)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("", f"{run_dir} is a directory without config.yaml (not a run directory)")
+    data = read_config_source(str(run_dir / "config.yaml"))
+    data.setdefault("run", {})["dir"] = str(run_dir)
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+# ---- commands -----------------------------------------------------------------------------------
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -67,6 +240,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from padd.pipeline.run import run_train
 
     cfg = load_config(args.config, args.overrides)
+    _check_inputs(cfg)
+    _check_data(_read_only_run(cfg))
     out = run_train(cfg, force=args.force, compare=args.compare)
     if (out / "report.md").exists():
         print(f"[padd] report: {out / 'report.md'}")
@@ -74,20 +249,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from padd.config import load_config
-    from padd.pipeline.evaluate import evaluate_model
-    from padd.pipeline.run import Pipeline
-
-    cfg = load_config(args.config, args.overrides)
-    pipe = Pipeline(cfg)
-    model = Path(args.model) if args.model else pipe.dir / "train" / "final"
-    if not (model / "config.json").exists():
-        raise FileNotFoundError(f"no model at {model}")
-    moe = (model / "padd_router_bias.safetensors").exists()
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        res = evaluate_model(pipe, model, "eval", Path(tmp), moe=moe)
+    from padd.config import ConfigError
+    from padd.pipeline.checkpoint import atomic_write_json
+    from padd.pipeline.evaluate import evaluate_model
+
+    cfg = _eval_config(args.config, args.overrides)
+    _check_eval_run_dir(cfg)
+    _check_inputs(cfg)
+    run_dir = Path(cfg.run.dir)
+    if args.model:
+        model = Path(args.model)
+        _check_model_dir(model, "--model")
+    else:
+        model = run_dir / "train" / "final"
+        if not model.exists():
+            raise ModelPathError(f"no trained student at {model}; run `padd train` first, or pass --model")
+        _check_model_dir(model, "trained student")
+    out = Path(args.out) if args.out else None
+    if out is not None and run_dir.resolve() in out.resolve().parents:
+        raise ConfigError("--out", f"{out} is inside the run directory, which `padd eval` never writes")
+    run = _read_only_run(cfg)
+    _check_data(run)
+    moe = (model / "padd_router_bias.safetensors").exists()
+    with tempfile.TemporaryDirectory() as tmp:  # no cache: the run's own eval/*.json stay untouched
+        res = evaluate_model(run, model, "eval", Path(tmp), moe=moe)
+    res["model"] = str(model)
+    if out is not None:
+        atomic_write_json(out, res)
     res.pop("samples", None)
     print(json.dumps(res, indent=2))
     return 0
@@ -100,6 +290,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from padd.pipeline.stage1 import build_student
 
     cfg = load_config(args.config, args.overrides)
+    _check_inputs(cfg)
+    _check_data(_read_only_run(cfg))
     pipe = Pipeline(cfg)
     pipe.run(until="teacher")
     with GracefulInterrupt() as interrupt:
@@ -115,6 +307,9 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     from padd import flops
     from padd.pipeline.inputs import load_model
 
+    _check_model_dir(args.teacher, "TEACHER_DIR")
+    if args.student:
+        _check_model_dir(args.student, "STUDENT_DIR")
     teacher = load_model(args.teacher)
     if args.student:
         res = flops.compare(teacher, load_model(args.student), seq_len=args.seq_len, measured=False)
@@ -129,15 +324,19 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from padd.pipeline.report import write_report
+    from padd.pipeline.report import render_seeds_markdown, write_report
 
-    write_report(args.run_dir)
-    print(f"[padd] report: {Path(args.run_dir) / 'report.md'}")
+    for run_dir in args.run_dir:
+        write_report(run_dir)
+        print(f"[padd] report: {Path(run_dir) / 'report.md'}")
+    if len(args.run_dir) > 1:  # several seeds of one config: every seed and mean ± std
+        print(render_seeds_markdown(args.run_dir))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (2 for config errors, 128+signal when interrupted)."""
+    """Console entry point; returns the exit status (2 for config, data and model-directory errors,
+    128+signal when interrupted)."""
     parser = build_parser()
     # Overrides may follow the flags (`padd train tiny --force a.b=1`): argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
@@ -149,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from padd.config import ConfigError
+    from padd.data.jsonl import DataError
     from padd.pipeline.checkpoint import Interrupted
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours are tqdm on long work
@@ -163,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except ConfigError as e:
         print(f"padd: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"padd: data error: {e}", file=sys.stderr)
+        return 2
+    except ModelPathError as e:
+        print(f"padd: model error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"padd: error: {e}", file=sys.stderr)

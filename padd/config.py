@@ -222,6 +222,25 @@ class TrainingConfig:
         _check(bool(self.method), "method", "must not be empty")
         _positive(self, "steps", "prompts_per_step")
         _non_negative(self, "checkpoint_every")
+        self.params = _typed_params(self.params)
+
+
+def _typed_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`training.params` checked against `PADDConfig`'s fields and types (`params.KEY` errors);
+    YAML's `1e-5` (a string to YAML 1.1) becomes the float it means."""
+    from padd.training.config import PADDConfig
+
+    hints = typing.get_type_hints(PADDConfig)
+    out = {}
+    for key, value in params.items():
+        if key not in hints:
+            raise ConfigError(f"params.{key}", f"unknown key (known: {', '.join(sorted(hints))})")
+        out[key] = _coerce(value, hints[key], f"params.{key}")
+    try:
+        PADDConfig(**out)
+    except ValueError as e:
+        raise ConfigError("params", str(e)) from None
+    return out
 
 
 @dataclass

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from padd.pipeline.checkpoint import atomic_write_json
 
 
@@ -41,10 +43,32 @@ def evaluate_model(pipe: Any, model_dir: Path | None, name: str, out_dir: Path, 
         for p, c in list(zip(pipe.eval_problems(), completions, strict=True))[:20]
     ]
     res["params"] = sum(p.numel() for p in model.parameters())
+    if model_dir is not None:  # how far from the teacher it computes, token by token
+        res["kl_to_teacher"] = teacher_kl(pipe, model)
     atomic_write_json(out, res)
     if control is not None:
         control.remove()
     return res
+
+
+@torch.no_grad()
+def teacher_kl(pipe: Any, model: Any) -> float:
+    """Mean per-token KL(teacher ‖ model) over D_D's `prompt + solution` tokens (teacher-forced;
+    the model routes through whatever hooks are on it, e.g. its selection bias)."""
+    from padd.pipeline.stage1 import lm_batches
+
+    cfg = pipe.cfg
+    teacher = pipe.load_teacher()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in lm_batches(pipe.eval_problems(), pipe.tokenizer, cfg.eval.batch_size, cfg.teacher.max_len):
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        kl_BS = (log_t.exp() * (log_t - log_s[..., : log_t.shape[-1]])).sum(-1)
+        total += float(kl_BS[mask.bool()].sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
 
 
 def flops_summary(pipe: Any, student_dir: Path) -> dict:

@@ -10,7 +10,7 @@ from typing import Any
 from padd.pipeline.checkpoint import atomic_write_json, atomic_write_text
 from padd.pipeline.metrics import read_metrics
 
-ROUTING_KEYS = ("nmi", "load_cv", "routing_entropy")
+ROUTING_KEYS = ("nmi", "load_cv", "routing_entropy", "kl_to_teacher")
 STEP_ORDER = {s: i for i, s in enumerate(("teacher", "data", "stage1", "train", "eval", "report"))}
 
 
@@ -71,12 +71,17 @@ def _fmt(x: Any, pct: bool = False) -> str:
 def render_markdown(rep: dict[str, Any]) -> str:
     lines = ["# PADD run report", "", f"Run directory: `{rep['run_dir']}`", ""]
     lines += ["## Held-out accuracy (greedy pass@1 on D_D) and routing", ""]
-    lines += ["| model | accuracy | n | params | NMI (expert–kind) | load CV | routing entropy |"]
-    lines += ["|---|---|---|---|---|---|---|"]
+    lines += [
+        "| model | accuracy | n | params | NMI (expert–kind) | load CV | routing entropy "
+        "| KL(teacher ‖ model) per token |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
     for r in rep["methods"]:
+        kl = r.get("kl_to_teacher")
         lines.append(
             f"| {r['method']} | {_fmt(r['accuracy'], True)} | {_fmt(r['n'])} | {_fmt(r['params'])} | "
-            f"{_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | {_fmt(r['routing_entropy'])} |"
+            f"{_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | {_fmt(r['routing_entropy'])} | "
+            f"{'–' if kl is None else f'{kl:.2e}'} |"
         )
     fl = rep.get("flops")
     if fl:
@@ -93,6 +98,48 @@ def render_markdown(rep: dict[str, Any]) -> str:
     for k, v in sorted(rep["wall_s"].items(), key=lambda kv: STEP_ORDER.get(kv[0], 99)):
         lines.append(f"| {k} | {_fmt(v)} |")
     lines += ["", "Plots: `plots/accuracy.png`, `plots/expert_load.png`, `plots/training.png`.", ""]
+    return "\n".join(lines)
+
+
+def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """Per method: accuracy of every run (seed) and mean ± std (population std over the runs),
+    plus the means of the routing columns. Methods missing from a run are left out of its mean."""
+    import statistics
+
+    per_run = [{r["method"]: r for r in collect(d)["methods"]} for d in run_dirs]
+    names = list(dict.fromkeys(m for run in per_run for m in run))
+    rows = []
+    for name in names:
+        accs = [run[name]["accuracy"] if name in run else None for run in per_run]
+        got = [a for a in accs if a is not None]
+        row: dict[str, Any] = {"method": name, "accuracy": accs}
+        row["mean"] = statistics.fmean(got) if got else None
+        row["std"] = statistics.pstdev(got) if len(got) > 1 else None
+        for key in ROUTING_KEYS:
+            vals = [run[name].get(key) for run in per_run if name in run and run[name].get(key) is not None]
+            row[key] = statistics.fmean(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
+def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
+    """Markdown table of `seeds_table`: one column per run, then mean ± std."""
+    rows = seeds_table(run_dirs)
+    heads = [Path(d).name for d in run_dirs]
+    lines = [
+        "| method | "
+        + " | ".join(heads)
+        + " | mean ± std | NMI | load CV | routing entropy | KL(T ‖ model) |",
+        "|---|" + "---|" * (len(heads) + 5),
+    ]
+    for r in rows:
+        accs = " | ".join(_fmt(a, True) for a in r["accuracy"])
+        spread = "–" if r["mean"] is None else f"{100 * r['mean']:.1f} ± {100 * (r['std'] or 0):.1f}"
+        kl = r["kl_to_teacher"]
+        lines.append(
+            f"| {r['method']} | {accs} | {spread} | {_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | "
+            f"{_fmt(r['routing_entropy'])} | {'–' if kl is None else f'{kl:.2e}'} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,54 @@
+"""`padd report RUN_DIR...`: every seed's accuracy and mean ± std, from the runs' eval files."""
+
+import json
+
+import pytest
+
+from padd.cli import main
+from padd.config import ConfigError, load_config
+from padd.pipeline.report import render_seeds_markdown, seeds_table
+
+
+def _fake_run(root, name, accs, nmi=0.5):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    for method, acc in accs.items():
+        res = {"accuracy": acc, "n": 500}
+        if method != "teacher":
+            res.update(nmi=nmi, load_cv=0.1, routing_entropy=1.0, kl_to_teacher=0.01)
+        (d / "eval" / f"{method}.json").write_text(json.dumps(res))
+    return d
+
+
+def test_seeds_table_hand_values(tmp_path):
+    runs = [
+        _fake_run(tmp_path, "s0", {"teacher": 0.90, "padd": 0.92}, nmi=0.4),
+        _fake_run(tmp_path, "s1", {"teacher": 0.80, "padd": 0.96}, nmi=0.6),
+    ]
+    rows = {r["method"]: r for r in seeds_table(runs)}
+    assert rows["teacher"]["accuracy"] == [0.90, 0.80]
+    assert rows["teacher"]["mean"] == pytest.approx(0.85)
+    assert rows["teacher"]["std"] == pytest.approx(0.05)  # population std of {0.9, 0.8}
+    assert rows["padd"]["mean"] == pytest.approx(0.94) and rows["padd"]["nmi"] == pytest.approx(0.5)
+    assert rows["teacher"]["nmi"] is None
+    md = render_seeds_markdown(runs)
+    assert "| padd | 92.0% | 96.0% | 94.0 ± 2.0 | 0.500 |" in md
+
+
+def test_report_cli_with_several_runs_prints_the_table(tmp_path, capsys):
+    runs = [_fake_run(tmp_path, f"s{i}", {"teacher": 0.9, "padd": 0.9 + i / 100}) for i in range(3)]
+    assert main(["report", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    assert "| padd | 90.0% | 91.0% | 92.0% | 91.0 ± 0.8 |" in out
+    assert all((r / "report.md").exists() for r in runs)
+
+
+def test_training_params_are_typed_with_dotted_errors():
+    cfg = load_config("tiny", ["training.params.learning_rate=1e-5"])  # YAML 1.1 reads a string
+    assert cfg.training.params["learning_rate"] == 1e-5
+    with pytest.raises(ConfigError, match=r"training\.params\.lr: unknown key"):
+        load_config("tiny", ["training.params.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"training\.params\.use_kd: must be true or false"):
+        load_config("tiny", ["training.params.use_kd=3"])
+    with pytest.raises(ConfigError, match=r"training\.params: .*rho"):
+        load_config("tiny", ["training.params.rho=2"])
