@@ -238,8 +238,10 @@ def _typed_params(params: dict[str, Any]) -> dict[str, Any]:
         out[key] = _coerce(value, hints[key], f"params.{key}")
     try:
         PADDConfig(**out)
-    except ValueError as e:
-        raise ConfigError("params", str(e)) from None
+    except ValueError as e:  # "PADDConfig.<field>=<value>: why": name the field
+        field_name, _, why = str(e).removeprefix("PADDConfig.").partition("=")
+        key = f"params.{field_name}" if field_name in hints else "params"
+        raise ConfigError(key, why.partition(": ")[2] or str(e)) from None
     return out
 
 

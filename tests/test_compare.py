@@ -1,0 +1,30 @@
+"""`padd train micro --compare` with the dense "Teacher (GRPO)" row and the no-Stage-I ablation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_teacher_grpo_and_no_stage1(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "padd", "train", "micro", "--compare", f"run.dir={run}",
+           f"run.cache_dir={tmp_path / 'cache'}", "compare.methods=[teacher_grpo,no_stage1]"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    teacher = json.loads((run / "compare" / "teacher_grpo" / "eval.json").read_text())
+    assert "nmi" not in teacher  # a dense model: no routing columns
+    cfg = json.loads((run / "compare" / "teacher_grpo" / "final" / "config.json").read_text())
+    assert cfg["model_type"] == "llama"  # the teacher itself was trained, not a student
+    no_s1 = json.loads((run / "compare" / "no_stage1" / "eval.json").read_text())
+    assert {"nmi", "load_cv", "routing_entropy", "kl_to_teacher"} <= set(no_s1)
+    s1_cfg = json.loads((run / "compare" / "no_stage1" / "stage1" / "config.json").read_text())
+    assert "padd_router_group_size" not in s1_cfg  # upcycled, not the exact construction
+    main_cfg = json.loads((run / "stage1" / "student" / "config.json").read_text())
+    assert main_cfg["padd_router_group_size"] == 2
+    report = (run / "report.md").read_text()
+    assert "| teacher_grpo |" in report and "| no_stage1 |" in report
+    train = json.loads((run / "done" / "train.json").read_text())
+    assert train["router_untied"] == 0.0  # the tied router rows stayed tied through training
