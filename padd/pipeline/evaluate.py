@@ -65,7 +65,8 @@ def teacher_kl(pipe: Any, model: Any) -> float:
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
         log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        kl_BS = (log_t.exp() * (log_t - log_s[..., : log_t.shape[-1]])).sum(-1)
+        # >= 0 in exact arithmetic; clamp the rounding of an (almost) exact student's ~1e-9
+        kl_BS = (log_t.exp() * (log_t - log_s[..., : log_t.shape[-1]])).sum(-1).clamp_min(0.0)
         total += float(kl_BS[mask.bool()].sum())
         count += int(mask.sum())
     return total / max(count, 1)
