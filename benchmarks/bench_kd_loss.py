@@ -11,6 +11,12 @@ Ops, all forward + backward (the gradient wrt the student is what training pays 
                unfused torch eager path, LigerFusedLinearJSD.
 Peers that are not importable are skipped with the reason printed.
 
+Environment (all optional; shapes default to the full GPU grid below, or one tiny CPU shape):
+  PADD_BENCH_KD_LOGITS="16384x128256"        NxV shapes of the logits ops
+  PADD_BENCH_KD_LINEAR="8192x128256x4096"    NxVxH shapes of the fused-linear op
+  PADD_BENCH_KD_VARIANTS=0                   leave out the GPU tuning variants of padd's kernel
+The JSON (PADD_BENCH_OUT) is rewritten after every measurement: a run cut short keeps them.
+
 Figures: time (median, p20/p80); for the logits ops, effective GB/s over the bytes a fused
 kernel must move (read both logits, write the gradient) and its % of HBM peak; for the
 fused-linear op, TFLOP/s of its GEMMs (2NVH for each head + 2 x 2NVH for the two gradients);
@@ -33,6 +39,7 @@ from padd.kernels import TeacherHead, fused_linear_kd_loss, kd_loss, kd_loss_ref
 
 from benchmarks.common import (
     bench_device,
+    env_shapes,
     make_record,
     on_gpu,
     peak_memory_mb,
@@ -42,14 +49,14 @@ from benchmarks.common import (
 )
 
 SUITE = "kd_loss"
-GPU_LOGIT_SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
-GPU_LINEAR_SHAPES = [
-    (n, v, h) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936) for h in (2048, 4096)
-]
-CPU_LOGIT_SHAPES = [(64, 1000)]
-CPU_LINEAR_SHAPES = [(64, 1000, 32)]
-LOGIT_SHAPES = GPU_LOGIT_SHAPES if on_gpu() else CPU_LOGIT_SHAPES
-LINEAR_SHAPES = GPU_LINEAR_SHAPES if on_gpu() else CPU_LINEAR_SHAPES
+GPU_LOGIT_SHAPES = ",".join(f"{n}x{v}" for n in (4096, 8192, 16384) for v in (32000, 128256, 151936))
+GPU_LINEAR_SHAPES = ",".join(
+    f"{n}x{v}x{h}" for n in (4096, 8192, 16384) for v in (32000, 128256, 151936) for h in (2048, 4096)
+)
+CPU_LOGIT_SHAPES = "64x1000"
+CPU_LINEAR_SHAPES = "64x1000x32"
+LOGIT_SHAPES = env_shapes("PADD_BENCH_KD_LOGITS", GPU_LOGIT_SHAPES if on_gpu() else CPU_LOGIT_SHAPES)
+LINEAR_SHAPES = env_shapes("PADD_BENCH_KD_LINEAR", GPU_LINEAR_SHAPES if on_gpu() else CPU_LINEAR_SHAPES)
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 _REPS = {"warmup": 3, "reps": 10} if on_gpu() else {"warmup": 1, "reps": 3}
 _RECORDS: list = []
@@ -102,11 +109,7 @@ def logit_impls(divergence: str) -> list[Impl]:
     )
     if not (on_gpu() or _COMPILE_ON_CPU):
         compiled = None
-    impls: list[Impl] = [
-        (_padd_name("kd_loss"), padd, ""),
-        ("torch eager", eager, ""),
-        ("torch.compile", compiled, _NO_COMPILE_REASON),
-    ]
+    impls: list[Impl] = [(_padd_name("kd_loss"), padd, ""), ("torch eager", eager, "")]
     if divergence == "forward_kl":
         cls, reason = _liger("LigerKLDIVLoss")
         fn = None
@@ -121,6 +124,8 @@ def logit_impls(divergence: str) -> list[Impl]:
             module = cls(beta=0.5)
             fn = lambda s, t: module(torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
         impls.append(("Liger LigerJSD", fn, reason))
+    # Last: compiling costs tens of seconds, and a time limit should cut it rather than Liger.
+    impls.append(("torch.compile", compiled, _NO_COMPILE_REASON))
     return impls
 
 
@@ -141,6 +146,8 @@ def _measure(suite_op: str, name: str, run: Callable, shape: dict, **figures) ->
         print(f"skip {name} {shape}: failed ({type(exc).__name__}: {exc})")
         return
     _RECORDS.append(make_record(SUITE, suite_op, name, shape, timing, peak_mem_mb=peak, **figures))
+    if os.environ.get("PADD_BENCH_OUT"):  # after every measurement: a run cut short keeps them
+        write_results(SUITE, _RECORDS)
 
 
 def _check_padd_logits(student_NV, teacher_NV, divergence):
@@ -169,7 +176,7 @@ def kernel_variants(divergence: str) -> list[Impl]:
     gradient of 1); "persistent" grids keep fewer rows in flight so the second sweep over a
     row can hit L2.
     """
-    if not on_gpu():
+    if not on_gpu() or os.environ.get("PADD_BENCH_KD_VARIANTS") == "0":
         return []
     from padd.kernels.kd_loss.triton import kd_loss_triton
 

@@ -203,12 +203,33 @@ def print_table(records: list[Record]) -> None:
         )
 
 
-def write_results(suite: str, records: list[Record], path: str | os.PathLike | None = None) -> Path:
-    """Write `{device, versions, records}` JSON to $PADD_BENCH_OUT (or `path`, or benchmarks/results)."""
+def write_results(
+    suite: str, records: list[Record], path: str | os.PathLike | None = None, *, extra: dict | None = None
+) -> Path:
+    """Write `{device, records, **extra}` JSON to $PADD_BENCH_OUT (or `path`, or benchmarks/results).
+
+    The file is `{suite}-{cpu|gpu}-{date}[-{tag}].json`, the tag from $PADD_BENCH_TAG (one suite
+    run twice in one session, e.g. decode and prefill shapes, keeps both files). Written to a
+    temporary file and renamed, so a run killed mid-write leaves the previous complete file.
+    """
     out_dir = Path(path or os.environ.get("PADD_BENCH_OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     info = device_info()
     stamp = time.strftime("%Y%m%d")
-    out = out_dir / f"{suite}-{info['kind']}-{stamp}.json"
-    out.write_text(json.dumps({"device": info, "records": [asdict(r) for r in records]}, indent=1))
+    tag = os.environ.get("PADD_BENCH_TAG", "")
+    out = out_dir / f"{suite}-{info['kind']}-{stamp}{'-' + tag if tag else ''}.json"
+    payload = {"device": info, "records": [asdict(r) for r in records], **(extra or {})}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, out)
     return out
+
+
+def env_list(name: str, default: str) -> list[str]:
+    """Comma-separated values of environment variable `name` (or `default`), blanks dropped."""
+    return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
+def env_shapes(name: str, default: str) -> list[tuple[int, ...]]:
+    """Shapes from `name`, e.g. "16384x128256,8192x32000" -> [(16384, 128256), (8192, 32000)]."""
+    return [tuple(int(d) for d in v.split("x")) for v in env_list(name, default)]

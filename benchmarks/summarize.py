@@ -16,10 +16,12 @@ from pathlib import Path
 
 
 def _figure(record: dict) -> str:
+    # No % of peak for a device without a known peak (a CPU, an unlisted GPU).
+    peak = f" ({record['pct_peak']:.1f}% peak)" if record.get("pct_peak") is not None else ""
     if record.get("tflops"):
-        return f"{record['tflops']:.0f} TFLOP/s ({record['pct_peak']:.1f}% peak)"
+        return f"{record['tflops']:.0f} TFLOP/s{peak}"
     if record.get("gbps"):
-        return f"{record['gbps']:.0f} GB/s ({record['pct_peak']:.1f}% peak)"
+        return f"{record['gbps']:.0f} GB/s{peak}"
     return ""
 
 

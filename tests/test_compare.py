@@ -1,4 +1,5 @@
-"""`padd train micro --compare` with the dense "Teacher (GRPO)" row and the no-Stage-I ablation."""
+"""`padd train micro --compare` with the dense "Teacher (GRPO)" and "Teacher (SFT on D_B)" rows and
+the no-Stage-I ablation."""
 
 import json
 import subprocess
@@ -10,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     run = tmp_path / "run"
+    methods = "compare.methods=[teacher_grpo,no_stage1,teacher_sft]"
     cmd = [sys.executable, "-m", "padd", "train", "micro", "--compare", f"run.dir={run}",
-           f"run.cache_dir={tmp_path / 'cache'}", "compare.methods=[teacher_grpo,no_stage1]"]  # fmt: skip
+           f"run.cache_dir={tmp_path / 'cache'}", methods]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     teacher = json.loads((run / "compare" / "teacher_grpo" / "eval.json").read_text())
@@ -24,6 +26,8 @@ def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     assert "padd_router_group_size" not in s1_cfg  # upcycled, not the exact construction
     main_cfg = json.loads((run / "stage1" / "student" / "config.json").read_text())
     assert main_cfg["padd_router_group_size"] == 2
+    sft = json.loads((run / "compare" / "teacher_sft" / "eval.json").read_text())
+    assert "nmi" not in sft and sft["n"] == teacher["n"]
     report = (run / "report.md").read_text()
     assert "| teacher_grpo |" in report and "| no_stage1 |" in report
     train = json.loads((run / "done" / "train.json").read_text())

@@ -2,7 +2,9 @@
 
 Training-phase methods (`vanilla_grpo`, `online_kd`, `rspo`, `no_stage2/3/4`, any `padd.training`
 preset) start from the run's Stage-I student. `teacher_grpo` trains the dense teacher itself with
-the same loop, steps, learning rate and data (the paper's "Teacher (GRPO)" row). Stage-I
+the same loop, steps, learning rate and data (the paper's "Teacher (GRPO)" row); `teacher_sft`
+gives the dense teacher the Stage I warmup's data and schedule (LM on D_B) and nothing else, the
+control for how much of a student's gain is that data. Stage-I
 ablations build their own student: `no_stage1` (no clustering, no router fit, no warmup: sparse
 upcycling with a random router), `cluster_init` (the earlier importance-filled construction, not
 function-preserving), `upcycle` (sparse upcycling, warmed up) and `random_split` (random neuron
@@ -16,7 +18,9 @@ import dataclasses
 import time
 from typing import Any
 
-from padd.pipeline.checkpoint import GracefulInterrupt, atomic_write_json
+from padd.pipeline.checkpoint import GracefulInterrupt, atomic_write_json, seed_everything
+
+DENSE_SFT_METHOD = "teacher_sft"
 
 STAGE1_ABLATIONS = {
     "no_stage1": {"skip": True, "init": "upcycle"},
@@ -41,6 +45,10 @@ def run_compare(pipe: Any) -> None:
         pipe.say(f"[padd] compare {method} ...")
         t0 = time.perf_counter()
         train_method, stage1_dir = method, None
+        if method == DENSE_SFT_METHOD:
+            if pipe.ctx.is_main:
+                _run_teacher_sft(pipe, out, t0)
+            continue
         if method in STAGE1_ABLATIONS:
             train_method = cfg.training.method
             stage1_dir = out / "stage1"
@@ -64,3 +72,18 @@ def run_compare(pipe: Any) -> None:
             atomic_write_json(out / "eval.json", res)
     if pipe.ctx.is_main:
         write_report(pipe.dir)
+
+
+def _run_teacher_sft(pipe: Any, out: Any, t0: float) -> None:
+    """`teacher_sft`: the dense teacher after the Stage I warmup's supervised steps on D_B."""
+    from padd.pipeline.checkpoint import atomic_dir
+    from padd.pipeline.evaluate import evaluate_model
+    from padd.pipeline.stage1 import supervised_warmup_dense
+
+    seed_everything(pipe.cfg.run.seed)
+    model = pipe.load_teacher()
+    supervised_warmup_dense(pipe.cfg, model, pipe.tokenizer, pipe.split("B"), pipe.metrics.log)
+    atomic_dir(out / "final", lambda d: (model.save_pretrained(d), pipe.tokenizer.save_pretrained(d)))
+    res = evaluate_model(pipe, out / "final", "eval", out, moe=False)
+    res["wall_s"] = time.perf_counter() - t0
+    atomic_write_json(out / "eval.json", res)

@@ -125,3 +125,26 @@ def _cycle(problems: Sequence[Problem], tokenizer: Any, batch_size: int, max_len
     # Warmup may take more steps than D_B has batches: go round again.
     while True:
         yield from lm_batches(problems, tokenizer, batch_size, max_len)
+
+
+def supervised_warmup_dense(
+    cfg: PADDRunConfig, model: Any, tokenizer: Any, d_b: Sequence[Problem], log: Callable[[dict], None]
+) -> None:
+    """The Stage I warmup's data and schedule on a dense model, in place: `L_LM` on D_B's worked
+    solutions, `stage1.warmup_steps` AdamW steps at `stage1.warmup_lr` (its `L_KD` to itself is 0
+    and it has no router for `L_init`). The control for how much of the warmup's gain is data."""
+    s1 = cfg.stage1
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s1.warmup_lr)
+    device = next(model.parameters()).device
+    model.train()
+    batches = _cycle(d_b, tokenizer, s1.batch_size, cfg.teacher.max_len)
+    for step, batch in zip(range(s1.warmup_steps), batches, strict=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the warmup
+        opt.step()
+        log({"stage": "compare/teacher_sft", "step": step, "lm": float(loss.detach())})
+    model.eval()
