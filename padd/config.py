@@ -265,6 +265,7 @@ class CompareConfig:
     methods: list[str] = field(
         default_factory=lambda: [
             "teacher_grpo",
+            "teacher_sft",
             "vanilla_grpo",
             "online_kd",
             "rspo",
