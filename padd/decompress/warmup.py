@@ -83,7 +83,8 @@ def warmup(
 
     Returns:
         One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
-        of variation of the expert loads, 0 when routing is exactly uniform).
+        of variation of the expert loads, 0 when routing is exactly uniform), `skipped` (a
+        non-finite loss or gradient: the update was dropped).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -109,10 +110,14 @@ def warmup(
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 norm = _grad_norm(params, max_grad_norm)
-                optimizer.step()
+                skipped = not (math.isfinite(norm) and math.isfinite(float(losses["loss"].detach())))
+                if skipped:  # a non-finite update never reaches the weights or Adam's moments
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.step()
                 history.append(
                     {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "grad_norm": norm,
-                     "load_cv": _load_cv(control)}
+                     "load_cv": _load_cv(control), "skipped": skipped}
                 )  # fmt: skip
                 if log is not None:
                     log(history[-1])

@@ -24,6 +24,7 @@ V vocab, H hidden, L MoE layers, E experts, k experts per token.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import time
@@ -207,6 +208,7 @@ class PADDTrainer:
         device = control.selection_bias.device if self.moe else torch.device("cpu")
         self.ema_state = torch.zeros(bias_shape, dtype=torch.float32, device=device)
         self.step_count = 0
+        self.skipped_updates = 0  # non-finite updates dropped (see `_update`)
 
     def _default_reward(self, completion: str, problem: Problem) -> float:
         return reward(completion, problem.final_answer, self.config.w_answer, self.config.w_format)
@@ -342,12 +344,22 @@ class PADDTrainer:
             loss.backward()
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            log["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not (math.isfinite(grad_norm) and math.isfinite(float(loss.detach()))):
+                # A non-finite loss or gradient must not reach the weights, the optimiser's
+                # moments or the bias: drop this update and count it.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                log["skipped_updates"].append(1.0)
+                continue
+            log["grad_norm"].append(grad_norm)
+            log["skipped_updates"].append(0.0)
             self.optimizer.step()
             if self.moe and cfg.use_bias:
                 self._update_bias(fwd.selected, adv_B, batch)
         # KD at θ_old (comparable across steps); the rest averaged over the updates.
         out = {k: v[0] if k == "kd_loss" else float(np.mean(v)) for k, v in log.items()}
+        out["skipped_updates"] = int(sum(log["skipped_updates"]))
         # The drift is 0 by construction at the first update: report the later ones'.
         drifts = log["router_drift"][1:]
         out["router_drift"] = float(np.mean(drifts)) if drifts else 0.0
