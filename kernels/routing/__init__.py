@@ -30,8 +30,9 @@ def route(
         router_logits: `[T, E]` fp32/bf16/fp16.
         top_k: experts per token, 1 <= top_k <= E.
         score: "softmax" or "sigmoid".
-        selection_bias: optional `[E]` added to the logits for *selection only* (DeepSeek-V3
-            auxiliary-loss-free balancing); the weights come from the unbiased scores.
+        selection_bias: optional `[E]` for *selection only* (auxiliary-loss-free balancing); the
+            weights come from the unbiased scores. Softmax: added to the logits; sigmoid: added
+            to the sigmoid scores, as DeepSeek-V3 (`e_score_correction_bias`).
         renormalize: divide the k weights by their sum.
         return_scores: also return the full `[T, E]` scores (aux loss, router drift).
         backend: "auto" (the `padd::route` custom op: Triton on CUDA, the reference elsewhere),

@@ -18,8 +18,11 @@ def route_reference(
 ) -> Routing:
     """Score, select top-k (bias for selection only), renormalise, and build the metadata.
 
-    Selection key is `logits + selection_bias` (the bias never enters the weights). Ties go to
-    the lower expert id: a stable descending sort keeps equal keys in index order.
+    Selection key (the bias never enters the weights): softmax, `logits + selection_bias`;
+    sigmoid, `sigmoid(logits) + selection_bias` as DeepSeek-V3 (transformers'
+    `e_score_correction_bias`), since there the bias is on the scale of the scores. Without a
+    bias the key is the logits (the same order as either score). Ties go to the lower expert id:
+    a stable descending sort keeps equal keys in index order.
     """
     logits_TE = router_logits_TE.float()
     num_experts = logits_TE.shape[1]
@@ -31,7 +34,8 @@ def route_reference(
         logsumexp_T = None
     key_TE = logits_TE.detach()
     if selection_bias_E is not None:
-        key_TE = key_TE + selection_bias_E.detach().float()
+        base_TE = key_TE if score == "softmax" else scores_TE.detach()
+        key_TE = base_TE + selection_bias_E.detach().float()
     _, order_TE = torch.sort(key_TE, dim=-1, descending=True, stable=True)
     experts_TK = order_TE[:, :top_k]
     weights_TK = torch.gather(scores_TE, 1, experts_TK)

@@ -109,9 +109,12 @@ def _route_topk_kernel(
         tl.store(s_ptrs, p_TE, mask=ok_TE)
 
     key_TE = x_TE
-    if HAS_BIAS:
+    if HAS_BIAS:  # softmax: bias on the logits; sigmoid: on the scores (DeepSeek-V3)
         b_E = tl.load(bias_ptr + cols_E, mask=col_ok_E, other=0.0).to(tl.float32)
-        key_TE = x_TE + b_E[None, :]
+        if SOFTMAX:
+            key_TE = x_TE + b_E[None, :]
+        else:
+            key_TE = p_TE + b_E[None, :]
     # One int64 max per choice instead of a max, an arg-min and a gather: the high word is the
     # key mapped to an order-preserving int32, the low word BLOCK_E - 1 - column, so among equal
     # keys the lower expert id wins. `+ 0.0` turns -0.0 into +0.0, which compare equal as floats.

@@ -68,8 +68,12 @@ def _assert_invariants(r, num_experts: int):
 def _naive_route(logits_TE, top_k, score, bias_E, renormalize):
     """Independent per-token loop in plain Python floats: the oracle for the reference itself."""
     num_experts = logits_TE.shape[1]
-    # The key is defined as the fp32 sum logits + bias; everything after it is plain Python.
-    keys_TE = (logits_TE.float() + (bias_E.float() if bias_E is not None else 0.0)).tolist()
+    # The key is defined as the fp32 sum logits + bias (softmax), sigmoid(logits) + bias (sigmoid,
+    # DeepSeek-V3), or the logits without a bias; everything after it is plain Python.
+    base_TE = (
+        torch.sigmoid(logits_TE.float()) if score == "sigmoid" and bias_E is not None else logits_TE.float()
+    )
+    keys_TE = (base_TE + (bias_E.float() if bias_E is not None else 0.0)).tolist()
     experts, weights = [], []
     for row, key in zip(logits_TE.double().tolist(), keys_TE, strict=True):
         # Python's sort is stable: equal keys keep ascending ids, i.e. ties go to the lower id.
