@@ -4,7 +4,6 @@ sigmoid scores. Softmax keeps the bias on the logits."""
 
 import pytest
 import torch
-
 from padd.kernels import route
 
 
