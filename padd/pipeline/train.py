@@ -111,9 +111,7 @@ def train_student(
     for step in range(start, tcfg.steps):
         problems = pdist.shard(next(batches), ctx)
         seen += [p.question for p in problems]
-        metrics = trainer.step(problems)
-        if control is not None:
-            pdist.all_reduce_mean_(control.selection_bias, ctx)  # identical bias on every rank
+        metrics = trainer.step(problems)  # Stage IV sums its counts over ranks: one bias everywhere
         done = step + 1
         pipe.metrics.log({**metrics, "stage": stage_name, "step": done})  # ours win over the trainer's
         bar.update(1)
