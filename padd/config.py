@@ -202,6 +202,8 @@ class Stage1Config:
     beta: float = 1.0  # weight of L_init
     xi: float = 1.0  # temperature of the neuron-cluster targets (non-exact inits)
     skip: bool = False  # no warmup (part of the "no Stage I" ablation)
+    # "uniform": frozen round-robin routing (the method); "learned": the router's own top-k
+    warmup_routing: Literal["uniform", "learned"] = "uniform"
 
     def __post_init__(self) -> None:
         _positive(self, "stats_batches", "batch_size", "warmup_lr", "xi")
@@ -316,7 +318,15 @@ class PADDRunConfig:
         for k in ("dir", "progress", "cache_dir", "tensorboard", "num_threads"):
             d["run"].pop(k)
         d.pop("compare")
+        # Keys added after runs were made count only when set away from their default, so those
+        # runs (which behaved as the default) keep their fingerprint and stay resumable.
+        for section, key, default in _LATER_KEYS:
+            if d[section].get(key) == default:
+                d[section].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LATER_KEYS = (("stage1", "warmup_routing", "uniform"),)
 
 
 # ---- mapping dicts onto dataclasses -------------------------------------------------------------

@@ -54,6 +54,7 @@ def warmup(
     log: Callable[[dict], None] | None = None,
     trainable: str = "all",
     router_targets: SequenceRouterTargets | None = None,
+    routing: str = "uniform",
 ) -> list[dict]:
     """Run `steps` warmup steps on `batches` (cycled) and return per-step metrics.
 
@@ -80,6 +81,8 @@ def warmup(
             Ignored when `optimizer` is given.
         router_targets: the teacher's sequence clusters (tied-group students): `L_init`
             targets shared by every layer; the router rows stay tied.
+        routing: "uniform" (the method: frozen round-robin, equal signal to every expert) or
+            "learned" (the router's own top-k, so experts specialise from the warmup on).
 
     Returns:
         One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
@@ -95,7 +98,7 @@ def warmup(
     history = []
     if clusters is None and router_targets is None:
         raise ValueError("warmup needs `clusters` or `router_targets` for its L_init targets")
-    with RoutingControl(student, mode="uniform", capture=True) as control, TiedRouterGroups(student):
+    with RoutingControl(student, mode=routing, capture=True) as control, TiedRouterGroups(student):
         if router_targets is None:
             _check_layers(control, clusters)
             targets = ClusterScoreHooks(teacher, clusters, xi=xi)

@@ -101,6 +101,7 @@ def build_student(
             beta=s1.beta,
             xi=s1.xi,
             router_targets=targets,
+            routing=s1.warmup_routing,
             log=lambda rec: log({**rec, "stage": "stage1_warmup", "step": int(rec["step"])}),
         )
         info["warmup"] = "done"
