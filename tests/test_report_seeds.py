@@ -52,3 +52,24 @@ def test_training_params_are_typed_with_dotted_errors():
         load_config("tiny", ["training.params.use_kd=3"])
     with pytest.raises(ConfigError, match=r"training\.params\.rho: must be < 1"):
         load_config("tiny", ["training.params.rho=2"])
+
+
+def test_later_keys_at_their_default_keep_old_fingerprints():
+    """`stage1.warmup_routing` came after runs were made: at its default it must not change a
+    run's fingerprint (so those runs stay resumable), away from it it must."""
+    import hashlib
+
+    base = load_config("tiny")
+    # The fingerprint as it was computed before the key existed (config.py at commit 5688b2c).
+    d = base.to_dict()
+    d["stage1"].pop("warmup_routing")
+    for k in ("dir", "progress", "cache_dir", "tensorboard", "num_threads"):
+        d["run"].pop(k)
+    d.pop("compare")
+    old = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert base.fingerprint() == old
+    learned = load_config("tiny", ["stage1.warmup_routing=learned"])
+    assert learned.fingerprint() != base.fingerprint()
+    assert load_config("tiny", ["stage1.warmup_routing=uniform"]).fingerprint() == base.fingerprint()
+    with pytest.raises(ConfigError, match=r"stage1\.warmup_routing"):
+        load_config("tiny", ["stage1.warmup_routing=random"])

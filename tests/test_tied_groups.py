@@ -31,7 +31,7 @@ def _randomise_tied_routers(student, seed, scale=3.0):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (4, 4), (8, 4), (16, 8)])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (4, 4), (8, 4), (16, 8), (64, 8)])
 def test_exact_student_equals_teacher_for_any_router(arch, num_experts, top_k, tmp_path):
     teacher = tiny_teacher(arch, intermediate_size=128)
     student = decompress(teacher, num_experts, top_k, init="exact", seed=3)
