@@ -30,7 +30,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ from .rollout import (
     response_slice,
     token_logprobs,
 )
+
+if TYPE_CHECKING:
+    from padd.decompress.sequence_targets import SequenceRouterTargets
 
 __all__ = ["PADDTrainer", "seed_everything"]
 
@@ -168,7 +171,7 @@ class PADDTrainer:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         reward_fn: Callable[[str, Problem], float] | None = None,
-        router_targets=None,
+        router_targets: SequenceRouterTargets | None = None,
     ) -> None:
         self.config = config if config is not None else PADDConfig()
         cfg = self.config
@@ -252,7 +255,8 @@ class PADDTrainer:
         teacher_out, t_eff_B, route_target = None, None, None
         if cfg.use_kd or self.router_targets is not None:
             teacher_out, t_eff_B, route_target = self._score_with_teacher(batch, adv_B)
-            teacher_out = teacher_out if cfg.use_kd else None
+            if not cfg.use_kd:  # the teacher ran for the routing targets only
+                teacher_out, t_eff_B = None, None
         if t_eff_B is not None:
             metrics.update(
                 t_eff_mean=float(t_eff_B.mean()),
