@@ -27,8 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .metadata import Routing
-
 # Per-program budget: BLOCK_T · BE elements per [BLOCK_T, BE] tile. 2048 with 8 warps keeps the
 # forward near 80 and the backward near 150 registers on sm_90, with no spills (E = 64..256).
 _TILE_ELEMS = 2048
@@ -462,29 +460,3 @@ def route_backward_triton(
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_num_warps(block_t, block_e),
     )  # fmt: skip
     return grad_logits_TE
-
-
-def route_triton(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    score: str = "softmax",
-    selection_bias: torch.Tensor | None = None,
-    renormalize: bool = True,
-    return_scores: bool = False,
-) -> Routing:
-    """`route` forced onto the Triton kernels (differentiable through the `padd::route` op).
-
-    Same fields and semantics as `route_reference`; inputs are assumed validated by `route`.
-    """
-    from .op import route_op
-
-    return route_op(
-        router_logits,
-        top_k,
-        score=score,
-        selection_bias=selection_bias,
-        renormalize=renormalize,
-        return_scores=return_scores,
-        backend="triton",
-    )

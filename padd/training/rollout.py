@@ -29,7 +29,6 @@ __all__ = [
     "old_policy_stats",
     "position_ids_from_mask",
     "response_mask",
-    "sample_rollouts",
     "token_logprobs",
 ]
 
@@ -210,11 +209,3 @@ def old_policy_stats(
         response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits
     ]
     return batch
-
-
-def sample_rollouts(
-    model, tokenizer, prompts: list[str], control=None, *, moe: bool = True, **gen_kwargs
-) -> RolloutBatch:
-    """`generate` then `old_policy_stats`: the complete rollout of one step."""
-    batch = generate(model, tokenizer, prompts, **gen_kwargs)
-    return old_policy_stats(model, batch, control, moe=moe, temperature=gen_kwargs.get("temperature", 1.0))
