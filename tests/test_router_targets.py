@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_trainer import char_tokenizer, tiny_teacher
+from test_trainer import _one_thread, char_tokenizer, tiny_teacher  # noqa: F401 (autouse fixture)
 
 from padd.data.problem import Problem, format_example, format_prompt
 from padd.decompress import (
@@ -19,14 +19,6 @@ from padd.training.config import preset
 from padd.training.trainer import PADDTrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _sft_batch(problems, tok):
