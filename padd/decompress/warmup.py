@@ -29,7 +29,7 @@ from padd.moe.routing_control import RoutingControl
 
 from .convert import moe_blocks
 from .neurons import TeacherClusters
-from .sequence_targets import SequenceRouterTargets, sft_prompt_mask, teacher_prompt_features
+from .sequence_targets import SequenceRouterTargets, prompt_mean, sft_prompt_mask
 from .stats import ClusterScoreHooks
 
 __all__ = ["warmup", "warmup_losses"]
@@ -103,7 +103,7 @@ def warmup(
             _check_layers(control, clusters)
             targets = ClusterScoreHooks(teacher, clusters, xi=xi)
         else:
-            targets = _SequenceTargets(teacher, router_targets, control.num_layers)
+            targets = _SequenceTargets(router_targets, control.num_layers)
         with targets:
             for step, batch in zip(range(steps), _repeat(batches), strict=False):
                 losses = warmup_losses(
@@ -129,21 +129,16 @@ def warmup(
 
 
 class _SequenceTargets:
-    """`ClusterScoreHooks`' interface (`scores`: L × `[T, E]` target logits) for sequence targets;
-    `prepare(batch)` computes them from the teacher before the batch's forward."""
+    """`ClusterScoreHooks`' interface (`scores`: L × `[T, E]` target logits) for sequence targets,
+    set from the final hidden states of the teacher forward that `warmup_losses` runs anyway."""
 
-    def __init__(self, teacher: nn.Module, targets: SequenceRouterTargets, num_layers: int):
-        self.teacher, self.targets, self.num_layers = teacher, targets, num_layers
+    def __init__(self, targets: SequenceRouterTargets, num_layers: int):
+        self.targets, self.num_layers = targets, num_layers
         self.scores: list[torch.Tensor] = []
 
-    def prepare(self, batch: Mapping | torch.Tensor) -> None:
-        if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        log_BE = self.targets.expert_log_targets(teacher_prompt_features(self.teacher, batch))
-        if not sft_prompt_mask(batch).any():
-            raise ValueError("sequence router targets need prompt positions (labels == -100)")
-        log_TE = log_BE.repeat_interleave(batch["input_ids"].shape[1], dim=0)
-        self.scores = [log_TE] * self.num_layers
+    def set_from_hidden(self, hidden_BSH: torch.Tensor, prompt_mask_BS: torch.Tensor) -> None:
+        log_BE = self.targets.expert_log_targets(prompt_mean(hidden_BSH, prompt_mask_BS))
+        self.scores = [log_BE.repeat_interleave(hidden_BSH.shape[1], dim=0)] * self.num_layers
 
     def __enter__(self):
         return self
@@ -170,11 +165,21 @@ def warmup_losses(
     `teacher`; both are left to the caller so that evaluation can reuse this function.
     """
     device = next(student.parameters()).device
-    if isinstance(targets, _SequenceTargets):
-        targets.prepare(batch)
     input_ids, attention_mask, labels = _unpack(batch, device)
+    if isinstance(targets, _SequenceTargets):  # checked before any compute
+        raw = batch if isinstance(batch, Mapping) else {"input_ids": batch}  # labels as given
+        prompt_mask_BS = sft_prompt_mask(raw).to(device)
+        if not prompt_mask_BS.any():
+            raise ValueError("sequence router targets need prompt positions (labels == -100)")
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        # One teacher pass: its final hidden states give both the KD logits and, for sequence
+        # targets, the prompt features (the same `lm_head(decoder(x))` as `teacher(x).logits`).
+        hidden_BSH = teacher.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        teacher_logits = teacher.get_output_embeddings()(hidden_BSH)
+        if isinstance(targets, _SequenceTargets):
+            targets.set_from_hidden(hidden_BSH, prompt_mask_BS)
     out = student(
         input_ids=input_ids,
         attention_mask=attention_mask,

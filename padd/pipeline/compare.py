@@ -82,7 +82,8 @@ def _run_teacher_sft(pipe: Any, out: Any, t0: float) -> None:
 
     seed_everything(pipe.cfg.run.seed)
     model = pipe.load_teacher()
-    supervised_warmup_dense(pipe.cfg, model, pipe.tokenizer, pipe.split("B"), pipe.metrics.log)
+    log = lambda rec: pipe.metrics.log({**rec, "stage": f"compare/{DENSE_SFT_METHOD}"})
+    supervised_warmup_dense(pipe.cfg, model, pipe.tokenizer, pipe.split("B"), log)
     atomic_dir(out / "final", lambda d: (model.save_pretrained(d), pipe.tokenizer.save_pretrained(d)))
     res = evaluate_model(pipe, out / "final", "eval", out, moe=False)
     res["wall_s"] = time.perf_counter() - t0

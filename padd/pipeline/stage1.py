@@ -147,5 +147,5 @@ def supervised_warmup_dense(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the warmup
         opt.step()
-        log({"stage": "compare/teacher_sft", "step": step, "lm": float(loss.detach())})
+        log({"step": step, "lm": float(loss.detach())})
     model.eval()
