@@ -7,8 +7,12 @@ Ops (all opaque to torch.compile, with fake implementations and registered autog
   padd::kd_loss               (student, teacher, tau_t, tau_s, w, ...) -> (loss_N, grad_NV)
   padd::kd_scale_rows_        grad_NV *= grad_output_N[:, None] in place (backward of the above)
   padd::fused_linear_kd_loss  (hidden, head, bias?, teacher..., ...) -> (loss_N, dh, dW, db)
-`backend` ("triton" | "reference") is resolved by the public functions: "triton" runs the
-kernels (CUDA, or CPU under TRITON_INTERPRET=1), "reference" the PyTorch code.
+                              (its chunked pass over the rows is fused_linear.py)
+`backend` ("triton" | "reference") is resolved by the public functions in api.py, which also
+validate every input first: "triton" runs the kernels of triton.py (CUDA, or CPU under
+TRITON_INTERPRET=1), imported on first use so that the reference path works where
+`import triton` fails; "reference" runs the PyTorch code of reference.py. The NaN policy
+(`check_nan`) runs here, inside the ops, so torch.compile graphs are unaffected by it.
 
 The gradients are computed in the forward pass (the loss needs the same reads), for an upstream
 gradient of 1 per row; the backward only scales them, in place. Consequence: backpropagating
@@ -21,7 +25,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .fused_linear import fused_linear_kd_forward
-from .reference import kd_loss_and_grad_reference
+from .reference import kd_loss_and_grad_reference, scale_rows_reference_
 
 
 def check_finite_inputs(
@@ -112,7 +116,7 @@ def kd_scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) 
 
         scale_rows_triton_(grad, grad_output)
     else:
-        grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
+        scale_rows_reference_(grad, grad_output)
 
 
 @kd_scale_rows_.register_fake

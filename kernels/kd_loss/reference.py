@@ -3,7 +3,12 @@
 Shape legend: N token rows, V vocabulary, H hidden size (Hs student, Ht teacher), K sparse
 teacher support size. `_N`, `_NV`, `_VH` ... suffixes name a tensor's shape.
 
-Math (see `padd.kernels.kd_loss` for the full contract):
+The reference functions take the same arguments as the public ones in api.py (less the
+implementation knobs `backend`, `check_nan`, `chunk_size`) and validate nothing.
+`kd_loss_and_grad_reference` and `scale_rows_reference_` are the hand-written forward-with-
+gradient and backward that the custom ops of op.py run on CPU (the Triton kernels' twins).
+
+Math (see `padd.kernels.kd_loss.api` for the full contract):
     a = z_S / tau_S,  b = z_T / tau_T          (per-row temperatures)
     q = softmax(a) (student),  p = softmax(b) (teacher)
     forward_kl      KL(p || q)
@@ -17,6 +22,8 @@ with 0 log 0 = 0 (a term whose left-hand probability is exactly 0 contributes 0)
 from __future__ import annotations
 
 import torch
+
+from .teacher import SparseTeacher, TeacherHead
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
@@ -113,22 +120,32 @@ def kd_rows_reference(
 
 
 def kd_loss_reference(
-    student_logits_NV: torch.Tensor,
-    teacher_logits_NV: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
     *,
     divergence: str = "forward_kl",
     temperature: float | torch.Tensor = 1.0,
-    student_temperature: float | torch.Tensor = 1.0,
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    student_temperature: float | torch.Tensor = 1.0,
     temperature_scaling: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
-    """The plain, differentiable PyTorch KD loss (no validation; see `padd.kernels.kd_loss`)."""
+    """The plain, differentiable PyTorch KD loss (no validation; see `padd.kernels.kd_loss.api`).
+
+    Same arguments as `kd_loss` less `backend` and `check_nan`: logits `[N, V]`, temperatures
+    float or `[N]`, `mask` / `labels` `[N]`. Returns a 0-d fp32 loss, or `[N]` for "none".
+    """
+    student_logits_NV, teacher_logits_NV = student_logits, teacher_logits
     n_rows, device = student_logits_NV.shape[0], student_logits_NV.device
     tau_t_N = as_rows_N(temperature, n_rows, device)
     tau_s_N = as_rows_N(student_temperature, n_rows, device)
     keep_N = None if mask is None else mask != 0
+    if labels is not None:
+        labelled_N = labels != ignore_index
+        keep_N = labelled_N if keep_N is None else keep_N & labelled_N
     w_N = row_weights_N(
         n_rows,
         device,
@@ -201,6 +218,12 @@ def kd_loss_and_grad_reference(
     return loss_N, grad_NV.to(student_logits_NV.dtype)
 
 
+def scale_rows_reference_(grad_NV: torch.Tensor, grad_output_N: torch.Tensor) -> None:
+    """In place `grad_NV *= grad_output_N[:, None]`: the backward of `kd_loss_and_grad_reference`'s
+    gradient for a per-row upstream gradient (`grad_output_N` `[N]`, possibly stride 0)."""
+    grad_NV.mul_(grad_output_N.reshape(-1, 1).to(grad_NV.dtype))
+
+
 def densify_sparse_teacher_NV(
     ids_NK: torch.Tensor, logprobs_NK: torch.Tensor, vocab_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -216,52 +239,52 @@ def densify_sparse_teacher_NV(
 
 
 def teacher_logits_reference(
-    n_rows: int,
-    vocab_size: int,
-    dtype: torch.dtype,
-    *,
-    teacher_logits: torch.Tensor | None = None,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_head_weight: torch.Tensor | None = None,
-    teacher_head_bias: torch.Tensor | None = None,
-    teacher_ids: torch.Tensor | None = None,
-    teacher_logprobs: torch.Tensor | None = None,
+    teacher: torch.Tensor | TeacherHead | SparseTeacher, vocab_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The dense teacher logits `[N, V]` for any of the three teacher kinds (no grad)."""
+    """The dense teacher logits `[N, V]` for any of the three teacher kinds (no grad); a
+    `SparseTeacher` is densified in `dtype`."""
     with torch.no_grad():
-        if teacher_logits is not None:
-            return teacher_logits
-        if teacher_hidden is not None:
-            return torch.nn.functional.linear(teacher_hidden, teacher_head_weight, teacher_head_bias)
-        return densify_sparse_teacher_NV(teacher_ids, teacher_logprobs, vocab_size, dtype)
+        if isinstance(teacher, TeacherHead):
+            return torch.nn.functional.linear(teacher.hidden, teacher.weight, teacher.bias)
+        if isinstance(teacher, SparseTeacher):
+            return densify_sparse_teacher_NV(teacher.ids, teacher.logprobs, vocab_size, dtype)
+        return teacher
 
 
 def fused_linear_kd_loss_reference(
-    student_hidden_NH: torch.Tensor,
-    student_head_weight_VH: torch.Tensor,
-    student_head_bias_V: torch.Tensor | None = None,
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    teacher: torch.Tensor | TeacherHead | SparseTeacher,
     *,
-    teacher_logits: torch.Tensor | None = None,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_head_weight: torch.Tensor | None = None,
-    teacher_head_bias: torch.Tensor | None = None,
-    teacher_ids: torch.Tensor | None = None,
-    teacher_logprobs: torch.Tensor | None = None,
-    **loss_kwargs,
+    student_head_bias: torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    temperature: float | torch.Tensor = 1.0,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    student_temperature: float | torch.Tensor = 1.0,
+    temperature_scaling: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Unfused oracle: materialise the student logits `[N, V]`, then `kd_loss_reference`."""
-    student_logits_NV = torch.nn.functional.linear(
-        student_hidden_NH, student_head_weight_VH, student_head_bias_V
+    """Unfused oracle: materialise the student logits `[N, V]`, then `kd_loss_reference`.
+
+    Same arguments as `fused_linear_kd_loss` less `backend`, `check_nan` and `chunk_size`:
+    `student_hidden` `[N, Hs]`, `student_head_weight` `[V, Hs]`, `student_head_bias` `[V]`,
+    `teacher` logits `[N, V]`, a `TeacherHead` or a `SparseTeacher`.
+    """
+    student_logits_NV = torch.nn.functional.linear(student_hidden, student_head_weight, student_head_bias)
+    teacher_NV = teacher_logits_reference(teacher, student_head_weight.shape[0], torch.float32)
+    return kd_loss_reference(
+        student_logits_NV,
+        teacher_NV,
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        mask=mask,
+        reduction=reduction,
+        student_temperature=student_temperature,
+        temperature_scaling=temperature_scaling,
+        labels=labels,
+        ignore_index=ignore_index,
     )
-    teacher_NV = teacher_logits_reference(
-        student_hidden_NH.shape[0],
-        student_head_weight_VH.shape[0],
-        torch.float32,
-        teacher_logits=teacher_logits,
-        teacher_hidden=teacher_hidden,
-        teacher_head_weight=teacher_head_weight,
-        teacher_head_bias=teacher_head_bias,
-        teacher_ids=teacher_ids,
-        teacher_logprobs=teacher_logprobs,
-    )
-    return kd_loss_reference(student_logits_NV, teacher_NV, **loss_kwargs)

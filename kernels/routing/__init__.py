@@ -1,99 +1,12 @@
-"""Fused top-k routing: `route(router_logits, top_k, ...)` -> `Routing`."""
+"""Fused top-k routing: `route(router_logits, top_k, ...)` -> `Routing`.
 
-from __future__ import annotations
+Layout: metadata.py (the `Routing` result and `routing_metadata`), reference.py (PyTorch forward
+and backward), triton.py (kernels and launchers), op.py (the `torch.library` custom ops),
+api.py (the public functions and their validation).
+"""
 
-import torch
-
-from .._dispatch import resolve_backend
-from .metadata import Routing, routing_from_topk, routing_metadata
-from .op import route_op
+from .api import route, routing_from_topk
+from .metadata import Routing, routing_metadata
 from .reference import route_reference
 
 __all__ = ["Routing", "route", "route_reference", "routing_from_topk", "routing_metadata"]
-
-_SCORES = ("softmax", "sigmoid")
-
-
-def route(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    score: str = "softmax",
-    selection_bias: torch.Tensor | None = None,
-    renormalize: bool = True,
-    return_scores: bool = False,
-    backend: str = "auto",
-) -> Routing:
-    """Score router logits, pick the top-k experts per token and build the permutation metadata.
-
-    Args:
-        router_logits: `[T, E]` fp32/bf16/fp16.
-        top_k: experts per token, 1 <= top_k <= E.
-        score: "softmax" or "sigmoid".
-        selection_bias: optional `[E]` for *selection only* (auxiliary-loss-free balancing); the
-            weights come from the unbiased scores. Softmax: added to the logits; sigmoid: added
-            to the sigmoid scores, as DeepSeek-V3 (`e_score_correction_bias`).
-        renormalize: divide the k weights by their sum.
-        return_scores: also return the full `[T, E]` scores (aux loss, router drift).
-        backend: "auto" (the `padd::route` custom op: Triton on CUDA, the reference elsewhere),
-            "triton" (the op on the Triton kernels, also on CPU under TRITON_INTERPRET=1) or
-            "reference" (the plain PyTorch function, differentiated by autograd).
-
-    Returns:
-        A `Routing`: weights `[T, K]` fp32, experts `[T, K]` int32, the stable sort-by-expert
-        permutation of the T·K slots and its inverse, counts and offsets (int32), scores `[T, E]`
-        fp32 when `return_scores`, logsumexp `[T]` for softmax. Differentiable with respect to
-        the logits through the weights, the scores and the logsumexp; never the bias.
-
-    Example:
-        >>> r = route(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2)
-        >>> r.experts_TK.tolist()
-        [[0, 1]]
-    """
-    _check_route_inputs(router_logits, top_k, score, selection_bias)
-    if backend == "reference":
-        # The plain function, differentiated by autograd: the oracle the op is tested against.
-        return route_reference(
-            router_logits,
-            top_k,
-            score=score,
-            selection_bias_E=selection_bias,
-            renormalize=renormalize,
-            return_scores=return_scores,
-        )
-    # The `padd::route` custom op (Triton on CUDA, the reference elsewhere) keeps
-    # torch.compile(fullgraph=True) whole; backend="triton" forces the kernels on CPU too.
-    return route_op(
-        router_logits,
-        top_k,
-        score=score,
-        selection_bias=selection_bias,
-        renormalize=renormalize,
-        return_scores=return_scores,
-        backend=resolve_backend(backend, router_logits),
-    )
-
-
-def _check_route_inputs(logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None) -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"router_logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"router_logits must be [T, E] (rank 2), got shape {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"router_logits must be fp32, bf16 or fp16, got {logits.dtype}")
-    num_experts = logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if score not in _SCORES:
-        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"selection_bias must be a torch.Tensor, got {type(bias).__name__}")
-        if bias.shape != (num_experts,):
-            raise ValueError(f"selection_bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
-        if not bias.is_floating_point():
-            raise TypeError(f"selection_bias must be floating point, got {bias.dtype}")
-        if bias.device != logits.device:
-            raise ValueError(f"selection_bias is on {bias.device} but router_logits on {logits.device}")

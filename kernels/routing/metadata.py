@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .._dispatch import resolve_backend
-
 
 @dataclass
 class Routing:
@@ -76,7 +74,9 @@ class Routing:
 
 
 def routing_metadata(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
-    """Permutation metadata from expert choices, in plain torch (no host sync).
+    """Permutation metadata from expert choices `[T, K]`, in plain torch (no host sync).
+
+    The reference of the `padd::routing_metadata` op (and its CPU path).
 
     Returns `(tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)`, all int32.
     """
@@ -93,41 +93,4 @@ def routing_metadata(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.
         expert_offsets_E1.to(torch.int32),
         sort_order_S.to(torch.int32),
         inverse_order_S.to(torch.int32),
-    )
-
-
-def routing_from_topk(
-    experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, *, backend: str = "auto"
-) -> Routing:
-    """Wrap routing decisions made elsewhere (e.g. a transformers router) into a `Routing`.
-
-    The metadata comes from the `padd::routing_metadata` custom op: Triton kernels for CUDA
-    tensors (no host sync), `routing_metadata` otherwise; `backend` as in `route`. Expert ids
-    must lie in [0, num_experts); a token may repeat an id (its slots keep slot order).
-
-    Example:
-        >>> r = routing_from_topk(torch.tensor([[0, 2], [2, 1]]), torch.full((2, 2), 0.5), 3)
-        >>> r.tokens_per_expert_E.tolist(), r.expert_offsets_E1.tolist()
-        ([1, 1, 2], [0, 1, 2, 4])
-    """
-    if experts_TK.dim() != 2 or weights_TK.shape != experts_TK.shape:
-        raise ValueError(
-            f"experts_TK and weights_TK must both be [T, K]; got {tuple(experts_TK.shape)} "
-            f"and {tuple(weights_TK.shape)}"
-        )
-    if experts_TK.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"experts_TK must be int32 or int64, got {experts_TK.dtype}")
-    from .op import routing_metadata_op  # here: op.py imports this module
-
-    tpe, offsets, order, inverse = routing_metadata_op(
-        experts_TK, num_experts, resolve_backend(backend, experts_TK)
-    )
-    return Routing(
-        weights_TK=weights_TK,
-        experts_TK=experts_TK.to(torch.int32),
-        tokens_per_expert_E=tpe,
-        expert_offsets_E1=offsets,
-        sort_order_S=order,
-        inverse_order_S=inverse,
-        num_experts=num_experts,
     )

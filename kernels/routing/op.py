@@ -6,7 +6,9 @@ scatter of the reference (data-dependent on CPU) and the Triton launches (on CUD
 one opaque node whose output shapes are static (`register_fake`).
 
 Each op runs either the Triton kernels or the PyTorch reference, as its `backend` argument says;
-`route(backend="auto")` passes "triton" for CUDA tensors and "reference" otherwise.
+`route(backend="auto")` passes "triton" for CUDA tensors and "reference" otherwise. The Triton
+module is imported inside the "triton" branches, on first use: the reference path must work
+where `import triton` fails. Validation lives in api.py, before these ops are called.
 
 Shape legend: T tokens, E experts, K = top_k, S = T·K slots.
 """
@@ -17,9 +19,8 @@ import torch
 from torch import Tensor
 
 from .metadata import Routing, routing_metadata
-from .reference import route_reference
+from .reference import route_reference, route_reference_backward
 
-_MIN_SUM = 1e-20  # the reference's clamp on the renormalisation denominator
 _RouteOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -44,7 +45,7 @@ def _route_op(
         logits,
         top_k,
         score=score,
-        selection_bias_E=selection_bias,
+        selection_bias=selection_bias,
         renormalize=renormalize,
         return_scores=return_scores,
     )
@@ -100,7 +101,7 @@ def _route_backward_op(
         return route_backward_triton(
             logits, logsumexp, experts, grad_weights, grad_scores, grad_logsumexp, score, renormalize
         )
-    return route_backward_torch(
+    return route_reference_backward(
         logits, logsumexp, experts, grad_weights, grad_scores, grad_logsumexp, score, renormalize
     )
 
@@ -108,42 +109,6 @@ def _route_backward_op(
 @_route_backward_op.register_fake
 def _route_backward_fake(logits, *args):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def route_backward_torch(
-    logits_TE: Tensor,
-    lse_T: Tensor,
-    experts_TK: Tensor,
-    grad_weights_TK: Tensor | None,
-    grad_scores_TE: Tensor | None,
-    grad_lse_T: Tensor | None,
-    score: str,
-    renormalize: bool,
-) -> Tensor:
-    """The backward in plain torch (the CPU path), the same math as the Triton kernel."""
-    x_TE = logits_TE.float()
-    p_TE = torch.softmax(x_TE, dim=-1) if score == "softmax" else torch.sigmoid(x_TE)
-    g_TE = grad_scores_TE.float().clone() if grad_scores_TE is not None else torch.zeros_like(p_TE)
-    if grad_weights_TK is not None:
-        idx_TK = experts_TK.long()
-        gr_TK = grad_weights_TK.float()
-        if renormalize:
-            r_TK = torch.gather(p_TE, 1, idx_TK)
-            sum_T1 = r_TK.sum(dim=-1, keepdim=True)
-            denom_T1 = sum_T1.clamp_min(_MIN_SUM)
-            # clamp_min passes gradient only where the sum was not clamped, as in autograd.
-            dot_T1 = (gr_TK * r_TK).sum(dim=-1, keepdim=True)
-            shift_T1 = torch.where(sum_T1 >= _MIN_SUM, dot_T1 / denom_T1.square(), 0.0)
-            gr_TK = gr_TK / denom_T1 - shift_T1
-        g_TE = g_TE.scatter_add(1, idx_TK, gr_TK)
-    if score == "softmax":
-        inner_T1 = (g_TE * p_TE).sum(dim=-1, keepdim=True)
-        if grad_lse_T is not None:
-            inner_T1 = inner_T1 - grad_lse_T.float().unsqueeze(-1)
-        dx_TE = p_TE * (g_TE - inner_T1)
-    else:
-        dx_TE = g_TE * p_TE * (1.0 - p_TE)
-    return dx_TE.to(logits_TE.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -33,26 +33,22 @@ TOL = {
 
 
 def make_problem(n_rows, vocab, kind, *, hs=8, ht=5, k=4, dtype=torch.float32, bias=True, device=None):
-    """Student (hidden, head, bias) requiring grad, the teacher and its reference kwargs."""
+    """Student (hidden, head, bias) requiring grad, and the teacher."""
     opts = dict(device=device, dtype=dtype)
     hidden_NH = torch.randn(n_rows, hs, **opts).requires_grad_()
     weight_VH = (torch.randn(vocab, hs, **opts) / hs**0.5).requires_grad_()
     bias_V = torch.randn(vocab, **opts).requires_grad_() if bias else None
     if kind == "logits":
         logits_NV = 2 * torch.randn(n_rows, vocab, **opts)
-        return (hidden_NH, weight_VH, bias_V), logits_NV, dict(teacher_logits=logits_NV)
+        return (hidden_NH, weight_VH, bias_V), logits_NV
     if kind == "head":
         t_hidden_NH, t_weight_VH = torch.randn(n_rows, ht, **opts), torch.randn(vocab, ht, **opts)
         teacher = TeacherHead(t_hidden_NH, t_weight_VH)
-        return (
-            (hidden_NH, weight_VH, bias_V),
-            teacher,
-            dict(teacher_hidden=t_hidden_NH, teacher_head_weight=t_weight_VH),
-        )
+        return (hidden_NH, weight_VH, bias_V), teacher
     ids_NK = torch.stack([torch.randperm(vocab, device=device)[:k] for _ in range(n_rows)])
     logprobs_NK = torch.log_softmax(2 * torch.randn(n_rows, k, **opts).float(), -1).to(dtype) - 0.1
     teacher = SparseTeacher(ids_NK, logprobs_NK)
-    return (hidden_NH, weight_VH, bias_V), teacher, dict(teacher_ids=ids_NK, teacher_logprobs=logprobs_NK)
+    return (hidden_NH, weight_VH, bias_V), teacher
 
 
 def loss_kwargs(n_rows, divergence, reduction, device=None):
@@ -62,7 +58,7 @@ def loss_kwargs(n_rows, divergence, reduction, device=None):
     return dict(divergence=divergence, reduction=reduction, temperature=tau_N, mask=mask_N, beta=0.3)
 
 
-def run_both(student, teacher, teacher_kwargs, kwargs, *, backend, chunk_size):
+def run_both(student, teacher, kwargs, *, backend, chunk_size):
     """(loss, grads) of the fused op and of the unfused reference, with one random upstream grad."""
     params = [p for p in student if p is not None]
     fused = fused_linear_kd_loss(
@@ -76,7 +72,9 @@ def run_both(student, teacher, teacher_kwargs, kwargs, *, backend, chunk_size):
     )
     go = torch.randn_like(fused) if fused.dim() else torch.tensor(0.7, device=fused.device)
     fused_grads = torch.autograd.grad(fused, params, go)
-    ref = fused_linear_kd_loss_reference(*student, **teacher_kwargs, **kwargs)
+    ref = fused_linear_kd_loss_reference(
+        student[0], student[1], teacher, student_head_bias=student[2], **kwargs
+    )
     ref_grads = torch.autograd.grad(ref, params, go)
     return (fused.detach(), fused_grads), (ref.detach(), ref_grads)
 
@@ -101,9 +99,9 @@ def _divergences_for(kind):
 @pytest.mark.parametrize("kind", TEACHER_KINDS)
 def test_reference_backend_matches_unfused(kind, reduction):
     for divergence in _divergences_for(kind):
-        student, teacher, teacher_kwargs = make_problem(10, 13, kind)
+        student, teacher = make_problem(10, 13, kind)
         kwargs = loss_kwargs(10, divergence, reduction)
-        fused, ref = run_both(student, teacher, teacher_kwargs, kwargs, backend="reference", chunk_size=3)
+        fused, ref = run_both(student, teacher, kwargs, backend="reference", chunk_size=3)
         assert_matches(fused, ref, torch.float32)
 
 
@@ -111,28 +109,28 @@ def test_reference_backend_matches_unfused(kind, reduction):
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_reverse_kl"])
 @pytest.mark.parametrize("kind", TEACHER_KINDS)
 def test_triton_backend_matches_unfused(kind, divergence, reduction):
-    student, teacher, teacher_kwargs = make_problem(5, 37, kind, hs=6, ht=9)
+    student, teacher = make_problem(5, 37, kind, hs=6, ht=9)
     kwargs = loss_kwargs(5, divergence, reduction)
-    fused, ref = run_both(student, teacher, teacher_kwargs, kwargs, backend="triton", chunk_size=2)
+    fused, ref = run_both(student, teacher, kwargs, backend="triton", chunk_size=2)
     assert_matches(fused, ref, torch.float32)
 
 
 def test_triton_backend_fp16_without_bias():
-    student, teacher, teacher_kwargs = make_problem(4, 29, "head", dtype=torch.float16, bias=False)
+    student, teacher = make_problem(4, 29, "head", dtype=torch.float16, bias=False)
     kwargs = loss_kwargs(4, "reverse_kl", "sum")
-    fused, ref = run_both(student, teacher, teacher_kwargs, kwargs, backend="triton", chunk_size=3)
+    fused, ref = run_both(student, teacher, kwargs, backend="triton", chunk_size=3)
     assert_matches(fused, ref, torch.float16)
 
 
 def test_empty_batch():
-    (h, w, b), logits, _ = make_problem(0, 9, "logits")
+    (h, w, b), logits = make_problem(0, 9, "logits")
     loss = fused_linear_kd_loss(h, w, logits, student_head_bias=b)
     loss.backward()
     assert loss.item() == 0.0 and h.grad.shape == (0, 8) and torch.all(w.grad == 0)
 
 
 def test_chunk_size_does_not_change_the_result():
-    student, teacher, _ = make_problem(9, 17, "logits")
+    student, teacher = make_problem(9, 17, "logits")
     losses = [fused_linear_kd_loss(student[0], student[1], teacher, chunk_size=c) for c in (1, 4, 9, 100)]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0])
@@ -140,7 +138,7 @@ def test_chunk_size_does_not_change_the_result():
 
 def test_sparse_teacher_is_renormalised_over_its_support():
     """A sparse teacher == dense teacher logits that are -inf off the support (any log-prob shift)."""
-    student, teacher, _ = make_problem(6, 11, "sparse")
+    student, teacher = make_problem(6, 11, "sparse")
     dense_NV = torch.full((6, 11), float("-inf")).scatter_(1, teacher.ids, teacher.logprobs + 3.0)
     for divergence in ("forward_kl", "jsd"):
         sparse = fused_linear_kd_loss(student[0], student[1], teacher, divergence=divergence)
@@ -164,13 +162,13 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def _largest_allocation(fn, n_rows, vocab, chunk):
-    student, teacher, teacher_kwargs = make_problem(n_rows, vocab, "head", hs=8, ht=6)
+    student, teacher = make_problem(n_rows, vocab, "head", hs=8, ht=6)
     with _LargestAllocation() as mode:
-        fn(student, teacher, teacher_kwargs, chunk)
+        fn(student, teacher, chunk)
     return mode.largest
 
 
-def _fused_forward(student, teacher, _, chunk):
+def _fused_forward(student, teacher, chunk):
     """The custom op's own implementation, called directly: a dispatch mode does not see
     inside a custom op (it handles the op as one call), so the chunk loop is run here."""
     n_rows = student[0].shape[0]
@@ -183,14 +181,14 @@ def _fused_forward(student, teacher, _, chunk):
     )  # fmt: skip
 
 
-def _public_fwd_bwd(student, teacher, _, chunk):
+def _public_fwd_bwd(student, teacher, chunk):
     fused_linear_kd_loss(
         student[0], student[1], teacher, student_head_bias=student[2], chunk_size=chunk
     ).backward()
 
 
-def _unfused_fwd_bwd(student, _, teacher_kwargs, chunk):
-    fused_linear_kd_loss_reference(*student, **teacher_kwargs).backward()
+def _unfused_fwd_bwd(student, teacher, chunk):
+    fused_linear_kd_loss_reference(student[0], student[1], teacher, student_head_bias=student[2]).backward()
 
 
 def test_peak_allocation_does_not_grow_with_n():
@@ -206,7 +204,7 @@ def test_peak_allocation_does_not_grow_with_n():
 
 
 def test_flop_counter_counts_the_gemms():
-    student, teacher, _ = make_problem(12, 40, "head", hs=8, ht=5)
+    student, teacher = make_problem(12, 40, "head", hs=8, ht=5)
     with FlopCounterMode(display=False) as counter:
         fused_linear_kd_loss(student[0], student[1], teacher, chunk_size=5).backward()
     assert counter.get_total_flops() == 2 * 12 * 40 * 8 * 3 + 2 * 12 * 40 * 5
@@ -214,7 +212,7 @@ def test_flop_counter_counts_the_gemms():
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_torch_compile_fullgraph_cpu(reduction):
-    student, teacher, _ = make_problem(7, 19, "sparse")
+    student, teacher = make_problem(7, 19, "sparse")
 
     def loss_fn(h, w, b, ids, logprobs):
         teacher = SparseTeacher(ids, logprobs)
@@ -234,7 +232,7 @@ def test_torch_compile_fullgraph_cpu(reduction):
 
 
 def test_invalid_inputs_raise():
-    (h, w, b), logits, _ = make_problem(4, 9, "logits")
+    (h, w, b), logits = make_problem(4, 9, "logits")
     with pytest.raises(ValueError, match="teacher logits requires grad"):
         fused_linear_kd_loss(h, w, logits.clone().requires_grad_())
     with pytest.raises(ValueError, match="TeacherHead.weight requires grad"):
@@ -264,18 +262,16 @@ def test_invalid_inputs_raise():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", TEACHER_KINDS)
 def test_gpu_matches_unfused(kind, dtype):
-    student, teacher, teacher_kwargs = make_problem(
-        300, 32000 + 7, kind, hs=64, ht=48, k=20, dtype=dtype, device="cuda"
-    )
+    student, teacher = make_problem(300, 32000 + 7, kind, hs=64, ht=48, k=20, dtype=dtype, device="cuda")
     kwargs = loss_kwargs(300, "jsd" if kind == "sparse" else "forward_kl", "mean", device="cuda")
-    fused, ref = run_both(student, teacher, teacher_kwargs, kwargs, backend="triton", chunk_size=128)
+    fused, ref = run_both(student, teacher, kwargs, backend="triton", chunk_size=128)
     assert_matches(fused, ref, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_independent_of_n():
     def peak(n_rows):
-        student, teacher, _ = make_problem(
+        student, teacher = make_problem(
             n_rows, 32000, "head", hs=256, ht=256, dtype=torch.bfloat16, device="cuda"
         )
         torch.cuda.synchronize()

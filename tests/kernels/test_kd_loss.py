@@ -154,6 +154,17 @@ def test_reduction_and_mask_semantics():
     assert none_kept.item() == 0.0
 
 
+def test_reference_drops_rows_by_labels_like_kd_loss():
+    """`kd_loss_reference` takes `labels` / `ignore_index` as `kd_loss` does, with `mask` too."""
+    s_NV, t_NV, _, _ = make_inputs(6, 13)
+    mask_N = torch.tensor([1, 0, 1, 1, 0, 1])
+    labels_N = torch.tensor([3, 3, -1, 5, 5, 5])
+    for reduction in REDUCTIONS:
+        kwargs = dict(mask=mask_N, labels=labels_N, ignore_index=-1, reduction=reduction)
+        want = kd_loss(s_NV, t_NV, backend="reference", **kwargs)
+        torch.testing.assert_close(kd_loss_reference(s_NV, t_NV, **kwargs), want)
+
+
 def test_temperature_scaling_is_tau_squared():
     s_NV, t_NV, _, _ = make_inputs(4, 11)
     plain = kd_loss(s_NV, t_NV, temperature=3.0, backend="reference")

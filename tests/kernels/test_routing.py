@@ -121,7 +121,7 @@ def test_reference_hand_example():
 def test_reference_hand_example_bias_selects_only():
     logits_TE = torch.tensor([[2.0, 1.0, 0.0]])
     bias_E = torch.tensor([0.0, 0.0, 3.0])
-    r = route_reference(logits_TE, 1, score="sigmoid", selection_bias_E=bias_E, renormalize=False)
+    r = route_reference(logits_TE, 1, score="sigmoid", selection_bias=bias_E, renormalize=False)
     assert r.experts_TK.tolist() == [[2]]
     torch.testing.assert_close(r.weights_TK, torch.tensor([[1 / (1 + math.exp(0.0))]]))
     assert r.logsumexp_T is None
@@ -135,7 +135,7 @@ def test_reference_matches_naive_loop(num_tokens, num_experts, score):
     bias_E = torch.randn(num_experts)
     for top_k in _k_grid(num_experts):
         for bias, renormalize in ((None, True), (bias_E, False)):
-            r = route_reference(logits_TE, top_k, score=score, selection_bias_E=bias, renormalize=renormalize)
+            r = route_reference(logits_TE, top_k, score=score, selection_bias=bias, renormalize=renormalize)
             experts, weights, order, counts = _naive_route(logits_TE, top_k, score, bias, renormalize)
             assert r.experts_TK.tolist() == experts
             assert r.sort_order_S.tolist() == order
