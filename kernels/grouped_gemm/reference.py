@@ -1,8 +1,15 @@
-"""Pure-PyTorch expert FFN: the CPU path and the oracle for the grouped GEMM kernels.
+"""Pure-PyTorch expert FFN with its hand-written backward: the CPU path and the kernels' oracle.
 
-Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots.
-Weights use transformers' fused-experts layout: `gate_up_proj_E2IH` holds the gate rows, then
-the up rows; `down_proj_EHI`.
+Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
+rows are slots in `routing.sort_order_S` order (grouped by expert).
+Weights use transformers' fused-experts layout: `gate_up_proj` `[E, 2I, H]` holds the gate rows,
+then the up rows; `down_proj` `[E, H, I]`.
+
+Only the GEMMs loop over experts; every elementwise step runs once over all S slots, which keeps
+the CPU path at least as fast as transformers' own `grouped_mm` experts (benchmarks/
+bench_padd_step.py). The forward returns the sorted gate/up pre-activations `[S, 2I]` so the
+backward reuses them instead of recomputing one GEMM (the Triton backward recomputes instead,
+to save GPU memory).
 """
 
 from __future__ import annotations
@@ -14,37 +21,138 @@ from ..routing.metadata import Routing
 
 
 def moe_ffn_reference(
-    x_TH: torch.Tensor,
-    gate_up_proj_E2IH: torch.Tensor,
-    down_proj_EHI: torch.Tensor,
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
     routing: Routing,
 ) -> torch.Tensor:
     """`Σ_j w_tj · down_e(silu(gate_e x_t) * up_e x_t)` over each token's K experts, in fp32.
 
-    Loops over experts with data-dependent slicing (a host sync): fine as a CPU path and oracle.
-    Returns `[T, H]` in `x_TH.dtype`. Differentiable in x, both weights and `routing.weights_TK`.
+    Args:
+        x: `[T, H]`.
+        gate_up_proj: `[E, 2I, H]`.
+        down_proj: `[E, H, I]`.
+        routing: the `Routing` of these T tokens.
+
+    Returns:
+        `[T, H]` in `x.dtype`. Differentiable by autograd in x, both weights and
+        `routing.weights_TK`. Loops over experts with data-dependent slicing (a host sync).
     """
-    num_tokens, hidden = x_TH.shape
+    return moe_ffn_reference_forward(x, gate_up_proj, down_proj, routing)[0]
+
+
+def moe_ffn_reference_forward(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    routing: Routing,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_ffn_reference`, also returning the sorted gate/up pre-activations `[S, 2I]` (fp32)."""
+    num_tokens, hidden = x.shape
     top_k = routing.top_k
-    inter = down_proj_EHI.shape[2]
+    inter = down_proj.shape[2]
     order_S = routing.sort_order_S.long()
-    token_of_sorted_slot_S = order_S // top_k
-    x_sorted_SH = x_TH.float().index_select(0, token_of_sorted_slot_S)
+    x_sorted_SH = x.float().index_select(0, order_S // top_k)
     offsets = routing.expert_offsets_E1.tolist()
-    outs = []
-    for e in range(routing.num_experts):
-        lo, hi = offsets[e], offsets[e + 1]
-        if hi == lo:
-            continue
-        x_e = x_sorted_SH[lo:hi]
-        gate_up = F.linear(x_e, gate_up_proj_E2IH[e].float())
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        outs.append(F.linear(h, down_proj_EHI[e].float()))
-    if outs:
-        y_sorted_SH = torch.cat(outs, dim=0)
-    else:
-        y_sorted_SH = x_sorted_SH.new_zeros(0, hidden)
+    active = [e for e in range(routing.num_experts) if offsets[e + 1] > offsets[e]]
+    if not active:
+        empty = x_sorted_SH.new_zeros(0, 2 * inter)
+        return x.new_zeros(num_tokens, hidden), empty
+    if torch.is_grad_enabled():  # autograd records slices and cat, not writes into a buffer
+        gate_up_S2I = torch.cat(
+            [F.linear(x_sorted_SH[offsets[e] : offsets[e + 1]], gate_up_proj[e].float()) for e in active]
+        )
+        h_SI = F.silu(gate_up_S2I[:, :inter]) * gate_up_S2I[:, inter:]
+        y_sorted_SH = torch.cat(
+            [F.linear(h_SI[offsets[e] : offsets[e + 1]], down_proj[e].float()) for e in active]
+        )
+    else:  # inside the custom op, or under no_grad (generation): no per-expert copies
+        gate_up_S2I = x_sorted_SH.new_empty(x_sorted_SH.shape[0], 2 * inter)
+        for e in active:
+            rows = slice(offsets[e], offsets[e + 1])
+            torch.mm(x_sorted_SH[rows], gate_up_proj[e].float().t(), out=gate_up_S2I[rows])
+        h_SI = F.silu(gate_up_S2I[:, :inter]).mul_(gate_up_S2I[:, inter:])
+        y_sorted_SH = torch.empty_like(x_sorted_SH)
+        for e in active:
+            rows = slice(offsets[e], offsets[e + 1])
+            torch.mm(h_SI[rows], down_proj[e].float().t(), out=y_sorted_SH[rows])
     # Back to slot order, weight, and sum each token's K slots: deterministic, no atomics.
     y_SH = y_sorted_SH.index_select(0, routing.inverse_order_S.long())
     y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights_TK.float().unsqueeze(-1)
-    return y_TKH.sum(dim=1).to(x_TH.dtype)
+    return y_TKH.sum(dim=1).to(x.dtype), gate_up_S2I
+
+
+def moe_ffn_reference_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    routing: Routing,
+    gate_up_S2I: torch.Tensor | None = None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Hand-derived backward of `moe_ffn_reference`, in fp32.
+
+    Written out because autograd is not recorded inside a custom op's implementation.
+
+    Args:
+        grad: `[T, H]`, the gradient of the output.
+        x, gate_up_proj, down_proj, routing: the forward's inputs.
+        gate_up_S2I: the forward's sorted pre-activations; recomputed when None.
+        needs: whether `(dx, d gate_up_proj, d down_proj)` are wanted (None is returned for the
+            others). The routing-weight gradient is always computed.
+
+    Returns:
+        `(dx [T, H], d gate_up_proj [E, 2I, H], d down_proj [E, H, I], d weights_TK [T, K])`,
+        each in its input's dtype.
+    """
+    needs_dx, needs_d_gate_up, needs_d_down = needs
+    num_tokens, hidden = x.shape
+    top_k, inter = routing.top_k, down_proj.shape[2]
+    order_S = routing.sort_order_S.long()
+    tokens_S = order_S // top_k
+    x_SH = x.float().index_select(0, tokens_S)
+    dy_SH = grad.float().index_select(0, tokens_S)
+    w_S1 = routing.weights_TK.float().reshape(-1).index_select(0, order_S).unsqueeze(1)
+    offsets = routing.expert_offsets_E1.tolist()
+    spans = [
+        (e, slice(offsets[e], offsets[e + 1]))
+        for e in range(routing.num_experts)
+        if offsets[e + 1] > offsets[e]
+    ]
+    if gate_up_S2I is None or gate_up_S2I.shape[0] != x_SH.shape[0]:
+        gate_up_S2I = x_SH.new_empty(x_SH.shape[0], 2 * inter)
+        for e, rows in spans:
+            torch.mm(x_SH[rows], gate_up_proj[e].float().t(), out=gate_up_S2I[rows])
+    gate_SI, up_SI = gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
+    sig_SI = torch.sigmoid(gate_SI)
+    silu_SI = gate_SI * sig_SI
+    h_SI = silu_SI * up_SI
+
+    dh_unweighted_SI = x_SH.new_empty(x_SH.shape[0], inter)
+    for e, rows in spans:
+        torch.mm(dy_SH[rows], down_proj[e].float(), out=dh_unweighted_SI[rows])
+    dw_S = (dh_unweighted_SI * h_SI).sum(dim=1)
+    dh_SI = dh_unweighted_SI.mul_(w_S1)
+    d_gate_up_S2I = torch.cat([dh_SI * up_SI * sig_SI * (1 + gate_SI * (1 - sig_SI)), dh_SI * silu_SI], dim=1)
+
+    d_down = d_gate_up = dx_TH = None
+    if needs_d_down:
+        dy_weighted_SH = dy_SH.mul_(w_S1)
+        d_down = torch.zeros_like(down_proj, dtype=torch.float32)
+        for e, rows in spans:
+            torch.mm(dy_weighted_SH[rows].t(), h_SI[rows], out=d_down[e])
+        d_down = d_down.to(down_proj.dtype)
+    if needs_d_gate_up:
+        d_gate_up = torch.zeros_like(gate_up_proj, dtype=torch.float32)
+        for e, rows in spans:
+            torch.mm(d_gate_up_S2I[rows].t(), x_SH[rows], out=d_gate_up[e])
+        d_gate_up = d_gate_up.to(gate_up_proj.dtype)
+    inverse_S = routing.inverse_order_S.long()
+    if needs_dx:
+        dx_SH = torch.empty_like(x_SH)
+        for e, rows in spans:
+            torch.mm(d_gate_up_S2I[rows], gate_up_proj[e].float(), out=dx_SH[rows])
+        dx_TH = dx_SH.index_select(0, inverse_S).view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+    dw_TK = dw_S.index_select(0, inverse_S).view(num_tokens, top_k).to(routing.weights_TK.dtype)
+    return dx_TH, d_gate_up, d_down, dw_TK

@@ -29,9 +29,8 @@ import triton
 import triton.language as tl
 
 from .._dispatch import interpreter_enabled
-from ..routing.metadata import Routing
 
-__all__ = ["moe_ffn_triton", "moe_ffn_triton_backward", "moe_ffn_triton_forward"]
+__all__ = ["moe_ffn_triton_backward", "moe_ffn_triton_forward"]
 
 
 # The backward kernel writes one routing-weight partial per I-tile: a fixed BLOCK_N keeps the
@@ -623,18 +622,3 @@ def moe_ffn_triton_backward(
         del dgu_S2I
         dx = _sum_slots(dx_SH, num_tokens, top_k)
     return dx, d_gate_up, d_down, d_weights
-
-
-def moe_ffn_triton(
-    x: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    routing: Routing,
-) -> torch.Tensor:
-    """Differentiable Triton expert FFN (forced Triton, also on CPU under `TRITON_INTERPRET=1`).
-
-    Goes through the `padd::moe_ffn` custom op, so autograd runs the Triton backward.
-    """
-    from .op import moe_ffn_op_from_routing
-
-    return moe_ffn_op_from_routing(x, gate_up_proj, down_proj, routing, use_triton=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import resolve_backend
-from .metadata import Routing
+from .._dispatch import call_reference_directly, resolve_backend
+from .metadata import Routing, routing_metadata
 from .op import route_op, routing_metadata_op
 from .reference import route_reference
 
@@ -108,9 +108,11 @@ def routing_from_topk(
         )
     if experts_TK.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"experts_TK must be int32 or int64, got {experts_TK.dtype}")
-    tpe, offsets, order, inverse = routing_metadata_op(
-        experts_TK, num_experts, resolve_backend(backend, experts_TK)
-    )
+    resolved = resolve_backend(backend, experts_TK)
+    if call_reference_directly(resolved, experts_TK):  # integer outputs: never a gradient
+        tpe, offsets, order, inverse = routing_metadata(experts_TK, num_experts)
+    else:
+        tpe, offsets, order, inverse = routing_metadata_op(experts_TK, num_experts, resolved)
     return Routing(
         weights_TK=weights_TK,
         experts_TK=experts_TK.to(torch.int32),

@@ -10,6 +10,7 @@ import torch
 from padd.kernels import Routing, moe_ffn, moe_ffn_reference, route, routing_from_topk
 from padd.kernels.grouped_gemm import moe_ffn_flops
 from padd.kernels.grouped_gemm import triton as moe_triton
+from padd.kernels.grouped_gemm.reference import moe_ffn_reference_backward, moe_ffn_reference_forward
 from torch.utils.flop_counter import FlopCounterMode
 
 TOL = {
@@ -83,6 +84,30 @@ def test_reference_matches_dense_loop(case):
     torch.testing.assert_close(moe_ffn_reference(x, w13, w2, r).double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_inference_skips_the_op_with_the_same_output_and_flops():
+    """Under no_grad on CPU `moe_ffn` calls the reference directly: same bits as the op, same FLOPs."""
+    x, w13, w2, r = make_inputs(33, 24, 16, 7, 2, "sparse")
+    through_op = moe_ffn(x.clone().requires_grad_(), w13, w2, r).detach()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        direct = moe_ffn(x, w13, w2, r)
+    assert torch.equal(direct, through_op)
+    assert counter.get_total_flops() == moe_ffn_flops(33, 2, 24, 16)
+    assert "padd" not in {str(op).split(".")[0] for op in counter.get_flop_counts()["Global"]}
+
+
+def test_reference_backward_recomputes_when_no_cache():
+    x, w13, w2, r = make_inputs(33, 24, 16, 7, 2, "skewed")
+    grad = torch.randn_like(x)
+    _, cache = moe_ffn_reference_forward(x, w13, w2, r)
+    with_cache = moe_ffn_reference_backward(grad, x, w13, w2, r, cache)
+    recomputed = moe_ffn_reference_backward(grad, x, w13, w2, r, None)
+    for a, b in zip(with_cache, recomputed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    skipped = moe_ffn_reference_backward(grad, x, w13, w2, r, cache, needs=(False, True, False))
+    assert skipped[0] is None and skipped[2] is None
+    torch.testing.assert_close(skipped[1], with_cache[1], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[7]])
 def test_cpu_op_backward_matches_reference_autograd(case):
     """The custom op's hand-written CPU backward against autograd through the reference."""
@@ -131,10 +156,10 @@ def test_triton_writes_every_element(monkeypatch):
 
 
 def test_triton_entry_point_with_routed_logits():
-    """`moe_ffn_triton` directly, on a Routing from `route` rather than `routing_from_topk`."""
+    """Forced Triton on a Routing from `route` rather than `routing_from_topk`."""
     x, w13, w2, _ = make_inputs(5, 24, 16, 4, 2)
     r = route(torch.randn(5, 4), 2, backend="reference")
-    assert_matches(moe_triton.moe_ffn_triton(x, w13, w2, r), moe_ffn_reference(x, w13, w2, r), torch.float32)
+    assert_matches(moe_ffn(x, w13, w2, r, backend="triton"), moe_ffn_reference(x, w13, w2, r), torch.float32)
 
 
 def test_autocast_computes_in_autocast_dtype():
