@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import tempfile
@@ -18,8 +17,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+# One implementation of each, in the training layer; re-exported for the pipeline's loops.
+from padd.training.checkpointing import atomic_dir, rng_state, seed_everything, set_rng_state
+
+__all__ = [
+    "LATEST",
+    "CheckpointDir",
+    "GracefulInterrupt",
+    "Interrupted",
+    "atomic_dir",
+    "atomic_torch_save",
+    "atomic_write_json",
+    "atomic_write_text",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
 
 LATEST = "latest"
 
@@ -98,54 +113,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
-    """Let `write(tmp_dir)` fill a temporary folder, then move it to `final` atomically.
-
-    An existing `final` is moved aside first and deleted after the swap (`os.replace` cannot
-    replace a non-empty directory).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the loops draw from, so a resumed run continues the same random stream."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class CheckpointDir:

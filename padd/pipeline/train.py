@@ -1,7 +1,7 @@
 """Step 4, Stages II–IV: `PADDTrainer` over D_C, checkpointed and resumable.
 
 Checkpoints are `train/ckpt/step_N/` (student weights, selection bias, optimiser, EMA, step, RNG;
-the trainer's own `save_checkpoint`), each written to a temp folder and renamed into place. The
+`padd.training.checkpointing`), each written to a temp folder and renamed into place. The
 final student goes to `train/final/`. Metrics logged after the last checkpoint are dropped on
 resume, so `metrics.jsonl` holds every step exactly once.
 """
@@ -125,8 +125,10 @@ def train_student(
     seconds = time.perf_counter() - t0
     state = trainer.gather_checkpoint()
     if ctx.is_main:
+        # transformers' original weight layout: the final student is for other tools too.
         atomic_dir(
-            out / "final", lambda d: (trainer.write_checkpoint(d, state), pipe.tokenizer.save_pretrained(d))
+            out / "final",
+            lambda d: (trainer.write_checkpoint(d, state, hf_layout=True), pipe.tokenizer.save_pretrained(d)),
         )
     if ctx.enabled and control is not None:  # per-rank evidence that ranks agree: bias, weights
         rank_dir = out / "ranks" / f"rank{ctx.rank}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,6 +38,17 @@ import torch.distributed as dist
 import padd.kernels as kernels
 from padd.data.problem import Problem, format_prompt
 
+from .checkpointing import (
+    Checkpoint,
+    StateIO,
+    TrainerState,
+    atomic_dir,
+    read_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
+)
 from .config import PADDConfig
 from .metrics import expert_counts, load_cv, routing_entropy
 from .objectives import (
@@ -66,9 +76,7 @@ from .rollout import (
 if TYPE_CHECKING:
     from padd.decompress.sequence_targets import SequenceRouterTargets
 
-__all__ = ["PADDTrainer", "seed_everything"]
-
-TRAINER_STATE_FILE = "padd_trainer_state.pt"
+__all__ = ["PADDTrainer"]
 
 
 class _PolicyForward(NamedTuple):
@@ -90,51 +98,32 @@ class _OldPolicy(NamedTuple):
     ref_logp_BR: torch.Tensor | None
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), python `random` and numpy."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _copy_without_hooks(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` whose modules carry none of its forward hooks and pre-hooks.
 
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    A caller's `RoutingControl` hooks the student before the trainer sees it; on the copy they
+    would route with the live selection bias and capture the copy's router logits as the
+    policy's. The copy is made without them (its hook registries start empty), not cleared after.
+    """
+    registries = (
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+    )
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for name in registries:
+            registry = getattr(module, name)
+            memo[id(registry)] = type(registry)()
+    return copy.deepcopy(model, memo)
 
 
 def _has_moe_router(model) -> bool:
     from padd.moe.routing_control import find_moe_routers
 
     return bool(find_moe_routers(model))
-
-
-class StateIO:
-    """How the trainer reads and writes model and optimiser state. This one is plain
-    `state_dict`; a sharded (FSDP2) run swaps in one that gathers and scatters full states."""
-
-    def model_state(self, model: torch.nn.Module) -> dict:
-        return model.state_dict()
-
-    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_model_state(self, model: torch.nn.Module, state: dict) -> None:
-        model.load_state_dict(state)
-
-    def load_optimizer_state(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
-    ) -> None:
-        optimizer.load_state_dict(state)
 
 
 class PADDTrainer:
@@ -178,6 +167,11 @@ class PADDTrainer:
         seed_everything(cfg.seed)
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.reward_fn = reward_fn or self._default_reward
+        # The reference is the initial policy as transformers computes it, so it is copied before
+        # this trainer attaches its routing hooks (see `_copy_without_hooks` for a caller's).
+        self.reference = None
+        if cfg.beta > 0:
+            self.reference = _copy_without_hooks(student).eval().requires_grad_(False)
         self.moe = control is not None or _has_moe_router(student)
         if self.moe and control is None:
             from padd.moe.routing_control import RoutingControl
@@ -198,11 +192,6 @@ class PADDTrainer:
             teacher.eval().requires_grad_(False)
         student.eval()  # see module doc: no dropout, ratio exactly 1 at θ_old
         self.state_io = StateIO()  # the pipeline swaps in a sharded one under FSDP2
-        self.reference = None
-        if cfg.beta > 0:
-            self.reference = copy.deepcopy(student).eval().requires_grad_(False)
-            for module in self.reference.modules():  # the copy must not feed the control's hooks
-                module._forward_hooks.clear()
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(
             params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
@@ -489,72 +478,68 @@ class PADDTrainer:
             sign_form=cfg.bias_sign_form,
         )
 
-    # -- state ------------------------------------------------------------------------------
+    # -- state (the format and the files: `checkpointing`) ----------------------------------
+
+    def _state(self, optimizer_state: dict) -> TrainerState:
+        """The trainer state besides the student's weights; tensors alias live state."""
+        return TrainerState(
+            step=self.step_count,
+            optimizer=optimizer_state,
+            ema_state=self.ema_state,
+            rng=rng_state(),
+            config=self.config.to_dict(),
+            selection_bias=self.control.selection_bias if self.moe else None,
+            reference=self.reference.state_dict() if self.reference is not None else None,
+            skipped_updates=self.skipped_updates,
+        )
+
+    def _restore(self, state: TrainerState) -> None:
+        """Everything of `state` but the optimiser's (its loading depends on sharding)."""
+        if self.moe and state.selection_bias is not None:
+            self.control.selection_bias.copy_(state.selection_bias)
+        self.ema_state.copy_(state.ema_state)
+        self.step_count = int(state.step)
+        self.skipped_updates = int(state.skipped_updates)
+        if self.reference is not None and state.reference is not None:
+            self.reference.load_state_dict(state.reference)
+        set_rng_state(state.rng)
 
     def state_dict(self) -> dict:
-        """Everything a bit-identical resume needs. Tensors alias live state: `torch.save` it
-        (or deep-copy it) before training further."""
-        return {
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **self._loop_state(),
-        }
-
-    def _loop_state(self) -> dict:
-        """The state besides the student's weights and the optimiser's (never sharded)."""
-        return {
-            "selection_bias": self.control.selection_bias if self.moe else None,
-            "ema_state": self.ema_state,
-            "step": self.step_count,
-            "rng": _rng_state(),
-            "config": self.config.to_dict(),
-            "reference": self.reference.state_dict() if self.reference is not None else None,
-        }
+        """Everything a bit-identical resume needs, in memory: `{"student": weights,
+        **TrainerState fields}`. Tensors alias live state: `torch.save` it (or deep-copy it)
+        before training further."""
+        return {"student": self.student.state_dict(), **self._state(self.optimizer.state_dict()).to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` (same model architecture and config)."""
         self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.moe and state.get("selection_bias") is not None:
-            self.control.selection_bias.copy_(state["selection_bias"])
-        self.ema_state.copy_(state["ema_state"])
-        self.step_count = int(state["step"])
-        if self.reference is not None and state.get("reference") is not None:
-            self.reference.load_state_dict(state["reference"])
-        _set_rng_state(state["rng"])
+        trainer_state = TrainerState.from_dict({k: v for k, v in state.items() if k != "student"})
+        self.optimizer.load_state_dict(trainer_state.optimizer)
+        self._restore(trainer_state)
 
-    def gather_checkpoint(self) -> dict:
+    def gather_checkpoint(self) -> Checkpoint:
         """Everything `write_checkpoint` stores. A collective when the student is sharded
         (`state_io`): every rank calls it, rank 0 gets the full state."""
-        return {
-            "student": self.state_io.model_state(self.student),
-            "optimizer": self.state_io.optimizer_state(self.student, self.optimizer),
-            **self._loop_state(),
-        }
+        optimizer_state = self.state_io.optimizer_state(self.student, self.optimizer)
+        return Checkpoint(self.state_io.model_state(self.student), self._state(optimizer_state))
 
-    def write_checkpoint(self, directory: str | os.PathLike, state: dict) -> None:
-        """Write a `gather_checkpoint()` state: student (`save_pretrained`), bias, trainer state."""
-        os.makedirs(directory, exist_ok=True)
-        self.student.save_pretrained(directory, state_dict=state["student"])
-        if self.moe:
-            self.control.save_selection_bias(directory)
-        rest = {k: v for k, v in state.items() if k != "student"}
-        torch.save(rest, os.path.join(directory, TRAINER_STATE_FILE))
+    def write_checkpoint(
+        self, directory: str | os.PathLike, checkpoint: Checkpoint, *, hf_layout: bool = False
+    ) -> None:
+        """Write a `gather_checkpoint()` into `directory` (not atomic by itself: the pipeline
+        wraps it in an atomic folder). `hf_layout`: see `checkpointing.write_checkpoint`."""
+        control = self.control if self.moe else None
+        write_checkpoint(directory, self.student, checkpoint, control, hf_layout=hf_layout)
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Student (`save_pretrained`), its selection bias and the trainer state, in `directory`."""
-        self.write_checkpoint(directory, self.gather_checkpoint())
+        """Student weights, selection bias and trainer state in `directory`, written atomically
+        (single process; a sharded run gathers on every rank and writes on rank 0)."""
+        checkpoint = self.gather_checkpoint()
+        atomic_dir(directory, lambda tmp: self.write_checkpoint(tmp, checkpoint))
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Resume from `save_checkpoint(directory)`: weights, bias, optimiser, EMA, step, RNG."""
-        # from_pretrained, not a raw safetensors read: transformers may convert weights on save
-        # (e.g. fused MoE experts stored per expert) and only its loader maps them back.
-        dtype = next(self.student.parameters()).dtype
-        loaded = type(self.student).from_pretrained(directory, dtype=dtype)
-        self.state_io.load_model_state(self.student, loaded.state_dict())
-        del loaded
-        state = torch.load(os.path.join(directory, TRAINER_STATE_FILE), weights_only=False)
-        self.state_io.load_optimizer_state(self.student, self.optimizer, state.pop("optimizer"))
-        state["student"] = self.student.state_dict()
-        state["optimizer"] = self.optimizer.state_dict()
-        self.load_state_dict(state)
+        """Resume from a checkpoint folder: weights (copied into the live student in place),
+        bias, optimiser, EMA, step, RNG."""
+        state = read_checkpoint(directory, self.student, self.state_io)
+        self.state_io.load_optimizer_state(self.student, self.optimizer, state.optimizer)
+        self._restore(state)
