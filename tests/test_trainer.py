@@ -288,9 +288,32 @@ def test_config_validation_names_the_bad_key():
         PADDConfig.from_dict({"num_generation": 4})
     with pytest.raises(ValueError, match="unknown preset"):
         preset("ppo")
-    assert preset("vanilla_grpo").effective_drift_on == "none"
-    assert preset("rspo").effective_drift_on == "all"
+    assert preset("vanilla_grpo").drift_on == "none" and preset("no_stage3").drift_on == "none"
+    assert preset("rspo").drift_on == "all" and preset("padd").drift_on == "negative"
     assert preset("online_kd").kd_temperature_mode == "fixed"
+
+
+def test_the_merged_use_drift_switch_names_its_replacement():
+    with pytest.raises(ValueError, match=r"PADDConfig\.use_drift=False: replaced by drift_on"):
+        PADDConfig(use_drift=False)
+    with pytest.raises(ValueError, match="replaced by drift_on"):
+        PADDConfig.from_dict({"use_drift": True})
+    assert "use_drift" not in PADDConfig().to_dict()  # not a setting: not in fingerprints
+
+
+def test_drift_on_none_switches_stage3_off():
+    """`drift_on="none"` gives exactly the update of λ = 0 (no drift penalty), "negative" does not."""
+
+    def digit_count(text, problem):  # varies within a group, so some advantages are negative
+        return float(sum(ch.isdigit() for ch in text))
+
+    runs = {}
+    for name, overrides in {"none": dict(drift_on="none"), "lam0": dict(drift_lambda=0.0), "on": {}}.items():
+        cfg = small_config("no_stage2", seed=7, **overrides)
+        trainer = PADDTrainer(tiny_student(), None, char_tokenizer(), cfg, reward_fn=digit_count)
+        runs[name] = _without_times(trainer.step(PROBLEMS))
+    assert runs["none"] == runs["lam0"]
+    assert runs["on"]["router_drift"] > 0 and runs["on"]["loss"] != runs["none"]["loss"]
 
 
 def test_teacher_grpo_trains_a_dense_model():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .objectives import DRIFT_ON, SCALE_REWARDS, TEMPERATURE_FORMS
 
@@ -17,6 +18,10 @@ __all__ = ["PADDConfig", "PRESETS", "preset"]
 
 KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 KD_TEMPERATURE_MODES = ("adaptive", "fixed")
+# Switches that were merged into another field: a config naming one is refused with its replacement.
+REPLACED = {
+    "use_drift": "replaced by drift_on: 'none' switches Stage III off ('negative' is PADD, 'all' RSPO-style)",
+}
 
 
 def _meta(help: str) -> dict:
@@ -81,9 +86,11 @@ class PADDConfig:
     )
 
     # Stage III: PR-GRPO
-    use_drift: bool = field(default=True, metadata=_meta("Stage III drift penalty on/off"))
     drift_lambda: float = field(default=1.0, metadata=_meta("λ in exp(−λ·sg(Γ)·1[A<0])"))
-    drift_on: str = field(default="negative", metadata=_meta("'negative' (PADD), 'all' (RSPO), 'none'"))
+    drift_on: str = field(
+        default="negative",
+        metadata=_meta("samples the drift penalty gates: 'negative' (PADD), 'all' (RSPO), 'none' (off)"),
+    )
 
     # Stage IV: reward-augmented load balancing
     use_bias: bool = field(default=True, metadata=_meta("Stage IV selection-bias updates on/off"))
@@ -92,9 +99,17 @@ class PADDConfig:
     bias_lam_ema: float = field(default=0.1, metadata=_meta("λ_ema of the per-expert advantage EMA"))
     bias_sign_form: bool = field(default=False, metadata=_meta("η·sign(f − f̄) instead of η·(f − f̄)"))
 
+    # Not a setting: a YAML or caller still passing the merged switch gets an error that names its
+    # replacement (`training.params.use_drift` reaches this check through the run config's types).
+    use_drift: Any = field(default=None, repr=False, compare=False, metadata=_meta(REPLACED["use_drift"]))
+
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"PADDConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key, why in REPLACED.items():
+            if getattr(self, key) is not None:
+                raise bad(key, why)
 
         for key in ("num_generations", "max_new_tokens", "num_iterations"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -134,17 +149,13 @@ class PADDConfig:
             raise bad("kd_fused", "must be True, False or 'auto'")
         if self.temperature_form == "corrected" and self.rho >= 1:
             raise bad("rho", "must be < 1 with the corrected Φ = 1 − ρ·tanh(κA) (Φ must stay > 0)")
-        for key in ("use_kd", "use_drift", "use_bias", "bias_sign_form"):
+        for key in ("use_kd", "use_bias", "bias_sign_form"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be a bool")
 
-    @property
-    def effective_drift_on(self) -> str:
-        """The drift gate actually applied: `drift_on`, or "none" when `use_drift` is off."""
-        return self.drift_on if self.use_drift else "none"
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting (the replaced switches are not settings)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in REPLACED}
 
     @classmethod
     def from_dict(cls, values: dict) -> PADDConfig:
@@ -169,19 +180,19 @@ def _finite(x) -> bool:
 PRESETS: dict[str, dict] = {
     "padd": {},
     # The baselines have no teacher-guided routing: `router_weight` 0 wins over a run's setting.
-    "vanilla_grpo": {"use_kd": False, "use_drift": False, "use_bias": False, "router_weight": 0.0},
+    "vanilla_grpo": {"use_kd": False, "drift_on": "none", "use_bias": False, "router_weight": 0.0},
     "online_kd": {
         "use_kd": True,
         "kd_temperature_mode": "fixed",
-        "use_drift": False,
+        "drift_on": "none",
         "use_bias": False,
         "router_weight": 0.0,
     },  # fmt: skip
-    "rspo": {"use_kd": False, "use_drift": True, "drift_on": "all", "use_bias": False, "router_weight": 0.0},
+    "rspo": {"use_kd": False, "drift_on": "all", "use_bias": False, "router_weight": 0.0},
     # The dense teacher trained by the same loop (the pipeline trains the teacher, not a student).
-    "teacher_grpo": {"use_kd": False, "use_drift": False, "use_bias": False, "router_weight": 0.0},
+    "teacher_grpo": {"use_kd": False, "drift_on": "none", "use_bias": False, "router_weight": 0.0},
     "no_stage2": {"use_kd": False},
-    "no_stage3": {"use_drift": False},
+    "no_stage3": {"drift_on": "none"},
     "no_stage4": {"use_bias": False},
 }
 

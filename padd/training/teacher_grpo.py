@@ -41,7 +41,7 @@ def train_teacher_grpo(
     passed to `log` when given).
     """
     config = config or teacher_grpo_config()
-    if config.use_kd or config.use_bias or config.use_drift:
+    if config.use_kd or config.use_bias or config.drift_on != "none":
         raise ValueError("teacher GRPO runs without KD, drift or bias: use teacher_grpo_config()")
     if not problems:
         raise ValueError("train_teacher_grpo needs at least one problem")

@@ -398,7 +398,7 @@ class PADDTrainer:
                 drift_BR = router_drift(fwd.router_probs, old.router_probs)
             log["router_drift"].append(float(masked_mean(drift_BR, mask_BR)))
         ratio_BR = drift_penalised_ratio(
-            fwd.logp_BR, old.logp_BR, drift_BR, adv_B, cfg.drift_lambda, drift_on=cfg.effective_drift_on
+            fwd.logp_BR, old.logp_BR, drift_BR, adv_B, cfg.drift_lambda, drift_on=cfg.drift_on
         )
         objective = clipped_surrogate(ratio_BR, adv_B, cfg.epsilon, mask_BR, cfg.epsilon_high)
         log["policy_loss"].append(-float(objective.detach()))
