@@ -1,16 +1,15 @@
-"""Rollouts: G sampled responses per prompt, and the old policy's log-probs and router probs.
+"""Rollouts: G sampled responses per prompt, and the forward that scores them.
 
 Layout: rows are prompt-major, so group `i` (the G samples of prompt `i`) is rows
 `i·G … (i+1)·G − 1`. Prompts are left-padded so every response starts at column `P`.
 
-Old-policy quantities are *recomputed* after generation, without grad, in one forward over the
-full sequences (not collected during `generate`): with a KV cache each decoding step sees one
-token, and recomputing gives exactly the tensors the update's forward produces for θ = θ_old
-(same positions, same padding), so the importance ratio is 1 and the drift 0 at the first
-update. The router probabilities are captured by `RoutingControl` (selection bias included in
-top-k, probabilities unbiased), or by transformers' `output_router_logits` when none is given.
-`PADDTrainer` gets the same tensors for free: its first update's forward runs at θ = θ_old, so
-it detaches that forward's log-probs and router probabilities instead of running this one.
+Old-policy quantities are *recomputed* after generation over the full sequences (not collected
+during `generate`): with a KV cache each decoding step sees one token, and a full forward gives
+exactly the tensors the update's forward produces for θ = θ_old (same positions, same padding),
+so the importance ratio is 1 and the drift 0 at the first update. `PADDTrainer` gets them for
+free: its first update's forward runs at θ = θ_old, so it detaches that forward's log-probs and
+router probabilities. The router tensors come from `RoutingControl` (selection bias included in
+top-k, probabilities unbiased), or from transformers' `output_router_logits` when none is given.
 
 Legend: B = rows (prompts × G), S = P + R tokens, P = prompt columns, R = response columns,
 E = experts, L = MoE layers.
@@ -18,7 +17,7 @@ E = experts, L = MoE layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +25,6 @@ __all__ = [
     "RolloutBatch",
     "forward_with_routing",
     "generate",
-    "old_policy_stats",
     "position_ids_from_mask",
     "response_mask",
     "token_logprobs",
@@ -43,10 +41,6 @@ class RolloutBatch:
         prompt_length: P, the column where responses start.
         response_mask_BR: 1.0 on response tokens up to and including the first EOS.
         completions: decoded responses (special tokens skipped), B strings.
-        old_logprobs_BR: log π_θold(a_t | s_t) of the sampled tokens, fp32.
-        old_router_probs: L tensors [B, R, E], the old router's softmax at the positions that
-            predict each response token (empty for a dense model).
-        group_size: G.
     """
 
     sequences_BS: torch.Tensor
@@ -54,9 +48,6 @@ class RolloutBatch:
     prompt_length: int
     response_mask_BR: torch.Tensor
     completions: list[str]
-    old_logprobs_BR: torch.Tensor | None = None
-    old_router_probs: list[torch.Tensor] = field(default_factory=list)
-    group_size: int = 1
 
 
 def position_ids_from_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
@@ -112,10 +103,7 @@ def generate(
     top_p: float = 1.0,
     max_new_tokens: int = 64,
 ) -> RolloutBatch:
-    """Sample `num_generations` responses per prompt in one batched `generate` call (KV cache).
-
-    Returns a `RolloutBatch` without old-policy statistics (see `old_policy_stats`).
-    """
+    """Sample `num_generations` responses per prompt in one batched `generate` call (KV cache)."""
     device = next(model.parameters()).device
     if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
@@ -146,7 +134,7 @@ def generate(
         tokenizer.decode(r[m.bool()], skip_special_tokens=True)
         for r, m in zip(responses, mask_BR, strict=True)
     ]
-    return RolloutBatch(out, full_attn, P, mask_BR, completions, group_size=num_generations)
+    return RolloutBatch(out, full_attn, P, mask_BR, completions)
 
 
 def forward_with_routing(model, sequences_BS, attention_mask_BS, control=None, *, moe: bool = True):
@@ -187,25 +175,3 @@ def token_logprobs(logits_BRV: torch.Tensor, tokens_BR: torch.Tensor) -> torch.T
 def response_slice(x_BS, prompt_length: int) -> torch.Tensor:
     """Positions P−1 … S−2: the states that predict response tokens P … S−1."""
     return x_BS[:, prompt_length - 1 : -1]
-
-
-@torch.no_grad()
-def old_policy_stats(
-    model, batch: RolloutBatch, control=None, *, moe: bool = True, temperature: float = 1.0
-) -> RolloutBatch:
-    """Fill `old_logprobs_BR` and `old_router_probs` with one no-grad forward (see module doc).
-
-    `temperature`: the sampling temperature; log-probs are those of softmax(logits / T), the
-    distribution the tokens were drawn from (before top-p truncation), as the update computes them.
-    """
-    hidden_BSH, router_logits, _ = forward_with_routing(
-        model, batch.sequences_BS, batch.attention_mask_BS, control, moe=moe
-    )
-    P = batch.prompt_length
-    logits_BRV = model.get_output_embeddings()(response_slice(hidden_BSH, P))
-    batch.old_logprobs_BR = token_logprobs(logits_BRV / temperature, batch.sequences_BS[:, P:])
-    B, S = batch.sequences_BS.shape
-    batch.old_router_probs = [
-        response_slice(torch.softmax(z.float(), -1).reshape(B, S, -1), P) for z in router_logits
-    ]
-    return batch
