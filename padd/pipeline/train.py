@@ -58,7 +58,7 @@ def train_student(
     from padd.moe.router_groups import TiedRouterGroups
     from padd.moe.routing_control import RoutingControl
     from padd.pipeline.inputs import load_model
-    from padd.pipeline.run import train_batches
+    from padd.training.prompts import prompt_batches
     from padd.training.trainer import PADDTrainer
 
     cfg, ctx = pipe.cfg, pipe.ctx
@@ -102,7 +102,7 @@ def train_student(
         pdist.barrier(ctx)
 
     d_c = pipe.split("C")
-    batches = train_batches(d_c, tcfg.prompts_per_step, cfg.run.seed, start)
+    batches = prompt_batches(d_c, tcfg.prompts_per_step, cfg.run.seed, start)
     bar = tqdm(
         total=tcfg.steps, initial=start, desc=stage_name, disable=not (cfg.run.progress and ctx.is_main)
     )

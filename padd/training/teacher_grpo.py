@@ -7,12 +7,12 @@ optional reference KL) remain; the free functions of `objectives` are shared.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 
 from padd.data.problem import Problem
 
 from .config import PADDConfig, preset
+from .prompts import prompt_batches
 from .trainer import PADDTrainer
 
 __all__ = ["teacher_grpo_config", "train_teacher_grpo"]
@@ -36,9 +36,9 @@ def train_teacher_grpo(
 ) -> list[dict]:
     """Run `steps` GRPO steps on `teacher` in place, sampling prompts from `problems`.
 
-    Prompts are drawn without replacement per pass (a shuffled epoch order seeded by
-    `config.seed`). `reward_fn` as in `PADDTrainer`. Returns the per-step metrics (each also
-    passed to `log` when given).
+    Prompts come in seeded epochs (`prompts.prompt_batches` with `config.seed`, as the
+    pipeline's training draws them). `reward_fn` as in `PADDTrainer`. Returns the per-step
+    metrics (each also passed to `log` when given).
     """
     config = config or teacher_grpo_config()
     if config.use_kd or config.use_bias or config.drift_on != "none":
@@ -46,17 +46,10 @@ def train_teacher_grpo(
     if not problems:
         raise ValueError("train_teacher_grpo needs at least one problem")
     trainer = PADDTrainer(teacher, None, tokenizer, config, reward_fn=reward_fn)
-    order_rng = random.Random(config.seed)
-    order: list[int] = []
+    batches = prompt_batches(problems, prompts_per_step, config.seed)
     history = []
     for _ in range(steps):
-        batch = []
-        while len(batch) < prompts_per_step:
-            if not order:
-                order = list(range(len(problems)))
-                order_rng.shuffle(order)
-            batch.append(problems[order.pop()])
-        metrics = trainer.step(batch)
+        metrics = trainer.step(next(batches))
         history.append(metrics)
         if log is not None:
             log(metrics)
