@@ -60,9 +60,14 @@ class RunConfig:
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     deterministic: bool = True  # CUDA: deterministic algorithms, so a seed reproduces a run
+    # How MoE experts run, a transformers `experts_implementation`: "padd" (padd's kernels: Triton
+    # on CUDA, the PyTorch reference elsewhere), or e.g. "grouped_mm"/"eager" to compare against.
+    # Same math, so not in the fingerprint (like num_threads); saved checkpoints do not record it.
+    experts_implementation: str = "padd"
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "dir", "must not be empty")
+        _check(bool(self.experts_implementation), "experts_implementation", "must not be empty")
         _non_negative(self, "num_threads", "seed")
 
 
@@ -315,7 +320,7 @@ class PADDRunConfig:
     def fingerprint(self) -> str:
         """Hash of every setting that changes results (not where the run lives or how it prints)."""
         d = self.to_dict()
-        for k in ("dir", "progress", "cache_dir", "tensorboard", "num_threads"):
+        for k in ("dir", "progress", "cache_dir", "tensorboard", "num_threads", "experts_implementation"):
             d["run"].pop(k)
         d.pop("compare")
         # Keys added after runs were made count only when set away from their default, so those

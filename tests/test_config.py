@@ -66,3 +66,15 @@ def test_yaml_file_and_bad_override_syntax(tmp_path):
         load_config("micro", ["teacher.steps"])
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("no-such-preset")
+
+
+def test_experts_implementation_is_checked_before_compute_and_not_fingerprinted():
+    from padd.pipeline.inputs import preflight
+
+    base = load_config("tiny")
+    assert base.run.experts_implementation == "padd"
+    other = load_config("tiny", ["run.experts_implementation=grouped_mm"])
+    preflight(other)
+    assert other.fingerprint() == base.fingerprint()  # same math, another implementation
+    with pytest.raises(ConfigError, match="run.experts_implementation.*must be one of"):
+        preflight(load_config("tiny", ["run.experts_implementation=bogus"]))

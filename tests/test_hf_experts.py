@@ -9,6 +9,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 import padd  # noqa: F401  (registers "padd")
 from padd.moe import hf_experts
 from padd.moe.routing_control import RoutingControl
+from padd.pipeline.inputs import load_model
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,44 @@ def test_unsupported_experts_module_raises():
 def test_unknown_implementation_still_rejected(saved):
     with pytest.raises(ValueError, match="padd"):
         _load(saved["mixtral"], "not_an_impl")
+
+
+def test_program_loader_runs_padd_and_saves_a_plain_checkpoint(saved, padd_calls, tmp_path):
+    """`padd train`'s loader puts experts on padd; the saved model reloads on transformers' default."""
+    model = load_model(saved["mixtral"])
+    assert model.config._experts_implementation == "padd"
+    ids = torch.randint(3, VOCAB, (2, 5))
+    logits = model(ids).logits
+    assert padd_calls == [(10, 32)] * 2
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (
+        plain.config._experts_implementation
+        == AutoModelForCausalLM.from_pretrained(saved["mixtral"]).config._experts_implementation
+        != "padd"
+    )
+    torch.testing.assert_close(plain(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    assert len(padd_calls) == 2  # the plain model never called padd
+
+
+def test_program_loader_other_implementation(saved, padd_calls):
+    model = load_model(saved["qwen2_moe"], experts_implementation="eager")
+    model(torch.randint(3, VOCAB, (1, 4)))
+    assert model.config._experts_implementation == "eager" and padd_calls == []
+
+
+def test_use_experts_checks_before_compute():
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    gelu = MixtralForCausalLM(
+        MixtralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=8, num_local_experts=4, hidden_act="gelu")
+    )  # fmt: skip
+    with pytest.raises(NotImplementedError, match="fused SwiGLU"):
+        hf_experts.use_experts(gelu)
+    with pytest.raises(ValueError, match="experts_implementation must be one of"):
+        hf_experts.use_experts(gelu, "no_such_impl")
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=8))  # fmt: skip
+    before = dense.config._experts_implementation
+    assert hf_experts.use_experts(dense) is dense and dense.config._experts_implementation == before

@@ -62,6 +62,8 @@ def test_every_stage_and_artifact(reference):
         assert (d / "model.safetensors").is_file() and (d / "padd_router_bias.safetensors").is_file()
     assert json.loads((run / "stage1" / "student" / "config.json").read_text())["model_type"] == "mixtral"
     assert (run / "train" / "ckpt" / "latest").is_file()
+    # Stage I built and warmed the student on padd's experts (the loader is tested in test_hf_experts)
+    assert json.loads((run / "done" / "stage1.json").read_text())["experts_implementation"] == "padd"
     for name in ("teacher", "base_student", "padd", "flops", "summary"):
         assert (run / "eval" / f"{name}.json").is_file(), name
     ev = json.loads((run / "eval" / "padd.json").read_text())

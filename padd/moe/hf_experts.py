@@ -19,7 +19,13 @@ from transformers.integrations.moe import ExpertsInterface
 
 from padd.kernels import moe_ffn, routing_from_topk
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "padd_experts_forward", "register"]
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "experts_implementations",
+    "padd_experts_forward",
+    "register",
+    "use_experts",
+]
 
 EXPERTS_IMPLEMENTATION = "padd"
 
@@ -66,6 +72,40 @@ def _check_supported(experts: nn.Module) -> None:
             f'experts_implementation="padd" supports fused SwiGLU experts ([gate; up] concatenated, '
             f"silu, no bias, no expert parallelism); {type(experts).__name__} is not one (act={act!r})"
         )
+
+
+def experts_implementations() -> list[str]:
+    """The names transformers accepts as `experts_implementation` ("padd" once registered)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return sorted({"eager", *ALL_EXPERTS_FUNCTIONS.valid_keys()})
+
+
+def use_experts(model: nn.Module, implementation: str = EXPERTS_IMPLEMENTATION) -> nn.Module:
+    """Run `model`'s MoE experts through `implementation`; returns the model.
+
+    For "padd" every experts module is checked first, so an unsupported one (biased or
+    non-SwiGLU experts) fails here, before any compute. A dense model is left as it is.
+    The choice lives on the in-memory config only: a saved checkpoint loads with transformers'
+    own default.
+    """
+    if implementation not in experts_implementations():
+        raise ValueError(
+            f"experts_implementation must be one of {experts_implementations()}, got {implementation!r}"
+        )
+    experts = [m for m in model.modules() if _is_fused_experts(m)]
+    if not experts:
+        return model
+    if implementation == EXPERTS_IMPLEMENTATION:
+        for module in experts:
+            _check_supported(module)
+    model.set_experts_implementation(implementation)
+    return model
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    weight = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
+    return isinstance(weight, torch.Tensor) and weight.dim() == 3
 
 
 def register() -> None:

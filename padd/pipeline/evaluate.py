@@ -22,7 +22,11 @@ def evaluate_model(pipe: Any, model_dir: Path | None, name: str, out_dir: Path, 
     from padd.pipeline.inputs import load_model
 
     cfg = pipe.cfg
-    model = pipe.load_teacher() if model_dir is None else load_model(model_dir, cfg.teacher.dtype)
+    model = (
+        pipe.load_teacher()
+        if model_dir is None
+        else load_model(model_dir, cfg.teacher.dtype, cfg.run.experts_implementation)
+    )
     control = None
     if moe:
         from padd.moe.routing_control import RoutingControl
@@ -78,7 +82,7 @@ def flops_summary(pipe: Any, student_dir: Path) -> dict:
     from padd.pipeline.inputs import load_model
 
     teacher = pipe.load_teacher()
-    student = load_model(student_dir)
+    student = load_model(student_dir, pipe.cfg.teacher.dtype, pipe.cfg.run.experts_implementation)
     return flops.compare(teacher, student, seq_len=pipe.cfg.teacher.max_len, measured=False)
 
 

@@ -58,6 +58,7 @@ def preflight(cfg: PADDRunConfig) -> None:
         except ImportError:
             raise ConfigError("data.source", "'hf_disk' needs the `datasets` package") from None
     _check_training(cfg)
+    _check_experts_implementation(cfg)
     if cfg.teacher.source == "pretrained":
         if not (Path(cfg.teacher.path) / "config.json").is_file():
             raise ConfigError("teacher.path", f"no config.json in {cfg.teacher.path} (not an HF model dir)")
@@ -85,6 +86,16 @@ def _check_training(cfg: PADDRunConfig) -> None:
             msg = str(e)
             bad = next((k for k in cfg.training.params if f"PADDConfig.{k}=" in msg), None)
             raise ConfigError(f"training.params.{bad}" if bad else key, msg) from None
+
+
+def _check_experts_implementation(cfg: PADDRunConfig) -> None:
+    from padd.moe.hf_experts import experts_implementations
+
+    if cfg.run.experts_implementation not in experts_implementations():
+        raise ConfigError(
+            "run.experts_implementation",
+            f"must be one of {experts_implementations()}, got {cfg.run.experts_implementation!r}",
+        )
 
 
 def _check_decompressible(cfg: PADDRunConfig) -> None:
@@ -121,11 +132,14 @@ def build_tokenizer(cfg: PADDRunConfig) -> Any:
     return load_tokenizer(cfg.tokenizer.path or cfg.teacher.path)
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> Any:
-    """A local HF causal LM in eval mode."""
+def load_model(path: str | Path, dtype: str = "float32", experts_implementation: str = "padd") -> Any:
+    """A local HF causal LM in eval mode, its MoE experts (if any) on `experts_implementation`."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from padd.moe.hf_experts import use_experts
+
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no model (config.json) at {path}")
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    return use_experts(model, experts_implementation).eval()

@@ -224,7 +224,9 @@ class Pipeline:
     def load_teacher(self) -> Any:
         from padd.pipeline.inputs import load_model
 
-        return load_model(self.teacher_path(), self.cfg.teacher.dtype).to(self.ctx.device)
+        return load_model(
+            self.teacher_path(), self.cfg.teacher.dtype, self.cfg.run.experts_implementation
+        ).to(self.ctx.device)
 
     def step_stage1(self) -> dict[str, Any]:
         from padd.pipeline.stage1 import build_student

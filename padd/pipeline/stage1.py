@@ -48,6 +48,7 @@ def build_student(
     trained towards (`padd_router_targets.safetensors`).
     """
     import padd.decompress as dec
+    from padd.moe.hf_experts import use_experts
     from padd.moe.routing_control import RoutingControl
 
     s1, st, rt = cfg.stage1, cfg.student, cfg.router
@@ -63,7 +64,7 @@ def build_student(
     if st.source == "pretrained":
         from padd.pipeline.inputs import load_model
 
-        student = load_model(st.path, cfg.teacher.dtype)
+        student = load_model(st.path, cfg.teacher.dtype, cfg.run.experts_implementation)
         fitted = dec.init_pretrained_student(student, teacher, stats_batches, xi=s1.xi, seed=cfg.run.seed)
         clusters = fitted.clusters
         info["router_fit_r2"] = fitted.r2
@@ -77,6 +78,7 @@ def build_student(
             seed=cfg.run.seed,
             router_scale=st.router_scale,
         )
+        use_experts(student, cfg.run.experts_implementation)
         clusters = stats.clusters
         if st.init == "exact":
             groups = st.num_experts // st.top_k
@@ -85,6 +87,7 @@ def build_student(
             )
             info["router_fit_agreement"] = dec.fit_group_router(student, teacher, stats_batches, targets)
     info["construct_s"] = time.perf_counter() - t0
+    info["experts_implementation"] = student.config._experts_implementation
     interrupt.check()
     if s1.skip or s1.warmup_steps == 0 or not warmup_experts:
         info["warmup"] = "skipped"

@@ -67,7 +67,7 @@ def train_student(
         student, control, targets = pipe.load_teacher(), None, None
     else:
         stage1_dir = stage1_dir or pipe.dir / "stage1" / "student"
-        student = load_model(stage1_dir, cfg.teacher.dtype).to(ctx.device)
+        student = load_model(stage1_dir, cfg.teacher.dtype, cfg.run.experts_implementation).to(ctx.device)
         control = RoutingControl(student)
         control.load_selection_bias(stage1_dir)
         targets = SequenceRouterTargets.load(stage1_dir)
