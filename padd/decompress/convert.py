@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from padd.moe.experts_layout import check_fused_swiglu
+
 from .architectures import DecompressionError, check_teacher_config, student_config
 from .experts import (
     expert_weights,
@@ -176,11 +178,13 @@ def _resolve_clusters(teacher, num_experts, init, stats, clusters, seed, feature
 
 
 def _expert_weights_checked(mlp, plan, block):
+    """The planned experts in `expert_weights`' layout, which must be the student's own: the
+    flags decide it (a transposed [N, H, 2W] has the same shape as [N, 2W, H] when H = 2W)."""
+    check_fused_swiglu(block.experts)
     gate_up, down = expert_weights(mlp, plan)
-    if gate_up.shape != block.experts.gate_up_proj.shape:
-        raise RuntimeError(
-            f"expert weights {tuple(gate_up.shape)} != {tuple(block.experts.gate_up_proj.shape)}"
-        )
+    for got, live in ((gate_up, block.experts.gate_up_proj), (down, block.experts.down_proj)):
+        if got.shape != live.shape:
+            raise RuntimeError(f"expert weights {tuple(got.shape)} != {tuple(live.shape)}")
     return gate_up, down
 
 

@@ -19,6 +19,8 @@ from transformers.integrations.moe import ExpertsInterface
 
 from padd.kernels import moe_ffn, routing_from_topk
 
+from .experts_layout import check_fused_swiglu
+
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "experts_implementations",
@@ -47,31 +49,13 @@ def padd_experts_forward(
     Returns:
         `[T, H]` in `hidden_states.dtype`.
     """
-    _check_supported(self)
+    check_fused_swiglu(self)
     weight_dtype = self.gate_up_proj.dtype
     num_experts = self.gate_up_proj.shape[0]
     routing = routing_from_topk(top_k_index, top_k_weights.float(), num_experts)
     # Under autocast the input may be fp32 while the weights are bf16: the kernels need one dtype.
     out_TH = moe_ffn(hidden_states.to(weight_dtype), self.gate_up_proj, self.down_proj, routing)
     return out_TH.to(hidden_states.dtype)
-
-
-def _check_supported(experts: nn.Module) -> None:
-    """padd's kernels compute concatenated [gate; up] SwiGLU experts, no biases, single device."""
-    unsupported = (
-        not getattr(experts, "has_gate", True)
-        or getattr(experts, "has_bias", False)
-        or getattr(experts, "is_transposed", False)
-        or not getattr(experts, "is_concatenated", True)
-        or getattr(experts, "has_post_expert_norm", False)
-        or getattr(experts, "_is_expert_parallel", False)
-    )
-    act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-    if unsupported or act not in ("silu", "swish"):
-        raise NotImplementedError(
-            f'experts_implementation="padd" supports fused SwiGLU experts ([gate; up] concatenated, '
-            f"silu, no bias, no expert parallelism); {type(experts).__name__} is not one (act={act!r})"
-        )
 
 
 def experts_implementations() -> list[str]:
@@ -98,7 +82,7 @@ def use_experts(model: nn.Module, implementation: str = EXPERTS_IMPLEMENTATION) 
         return model
     if implementation == EXPERTS_IMPLEMENTATION:
         for module in experts:
-            _check_supported(module)
+            check_fused_swiglu(module)
     model.set_experts_implementation(implementation)
     return model
 

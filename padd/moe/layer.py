@@ -16,6 +16,8 @@ from torch import nn
 
 from padd.kernels import Routing, moe_ffn, route
 
+from .experts_layout import check_fused_swiglu
+
 __all__ = ["MoE"]
 
 _SCORES = ("softmax", "sigmoid")
@@ -162,17 +164,16 @@ class MoE(nn.Module):
             )
         if not hasattr(gate, "top_k") or getattr(gate, "weight", None) is None:
             raise TypeError(f"{type(gate).__name__} is not a transformers top-k router")
-        _check_fused_swiglu(experts)
+        num_experts, inter, hidden = check_fused_swiglu(experts)
         if hasattr(block, "shared_expert") and not routed_experts_only:
             raise ValueError(
                 f"{type(block).__name__} has a shared expert, which padd.MoE does not compute; "
                 "pass routed_experts_only=True to wrap the routed experts alone"
             )
-        num_experts, two_inter, hidden = experts.gate_up_proj.shape
         with torch.device("meta"):
             moe = cls(
                 hidden_size=hidden,
-                intermediate_size=two_inter // 2,
+                intermediate_size=inter,
                 num_experts=num_experts,
                 top_k=int(gate.top_k),
                 # Mixtral's router has no flag and always renormalises.
@@ -209,24 +210,3 @@ def _check_config(hidden: int, inter: int, num_experts: int, top_k: int, score: 
         raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
     if score not in _SCORES:
         raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-
-
-def _check_fused_swiglu(experts: nn.Module) -> None:
-    """padd's kernels compute concatenated [gate; up] SwiGLU experts without biases or norms."""
-    if getattr(experts, "gate_up_proj", None) is None or getattr(experts, "down_proj", None) is None:
-        raise TypeError(f"{type(experts).__name__} has no fused gate_up_proj / down_proj")
-    flags = {
-        "has_gate": True,
-        "has_bias": False,
-        "is_transposed": False,
-        "is_concatenated": True,
-        "has_post_expert_norm": False,
-    }
-    for flag, wanted in flags.items():
-        if getattr(experts, flag, wanted) != wanted:
-            raise ValueError(
-                f"{type(experts).__name__}.{flag}={not wanted} is not supported by padd's experts"
-            )
-    act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"padd's experts compute SwiGLU (silu); {type(experts).__name__} uses {act!r}")
