@@ -1,9 +1,10 @@
 """padd.training: PADD's training phase (Stages II–IV in one loop), rewards, baselines, evaluation.
 
 Modules: `rewards` (answer extraction, verifiable rewards), `objectives` (the RL/KD math as free
-functions), `rollout` (sampling and old-policy statistics), `metrics` (routing statistics),
-`evaluation` (pass@1, expert–subdomain NMI), `config` (`PADDConfig` and baseline presets),
-`trainer` (`PADDTrainer`), `teacher_grpo` (optional GRPO on the dense teacher).
+functions), `rollout` (sampling and the scoring forward), `prompts` (which prompts each step
+sees), `metrics` (routing statistics), `evaluation` (pass@1, expert–subdomain NMI), `config`
+(`PADDConfig` and baseline presets), `trainer` (`PADDTrainer`), `checkpointing` (its typed state,
+checkpoint folders, RNG), `teacher_grpo` (optional GRPO on the dense teacher).
 """
 
 from .config import PRESETS, PADDConfig, preset
