@@ -104,6 +104,8 @@ def _copy_without_hooks(model: torch.nn.Module) -> torch.nn.Module:
     A caller's `RoutingControl` hooks the student before the trainer sees it; on the copy they
     would route with the live selection bias and capture the copy's router logits as the
     policy's. The copy is made without them (its hook registries start empty), not cleared after.
+    transformers' output-recording hooks, if a forward installed them, are left out as well: the
+    reference is only asked for logits.
     """
     registries = (
         "_forward_hooks",
