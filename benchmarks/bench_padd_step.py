@@ -1,10 +1,15 @@
-"""PADD step time against MoE-vanilla-GRPO step time, in the same run, on the same models.
+"""The PADD step on padd's experts against transformers' default experts, and against the
+MoE-vanilla-GRPO step, in the same run, on the same models.
 
     python benchmarks/bench_padd_step.py [--steps 6] [--prompts 8] [--generations 8] [--new-tokens 48]
     python -m pytest benchmarks/bench_padd_step.py -s      (PADD_BENCH_OUT=dir writes JSON)
 
-Both methods run `PADDTrainer` (presets `padd` and `vanilla_grpo`) on copies of one student,
-interleaved step by step so a change in machine load hits both alike. The student is the
+Three `PADDTrainer`s run on copies of one student, interleaved step by step so a change in
+machine load hits all alike:
+- `padd`: preset `padd`, experts on `experts_implementation="padd"` (what `padd train` runs);
+- `padd@<default>`: the same on transformers' default experts implementation (`grouped_mm`
+  where it can dispatch), the peer for padd's kernels (on CPU: padd's PyTorch reference);
+- `vanilla_grpo`: preset `vanilla_grpo` on padd's experts, the peer for PADD's overhead. The student is the
 project's embedded default shape (4 layers, hidden 128, FFN 512 → 8 experts of 256, top-2,
 character vocabulary); the teacher is the dense Llama it would be decompressed from. EOS is
 suppressed in sampling so both methods generate the same number of tokens.
@@ -30,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Record, device_info, write_results  # noqa: E402
 from padd.data.problem import Problem  # noqa: E402
+from padd.moe.hf_experts import use_experts  # noqa: E402
 from padd.training.config import preset  # noqa: E402
 from padd.training.trainer import PADDTrainer  # noqa: E402
 
@@ -71,15 +77,21 @@ def _problems(n: int) -> list[Problem]:
     return [Problem(f"{a}+{2 * a + 1}?", "", str(3 * a + 1), "add") for a in range(11, 11 + n)]
 
 
+def _on(student, implementation: str):
+    return use_experts(copy.deepcopy(student), implementation)
+
+
 def run(steps: int = 6, prompts: int = 8, generations: int = 8, new_tokens: int = 48) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = _tokenizer()
     teacher, student = _models(len(tok), device)
+    default = student.config._experts_implementation  # transformers' choice on this device
     problems = _problems(prompts)
     common = dict(num_generations=generations, max_new_tokens=new_tokens, learning_rate=1e-4, seed=0)
     trainers = {
-        "vanilla_grpo": PADDTrainer(copy.deepcopy(student), None, tok, preset("vanilla_grpo", **common)),
-        "padd": PADDTrainer(copy.deepcopy(student), teacher, tok, preset("padd", **common)),
+        "vanilla_grpo": PADDTrainer(_on(student, "padd"), None, tok, preset("vanilla_grpo", **common)),
+        "padd": PADDTrainer(_on(student, "padd"), teacher, tok, preset("padd", **common)),
+        f"padd@{default}": PADDTrainer(_on(student, default), teacher, tok, preset("padd", **common)),
     }
     times: dict[str, dict[str, list[float]]] = {name: {k: [] for k in SPLIT} for name in trainers}
     for step in range(steps + 1):  # step 0 warms up (allocations, first-call overheads)
@@ -97,8 +109,13 @@ def run(steps: int = 6, prompts: int = 8, generations: int = 8, new_tokens: int 
     # The work PADD adds: teacher scoring, and KD/drift/bias inside the update. Generation is the
     # same work for both (same shapes, same token count), so its difference is measurement noise.
     added = med["padd"]["time_teacher"] + med["padd"]["time_update"] - med["vanilla_grpo"]["time_update"]
+    peer = med[f"padd@{default}"]["time_step"]
+    kernel_pairs = zip(times["padd"]["time_step"], times[f"padd@{default}"]["time_step"], strict=True)
     return {
         "median_s": med,
+        "default_experts": default,
+        "padd_vs_default_ratio": padd / peer,
+        "padd_vs_default_paired_ratio": statistics.median(p / d for p, d in kernel_pairs),
         "overhead_pct": 100.0 * (padd - base) / base,
         "paired_overhead_pct": 100.0 * (statistics.median(p / v for p, v in pairs) - 1.0),
         "added_work_pct": 100.0 * added / base,
@@ -111,11 +128,16 @@ def report(result: dict) -> list[Record]:
     kind = device_info()["kind"].upper()
     med = result["median_s"]
     print(f"[{kind}] PADD step vs MoE-vanilla-GRPO step, {result['shape']}, {result['threads']} threads")
-    print(f"{'method':<14}" + "".join(f"{k[5:]:>12}" for k in SPLIT) + "   (median seconds)")
+    print(f"{'trainer':<20}" + "".join(f"{k[5:]:>12}" for k in SPLIT) + "   (median seconds)")
     for name, split in med.items():
-        print(f"{name:<14}" + "".join(f"{split[k]:12.4f}" for k in SPLIT))
+        print(f"{name:<20}" + "".join(f"{split[k]:12.4f}" for k in SPLIT))
     diff = {k: med["padd"][k] - med["vanilla_grpo"][k] for k in SPLIT}
-    print(f"{'padd - vanilla':<14}" + "".join(f"{diff[k]:12.4f}" for k in SPLIT))
+    print(f"{'padd - vanilla':<20}" + "".join(f"{diff[k]:12.4f}" for k in SPLIT))
+    print(
+        f"[{kind}] PADD step on padd's experts / on transformers' {result['default_experts']!r}: "
+        f"{result['padd_vs_default_ratio']:.3f} (ratio of medians), "
+        f"{result['padd_vs_default_paired_ratio']:.3f} (median of interleaved pairs); <= 1: as fast"
+    )
     print(
         f"[{kind}] PADD overhead over MoE-vanilla-GRPO: {result['overhead_pct']:+.1f}% (ratio of medians), "
         f"{result['paired_overhead_pct']:+.1f}% (median of interleaved pairs), "
@@ -130,7 +152,13 @@ def report(result: dict) -> list[Record]:
             1e3 * split["time_step"],
             float("nan"),
             float("nan"),
-            extra={"split_s": split, "overhead_pct": result["overhead_pct"]},
+            extra={
+                "split_s": split,
+                "overhead_pct": result["overhead_pct"],
+                "padd_vs_default_ratio": result["padd_vs_default_ratio"],
+                "padd_vs_default_paired_ratio": result["padd_vs_default_paired_ratio"],
+                "default_experts": result["default_experts"],
+            },
         )  # fmt: skip
         for name, split in med.items()
     ]

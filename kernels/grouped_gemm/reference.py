@@ -67,15 +67,16 @@ def moe_ffn_reference_forward(
             [F.linear(h_SI[offsets[e] : offsets[e + 1]], down_proj[e].float()) for e in active]
         )
     else:  # inside the custom op, or under no_grad (generation): no per-expert copies
+        # Few Python steps per expert: at decode sizes the loop's overhead rivals the GEMMs.
+        w13_EH2I, w2_EIH = gate_up_proj.float().transpose(1, 2), down_proj.float().transpose(1, 2)
+        spans = [(e, slice(offsets[e], offsets[e + 1])) for e in active]
         gate_up_S2I = x_sorted_SH.new_empty(x_sorted_SH.shape[0], 2 * inter)
-        for e in active:
-            rows = slice(offsets[e], offsets[e + 1])
-            torch.mm(x_sorted_SH[rows], gate_up_proj[e].float().t(), out=gate_up_S2I[rows])
+        for e, rows in spans:
+            torch.mm(x_sorted_SH[rows], w13_EH2I[e], out=gate_up_S2I[rows])
         h_SI = F.silu(gate_up_S2I[:, :inter]).mul_(gate_up_S2I[:, inter:])
         y_sorted_SH = torch.empty_like(x_sorted_SH)
-        for e in active:
-            rows = slice(offsets[e], offsets[e + 1])
-            torch.mm(h_SI[rows], down_proj[e].float().t(), out=y_sorted_SH[rows])
+        for e, rows in spans:
+            torch.mm(h_SI[rows], w2_EIH[e], out=y_sorted_SH[rows])
     # Back to slot order, weight, and sum each token's K slots: deterministic, no atomics.
     y_SH = y_sorted_SH.index_select(0, routing.inverse_order_S.long())
     y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights_TK.float().unsqueeze(-1)
@@ -125,8 +126,7 @@ def moe_ffn_reference_backward(
         for e, rows in spans:
             torch.mm(x_SH[rows], gate_up_proj[e].float().t(), out=gate_up_S2I[rows])
     gate_SI, up_SI = gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
-    sig_SI = torch.sigmoid(gate_SI)
-    silu_SI = gate_SI * sig_SI
+    silu_SI = F.silu(gate_SI)
     h_SI = silu_SI * up_SI
 
     dh_unweighted_SI = x_SH.new_empty(x_SH.shape[0], inter)
@@ -134,7 +134,11 @@ def moe_ffn_reference_backward(
         torch.mm(dy_SH[rows], down_proj[e].float(), out=dh_unweighted_SI[rows])
     dw_S = (dh_unweighted_SI * h_SI).sum(dim=1)
     dh_SI = dh_unweighted_SI.mul_(w_S1)
-    d_gate_up_S2I = torch.cat([dh_SI * up_SI * sig_SI * (1 + gate_SI * (1 - sig_SI)), dh_SI * silu_SI], dim=1)
+    # [d gate | d up] written in place: d up = dh·silu(gate), d gate = silu'(gate)·dh·up. Each
+    # [S, I] pass is memory-bound on CPU, so every temporary saved shows in the step time.
+    d_gate_up_S2I = x_SH.new_empty(x_SH.shape[0], 2 * inter)
+    torch.mul(dh_SI, silu_SI, out=d_gate_up_S2I[:, inter:])
+    torch.ops.aten.silu_backward.grad_input(dh_SI.mul_(up_SI), gate_SI, grad_input=d_gate_up_S2I[:, :inter])
 
     d_down = d_gate_up = dx_TH = None
     if needs_d_down:
