@@ -80,7 +80,7 @@ def test_bf16_forward_close_to_oracle():
     y = moe(x)
     assert y.dtype == torch.bfloat16
     # Same decisions as the layer (bf16 logits may flip near-ties); checks the expert math in bf16.
-    ref = dense_oracle(moe, x, experts_TK=moe.last_routing.experts_TK)
+    ref = dense_oracle(moe, x, experts_TK=moe.last_routing.expert_ids)
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -100,11 +100,11 @@ def test_selection_bias_changes_selection_not_weights():
     moe.selection_bias[3] = 50.0
     y = moe(x)
     biased = moe.last_routing
-    assert (biased.experts_TK[:, 0] == 3).all()
-    assert not torch.equal(biased.experts_TK, unbiased.experts_TK)
+    assert (biased.expert_ids[:, 0] == 3).all()
+    assert not torch.equal(biased.expert_ids, unbiased.expert_ids)
     probs_TE = torch.softmax(moe.last_router_logits.float(), -1)
-    chosen = probs_TE.gather(1, biased.experts_TK.long())
-    torch.testing.assert_close(biased.weights_TK, chosen / chosen.sum(-1, keepdim=True))
+    chosen = probs_TE.gather(1, biased.expert_ids.long())
+    torch.testing.assert_close(biased.weights, chosen / chosen.sum(-1, keepdim=True))
     torch.testing.assert_close(y.double(), dense_oracle(moe, x), rtol=1e-5, atol=1e-6)
 
 
@@ -115,7 +115,7 @@ def test_aux_and_z_loss_of_last_call():
     logits = moe.last_router_logits
     assert logits.shape == (11, 5) and logits.requires_grad
     probs = torch.softmax(logits, -1)
-    counts = torch.bincount(moe.last_routing.experts_TK.reshape(-1).long(), minlength=5).float()
+    counts = torch.bincount(moe.last_routing.expert_ids.reshape(-1).long(), minlength=5).float()
     expected_aux = 5 * torch.sum(counts / (11 * 2) * probs.mean(0))
     torch.testing.assert_close(moe.aux_loss, expected_aux)
     torch.testing.assert_close(moe.z_loss, torch.logsumexp(logits, -1).square().mean())
@@ -164,7 +164,7 @@ def test_from_hf_with_selection_bias():
     assert moe.selection_bias.device.type == "cpu" and torch.equal(moe.selection_bias, torch.zeros(6))
     moe.selection_bias[2] = 50.0
     moe(torch.randn(4, 32))
-    assert (moe.last_routing.experts_TK[:, 0] == 2).all()
+    assert (moe.last_routing.expert_ids[:, 0] == 2).all()
 
 
 def test_torch_compile_fullgraph_forward_backward():

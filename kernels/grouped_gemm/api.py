@@ -38,7 +38,7 @@ def moe_ffn(
 
     Returns:
         `[T, H]` in x's dtype (the autocast dtype under `torch.autocast`). Differentiable in
-        x, both weights and `routing.weights_TK`; deterministic (each token's K slots are summed
+        x, both weights and `routing.weights`; deterministic (each token's K slots are summed
         in slot order, no atomics).
 
     Example:
@@ -54,7 +54,7 @@ def moe_ffn(
     if backend == "reference":
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
     resolved = resolve_backend(backend, x, gate_up_proj, down_proj)
-    if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights_TK):
+    if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights):
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
     return moe_ffn_op_from_routing(x, gate_up_proj, down_proj, routing, use_triton=resolved == "triton")
 
@@ -116,20 +116,20 @@ def _check_routing(routing: Routing, x: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"routing covers {routing.num_tokens} tokens, x has {x.shape[0]}")
     num_slots = routing.num_tokens * routing.top_k
     expected = {
-        "weights_TK": (routing.weights_TK, tuple(routing.experts_TK.shape)),
-        "tokens_per_expert_E": (routing.tokens_per_expert_E, (num_experts,)),
-        "expert_offsets_E1": (routing.expert_offsets_E1, (num_experts + 1,)),
-        "sort_order_S": (routing.sort_order_S, (num_slots,)),
-        "inverse_order_S": (routing.inverse_order_S, (num_slots,)),
+        "weights": (routing.weights, tuple(routing.expert_ids.shape)),
+        "tokens_per_expert": (routing.tokens_per_expert, (num_experts,)),
+        "expert_offsets": (routing.expert_offsets, (num_experts + 1,)),
+        "sort_order": (routing.sort_order, (num_slots,)),
+        "inverse_order": (routing.inverse_order, (num_slots,)),
     }
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"routing.{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"routing.{name} is on {t.device}, x on {x.device}")
-    if not routing.weights_TK.is_floating_point():
-        raise TypeError(f"routing.weights_TK must be floating point, got {routing.weights_TK.dtype}")
-    for name in ("experts_TK", "tokens_per_expert_E", "expert_offsets_E1", "sort_order_S", "inverse_order_S"):
+    if not routing.weights.is_floating_point():
+        raise TypeError(f"routing.weights must be floating point, got {routing.weights.dtype}")
+    for name in ("expert_ids", "tokens_per_expert", "expert_offsets", "sort_order", "inverse_order"):
         t = getattr(routing, name)
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"routing.{name} must be int32 or int64, got {t.dtype}")

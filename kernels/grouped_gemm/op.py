@@ -173,12 +173,12 @@ def moe_ffn_op_from_routing(
         x,
         gate_up_proj,
         down_proj,
-        routing.weights_TK,
-        routing.experts_TK,
-        routing.tokens_per_expert_E,
-        routing.expert_offsets_E1,
-        routing.sort_order_S,
-        routing.inverse_order_S,
+        routing.weights,
+        routing.expert_ids,
+        routing.tokens_per_expert,
+        routing.expert_offsets,
+        routing.sort_order,
+        routing.inverse_order,
         use_triton,
     )
     return out

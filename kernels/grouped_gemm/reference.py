@@ -1,7 +1,7 @@
 """Pure-PyTorch expert FFN with its hand-written backward: the CPU path and the kernels' oracle.
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
-rows are slots in `routing.sort_order_S` order (grouped by expert).
+rows are slots in `routing.sort_order` order (grouped by expert).
 Weights use transformers' fused-experts layout: `gate_up_proj` `[E, 2I, H]` holds the gate rows,
 then the up rows; `down_proj` `[E, H, I]`.
 
@@ -36,7 +36,7 @@ def moe_ffn_reference(
 
     Returns:
         `[T, H]` in `x.dtype`. Differentiable by autograd in x, both weights and
-        `routing.weights_TK`. Loops over experts with data-dependent slicing (a host sync).
+        `routing.weights`. Loops over experts with data-dependent slicing (a host sync).
     """
     return moe_ffn_reference_forward(x, gate_up_proj, down_proj, routing)[0]
 
@@ -51,9 +51,9 @@ def moe_ffn_reference_forward(
     num_tokens, hidden = x.shape
     top_k = routing.top_k
     inter = down_proj.shape[2]
-    order_S = routing.sort_order_S.long()
+    order_S = routing.sort_order.long()
     x_sorted_SH = x.float().index_select(0, order_S // top_k)
-    offsets = routing.expert_offsets_E1.tolist()
+    offsets = routing.expert_offsets.tolist()
     active = [e for e in range(routing.num_experts) if offsets[e + 1] > offsets[e]]
     if not active:
         empty = x_sorted_SH.new_zeros(0, 2 * inter)
@@ -78,8 +78,8 @@ def moe_ffn_reference_forward(
         for e, rows in spans:
             torch.mm(h_SI[rows], w2_EIH[e], out=y_sorted_SH[rows])
     # Back to slot order, weight, and sum each token's K slots: deterministic, no atomics.
-    y_SH = y_sorted_SH.index_select(0, routing.inverse_order_S.long())
-    y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights_TK.float().unsqueeze(-1)
+    y_SH = y_sorted_SH.index_select(0, routing.inverse_order.long())
+    y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights.float().unsqueeze(-1)
     return y_TKH.sum(dim=1).to(x.dtype), gate_up_S2I
 
 
@@ -104,18 +104,18 @@ def moe_ffn_reference_backward(
             others). The routing-weight gradient is always computed.
 
     Returns:
-        `(dx [T, H], d gate_up_proj [E, 2I, H], d down_proj [E, H, I], d weights_TK [T, K])`,
+        `(dx [T, H], d gate_up_proj [E, 2I, H], d down_proj [E, H, I], d weights [T, K])`,
         each in its input's dtype.
     """
     needs_dx, needs_d_gate_up, needs_d_down = needs
     num_tokens, hidden = x.shape
     top_k, inter = routing.top_k, down_proj.shape[2]
-    order_S = routing.sort_order_S.long()
+    order_S = routing.sort_order.long()
     tokens_S = order_S // top_k
     x_SH = x.float().index_select(0, tokens_S)
     dy_SH = grad.float().index_select(0, tokens_S)
-    w_S1 = routing.weights_TK.float().reshape(-1).index_select(0, order_S).unsqueeze(1)
-    offsets = routing.expert_offsets_E1.tolist()
+    w_S1 = routing.weights.float().reshape(-1).index_select(0, order_S).unsqueeze(1)
+    offsets = routing.expert_offsets.tolist()
     spans = [
         (e, slice(offsets[e], offsets[e + 1]))
         for e in range(routing.num_experts)
@@ -152,11 +152,11 @@ def moe_ffn_reference_backward(
         for e, rows in spans:
             torch.mm(d_gate_up_S2I[rows].t(), x_SH[rows], out=d_gate_up[e])
         d_gate_up = d_gate_up.to(gate_up_proj.dtype)
-    inverse_S = routing.inverse_order_S.long()
+    inverse_S = routing.inverse_order.long()
     if needs_dx:
         dx_SH = torch.empty_like(x_SH)
         for e, rows in spans:
             torch.mm(d_gate_up_S2I[rows], gate_up_proj[e].float(), out=dx_SH[rows])
         dx_TH = dx_SH.index_select(0, inverse_S).view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
-    dw_TK = dw_S.index_select(0, inverse_S).view(num_tokens, top_k).to(routing.weights_TK.dtype)
+    dw_TK = dw_S.index_select(0, inverse_S).view(num_tokens, top_k).to(routing.weights.dtype)
     return dx_TH, d_gate_up, d_down, dw_TK

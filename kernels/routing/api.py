@@ -44,14 +44,16 @@ def route(
             "reference" (the plain PyTorch function, differentiated by autograd).
 
     Returns:
-        A `Routing`: weights `[T, K]` fp32, experts `[T, K]` int32, the stable sort-by-expert
-        permutation of the T·K slots and its inverse, counts and offsets (int32), scores `[T, E]`
-        fp32 when `return_scores`, logsumexp `[T]` for softmax. Differentiable with respect to
-        the logits through the weights, the scores and the logsumexp; never the bias.
+        A `Routing`: `weights` `[T, K]` fp32, `expert_ids` `[T, K]` int32, the stable
+        sort-by-expert permutation of the T·K slots (`sort_order`) and its inverse
+        (`inverse_order`), `tokens_per_expert` `[E]` and `expert_offsets` `[E + 1]` (int32),
+        `scores` `[T, E]` fp32 when `return_scores`, `logsumexp` `[T]` for softmax.
+        Differentiable with respect to the logits through the weights, the scores and the
+        logsumexp; never the bias.
 
     Example:
         >>> r = route(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2)
-        >>> r.experts_TK.tolist()
+        >>> r.expert_ids.tolist()
         [[0, 1]]
     """
     _check_route_inputs(router_logits, top_k, score, selection_bias)
@@ -79,7 +81,7 @@ def route(
 
 
 def routing_from_topk(
-    experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, *, backend: str = "auto"
+    expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int, *, backend: str = "auto"
 ) -> Routing:
     """Wrap routing decisions made elsewhere (e.g. a transformers router) into a `Routing`.
 
@@ -88,38 +90,39 @@ def routing_from_topk(
     must lie in [0, num_experts); a token may repeat an id (its slots keep slot order).
 
     Args:
-        experts_TK: `[T, K]` int32/int64 expert ids.
-        weights_TK: `[T, K]` gate weights, kept as given (and differentiable as given).
+        expert_ids: `[T, K]` int32/int64 expert ids.
+        weights: `[T, K]` gate weights, kept as given (and differentiable as given).
         num_experts: E.
 
     Returns:
-        A `Routing` with the given weights, experts as int32 `[T, K]`, and the permutation
-        metadata (int32 `[E]`, `[E + 1]`, `[S]`, `[S]`); no scores, no logsumexp.
+        A `Routing` with the given `weights`, `expert_ids` as int32 `[T, K]`, and the
+        permutation metadata (int32 `tokens_per_expert` `[E]`, `expert_offsets` `[E + 1]`,
+        `sort_order` `[S]`, `inverse_order` `[S]`); no scores, no logsumexp.
 
     Example:
         >>> r = routing_from_topk(torch.tensor([[0, 2], [2, 1]]), torch.full((2, 2), 0.5), 3)
-        >>> r.tokens_per_expert_E.tolist(), r.expert_offsets_E1.tolist()
+        >>> r.tokens_per_expert.tolist(), r.expert_offsets.tolist()
         ([1, 1, 2], [0, 1, 2, 4])
     """
-    if experts_TK.dim() != 2 or weights_TK.shape != experts_TK.shape:
+    if expert_ids.dim() != 2 or weights.shape != expert_ids.shape:
         raise ValueError(
-            f"experts_TK and weights_TK must both be [T, K]; got {tuple(experts_TK.shape)} "
-            f"and {tuple(weights_TK.shape)}"
+            f"expert_ids and weights must both be [T, K]; got {tuple(expert_ids.shape)} "
+            f"and {tuple(weights.shape)}"
         )
-    if experts_TK.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"experts_TK must be int32 or int64, got {experts_TK.dtype}")
-    resolved = resolve_backend(backend, experts_TK)
-    if call_reference_directly(resolved, experts_TK):  # integer outputs: never a gradient
-        tpe, offsets, order, inverse = routing_metadata(experts_TK, num_experts)
+    if expert_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"expert_ids must be int32 or int64, got {expert_ids.dtype}")
+    resolved = resolve_backend(backend, expert_ids)
+    if call_reference_directly(resolved, expert_ids):  # integer outputs: never a gradient
+        tpe, offsets, order, inverse = routing_metadata(expert_ids, num_experts)
     else:
-        tpe, offsets, order, inverse = routing_metadata_op(experts_TK, num_experts, resolved)
+        tpe, offsets, order, inverse = routing_metadata_op(expert_ids, num_experts, resolved)
     return Routing(
-        weights_TK=weights_TK,
-        experts_TK=experts_TK.to(torch.int32),
-        tokens_per_expert_E=tpe,
-        expert_offsets_E1=offsets,
-        sort_order_S=order,
-        inverse_order_S=inverse,
+        weights=weights,
+        expert_ids=expert_ids.to(torch.int32),
+        tokens_per_expert=tpe,
+        expert_offsets=offsets,
+        sort_order=order,
+        inverse_order=inverse,
         num_experts=num_experts,
     )
 

@@ -34,9 +34,10 @@ def _route_op(
     return_scores: bool,
     backend: str,
 ) -> _RouteOut:
-    """Returns `(weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S,
-    inverse_order_S, scores_TE, logsumexp_T)`; `scores_TE` is `[0, E]` unless `return_scores`,
-    `logsumexp_T` is `[0]` for sigmoid (custom ops cannot return None)."""
+    """Returns the `Routing` tensors in field order, `(weights_TK, experts_TK, tokens_per_expert_E,
+    expert_offsets_E1, sort_order_S, inverse_order_S, scores_TE, logsumexp_T)`; `scores_TE` is
+    `[0, E]` unless `return_scores`, `logsumexp_T` is `[0]` for sigmoid (custom ops cannot return
+    None)."""
     if backend == "triton":
         from .triton import route_forward_triton
 
@@ -51,15 +52,15 @@ def _route_op(
     )
     num_tokens, num_experts = logits.shape
     empty = logits.new_empty
-    scores_TE = r.scores_TE if return_scores else empty(0, num_experts, dtype=torch.float32)
-    lse_T = r.logsumexp_T if r.logsumexp_T is not None else empty(0, dtype=torch.float32)
+    scores_TE = r.scores if return_scores else empty(0, num_experts, dtype=torch.float32)
+    lse_T = r.logsumexp if r.logsumexp is not None else empty(0, dtype=torch.float32)
     return (
-        r.weights_TK.contiguous(),
-        r.experts_TK.contiguous(),
-        r.tokens_per_expert_E,
-        r.expert_offsets_E1,
-        r.sort_order_S,
-        r.inverse_order_S,
+        r.weights.contiguous(),
+        r.expert_ids.contiguous(),
+        r.tokens_per_expert,
+        r.expert_offsets,
+        r.sort_order,
+        r.inverse_order,
         scores_TE,
         lse_T,
     )
@@ -181,13 +182,13 @@ def route_op(
         router_logits, top_k, score, selection_bias, renormalize, return_scores, backend
     )
     return Routing(
-        weights_TK=w,
-        experts_TK=ids,
-        tokens_per_expert_E=tpe,
-        expert_offsets_E1=offsets,
-        sort_order_S=order,
-        inverse_order_S=inverse,
+        weights=w,
+        expert_ids=ids,
+        tokens_per_expert=tpe,
+        expert_offsets=offsets,
+        sort_order=order,
+        inverse_order=inverse,
         num_experts=num_experts,
-        scores_TE=scores if return_scores else None,
-        logsumexp_T=lse if score == "softmax" else None,
+        scores=scores if return_scores else None,
+        logsumexp=lse if score == "softmax" else None,
     )

@@ -29,8 +29,8 @@ def route_reference(
     """Score, select top-k (bias for selection only), renormalise, and build the metadata.
 
     Same arguments and result as `route` (no validation, no `backend`): `router_logits`
-    `[T, E]`, `selection_bias` `[E]`; the `Routing` holds weights / experts `[T, K]`, scores
-    `[T, E]` when `return_scores`, logsumexp `[T]` for softmax.
+    `[T, E]`, `selection_bias` `[E]`; the `Routing` holds `weights` / `expert_ids` `[T, K]`,
+    `scores` `[T, E]` when `return_scores`, `logsumexp` `[T]` for softmax.
 
     Selection key (the bias never enters the weights): softmax, `logits + selection_bias`;
     sigmoid, `sigmoid(logits) + selection_bias` as DeepSeek-V3 (transformers'
@@ -58,15 +58,15 @@ def route_reference(
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(_MIN_SUM)
     tpe, offsets, sort_order, inverse = routing_metadata(experts_TK, num_experts)
     return Routing(
-        weights_TK=weights_TK,
-        experts_TK=experts_TK.to(torch.int32),
-        tokens_per_expert_E=tpe,
-        expert_offsets_E1=offsets,
-        sort_order_S=sort_order,
-        inverse_order_S=inverse,
+        weights=weights_TK,
+        expert_ids=experts_TK.to(torch.int32),
+        tokens_per_expert=tpe,
+        expert_offsets=offsets,
+        sort_order=sort_order,
+        inverse_order=inverse,
         num_experts=num_experts,
-        scores_TE=scores_TE if return_scores else None,
-        logsumexp_T=logsumexp_T,
+        scores=scores_TE if return_scores else None,
+        logsumexp=logsumexp_T,
     )
 
 

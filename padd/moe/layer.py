@@ -121,7 +121,7 @@ class MoE(nn.Module):
     def z_loss(self) -> torch.Tensor:
         """Router z-loss `mean_t logsumexp(z_t)²` of the last forward (any score function)."""
         routing = self._require_last()
-        if routing.logsumexp_T is not None:
+        if routing.logsumexp is not None:
             return routing.z_loss()
         # Sigmoid routing: route() computes no logsumexp, the z-loss is still defined on the logits.
         lse_T = torch.logsumexp(self.last_router_logits.float(), dim=-1)

@@ -256,7 +256,7 @@ class RoutingControl:
                 selection_bias=self._selection_bias[layer].to(logits.device),
                 renormalize=self.norm_topk_prob,
             )
-            experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
+            experts_TK, weights_TK = routing.expert_ids, routing.weights
             if self.group_size > 1:  # one whole group at 1/k each: constants (module doc)
                 weights_TK = torch.full(experts_TK.shape, 1.0 / self.top_k, device=logits.device)
         # The experts module expects what the HF router returns: int64 ids (one_hot in eager),

@@ -67,8 +67,8 @@ def dense_loop(x, w13, w2, experts_TK, weights_TK):
 
 def fwd_bwd(x, w13, w2, routing, backend, grad):
     """Output and (dx, d gate_up, d down, d weights) for an upstream gradient."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w13, w2, routing.weights_TK)]
-    r = Routing(**{**routing.__dict__, "weights_TK": leaves[3]})
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w13, w2, routing.weights)]
+    r = Routing(**{**routing.__dict__, "weights": leaves[3]})
     out = moe_ffn(*leaves[:3], r, backend=backend)
     return out, torch.autograd.grad(out, leaves, grad)
 
@@ -80,7 +80,7 @@ def assert_matches(got, want, dtype):
 @pytest.mark.parametrize("case", CASES[:5] + CASES[6:])
 def test_reference_matches_dense_loop(case):
     x, w13, w2, r = make_inputs(*case)
-    want = dense_loop(x, w13, w2, r.experts_TK, r.weights_TK)
+    want = dense_loop(x, w13, w2, r.expert_ids, r.weights)
     torch.testing.assert_close(moe_ffn_reference(x, w13, w2, r).double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -234,8 +234,8 @@ def _bad_inputs():
     x, w13, w2, r = make_inputs(5, 24, 16, 4, 2)
     r_other_e = make_inputs(5, 24, 16, 3, 2)[3]
     r_other_t = make_inputs(6, 24, 16, 4, 2)[3]
-    r_bad_w = Routing(**{**r.__dict__, "weights_TK": r.weights_TK[:, :1]})
-    r_int_w = Routing(**{**r.__dict__, "weights_TK": r.experts_TK})
+    r_bad_w = Routing(**{**r.__dict__, "weights": r.weights[:, :1]})
+    r_int_w = Routing(**{**r.__dict__, "weights": r.expert_ids})
     return {
         "x rank": (ValueError, (x[None], w13, w2, r)),
         "x hidden": (ValueError, (x[:, :20], w13, w2, r)),
@@ -247,7 +247,7 @@ def _bad_inputs():
         "mixed dtype": (TypeError, (x.half(), w13, w2, r)),
         "int x": (TypeError, (x.long(), w13.long(), w2.long(), r)),
         "not a tensor": (TypeError, (x.tolist(), w13, w2, r)),
-        "not a routing": (TypeError, (x, w13, w2, r.experts_TK)),
+        "not a routing": (TypeError, (x, w13, w2, r.expert_ids)),
         "routing experts": (ValueError, (x, w13, w2, r_other_e)),
         "routing tokens": (ValueError, (x, w13, w2, r_other_t)),
         "routing weights shape": (ValueError, (x, w13, w2, r_bad_w)),
@@ -288,7 +288,7 @@ def test_triton_int64_offsets_gpu():
     out = moe_ffn(x, w13, w2, r)
     rows = torch.tensor([0, T // 2, T - 1], device="cuda")
     sub_x = x[rows]
-    sub_r = routing_from_topk(r.experts_TK[rows], r.weights_TK[rows], E)
+    sub_r = routing_from_topk(r.expert_ids[rows], r.weights[rows], E)
     assert_matches(out[rows], moe_ffn_reference(sub_x, w13, w2, sub_r), torch.bfloat16)
     grad = torch.zeros_like(x)
     grad[-1] = 1.0

@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+from padd.kernels.grouped_gemm import moe_ffn, moe_ffn_reference
 from padd.kernels.kd_loss import (
     fused_linear_kd_loss,
     fused_linear_kd_loss_reference,
@@ -122,6 +123,7 @@ def _parameters(fn, drop=()):
     ("public", "reference", "knobs"),
     [
         (route, route_reference, {"backend"}),
+        (moe_ffn, moe_ffn_reference, {"backend"}),
         (kd_loss, kd_loss_reference, {"backend", "check_nan"}),
         (fused_linear_kd_loss, fused_linear_kd_loss_reference, {"backend", "check_nan", "chunk_size"}),
     ],

@@ -16,8 +16,8 @@ from offline_compile import assert_compiles_offline_for_sm90
 from padd.kernels import route, route_reference, routing_from_topk, routing_metadata
 from padd.kernels.routing import triton as routing_triton
 
-FIELDS_INT = ("experts_TK", "tokens_per_expert_E", "expert_offsets_E1", "sort_order_S", "inverse_order_S")
-FIELDS_FLOAT = ("weights_TK", "scores_TE", "logsumexp_T")
+FIELDS_INT = ("expert_ids", "tokens_per_expert", "expert_offsets", "sort_order", "inverse_order")
+FIELDS_FLOAT = ("weights", "scores", "logsumexp")
 GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
 
 T_GRID = (0, 1, 7, 130)
@@ -55,14 +55,14 @@ def _assert_same_routing(got, want, *, atol=1e-6, rtol=1e-5):
 
 def _assert_invariants(r, num_experts: int):
     num_slots = r.num_tokens * r.top_k
-    order_S, inverse_S = r.sort_order_S.long(), r.inverse_order_S.long()
+    order_S, inverse_S = r.sort_order.long(), r.inverse_order.long()
     assert torch.equal(inverse_S[order_S], torch.arange(num_slots, device=order_S.device))
-    assert int(r.tokens_per_expert_E.sum()) == num_slots
-    assert r.expert_offsets_E1[0] == 0
-    assert torch.equal(r.expert_offsets_E1[1:].long(), torch.cumsum(r.tokens_per_expert_E.long(), 0))
-    sorted_experts_S = r.experts_TK.reshape(-1)[order_S]
+    assert int(r.tokens_per_expert.sum()) == num_slots
+    assert r.expert_offsets[0] == 0
+    assert torch.equal(r.expert_offsets[1:].long(), torch.cumsum(r.tokens_per_expert.long(), 0))
+    sorted_experts_S = r.expert_ids.reshape(-1)[order_S]
     assert bool((sorted_experts_S[1:] >= sorted_experts_S[:-1]).all())
-    assert bool(((r.experts_TK >= 0) & (r.experts_TK < num_experts)).all())
+    assert bool(((r.expert_ids >= 0) & (r.expert_ids < num_experts)).all())
 
 
 def _naive_route(logits_TE, top_k, score, bias_E, renormalize):
@@ -105,26 +105,26 @@ def test_reference_hand_example():
     logits_TE = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     r = route_reference(logits_TE, 2, return_scores=True)
     # Token 1 ties experts 0 and 1 for second place: the lower id wins.
-    assert r.experts_TK.tolist() == [[0, 1], [2, 0]]
+    assert r.expert_ids.tolist() == [[0, 1], [2, 0]]
     e = math.e
     w0 = [e**2 / (e**2 + e), e / (e**2 + e)]
     w1 = [e**5 / (e**5 + 1), 1 / (e**5 + 1)]
-    torch.testing.assert_close(r.weights_TK, torch.tensor([w0, w1]))
-    torch.testing.assert_close(r.logsumexp_T, torch.tensor([math.log(e**2 + e + 1), math.log(2 + e**5)]))
-    assert r.tokens_per_expert_E.tolist() == [2, 1, 1]
-    assert r.expert_offsets_E1.tolist() == [0, 2, 3, 4]
+    torch.testing.assert_close(r.weights, torch.tensor([w0, w1]))
+    torch.testing.assert_close(r.logsumexp, torch.tensor([math.log(e**2 + e + 1), math.log(2 + e**5)]))
+    assert r.tokens_per_expert.tolist() == [2, 1, 1]
+    assert r.expert_offsets.tolist() == [0, 2, 3, 4]
     # slots: 0=(t0,e0) 1=(t0,e1) 2=(t1,e2) 3=(t1,e0); by expert, stably: 0, 3 | 1 | 2.
-    assert r.sort_order_S.tolist() == [0, 3, 1, 2]
-    assert r.inverse_order_S.tolist() == [0, 2, 3, 1]
+    assert r.sort_order.tolist() == [0, 3, 1, 2]
+    assert r.inverse_order.tolist() == [0, 2, 3, 1]
 
 
 def test_reference_hand_example_bias_selects_only():
     logits_TE = torch.tensor([[2.0, 1.0, 0.0]])
     bias_E = torch.tensor([0.0, 0.0, 3.0])
     r = route_reference(logits_TE, 1, score="sigmoid", selection_bias=bias_E, renormalize=False)
-    assert r.experts_TK.tolist() == [[2]]
-    torch.testing.assert_close(r.weights_TK, torch.tensor([[1 / (1 + math.exp(0.0))]]))
-    assert r.logsumexp_T is None
+    assert r.expert_ids.tolist() == [[2]]
+    torch.testing.assert_close(r.weights, torch.tensor([[1 / (1 + math.exp(0.0))]]))
+    assert r.logsumexp is None
 
 
 @pytest.mark.parametrize("num_tokens", T_GRID)
@@ -137,11 +137,11 @@ def test_reference_matches_naive_loop(num_tokens, num_experts, score):
         for bias, renormalize in ((None, True), (bias_E, False)):
             r = route_reference(logits_TE, top_k, score=score, selection_bias=bias, renormalize=renormalize)
             experts, weights, order, counts = _naive_route(logits_TE, top_k, score, bias, renormalize)
-            assert r.experts_TK.tolist() == experts
-            assert r.sort_order_S.tolist() == order
-            assert r.tokens_per_expert_E.tolist() == counts
+            assert r.expert_ids.tolist() == experts
+            assert r.sort_order.tolist() == order
+            assert r.tokens_per_expert.tolist() == counts
             want_TK = torch.tensor(weights, dtype=torch.float32).reshape(num_tokens, top_k)
-            torch.testing.assert_close(r.weights_TK, want_TK)
+            torch.testing.assert_close(r.weights, want_TK)
             _assert_invariants(r, num_experts)
 
 
@@ -205,7 +205,7 @@ def test_triton_without_scores_and_noncontiguous_logits():
     logits_TE = logits_ET.t()  # strided view: the kernel takes strides, no copy
     got = route(logits_TE, 4, backend="triton")
     want = route(logits_TE, 4, backend="reference")
-    assert got.scores_TE is None
+    assert got.scores is None
     _assert_same_routing(got, want)
 
 
@@ -213,7 +213,7 @@ def test_triton_is_deterministic():
     logits_TE = torch.randint(0, 3, (130, 64)).float()  # many ties
     first = route(logits_TE, 8, backend="triton")
     second = route(logits_TE, 8, backend="triton")
-    for name in FIELDS_INT + ("weights_TK",):
+    for name in FIELDS_INT + ("weights",):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
 
 
@@ -223,24 +223,24 @@ def test_all_tokens_to_one_expert(backend):
     logits_TE[:, 37] += 100.0
     got, want = _route_both(logits_TE, 2, "softmax", None, True, backend)
     _assert_same_routing(got, want)
-    assert int(got.tokens_per_expert_E[37]) == 130
-    start = int(got.expert_offsets_E1[37])
-    assert got.sort_order_S[start : start + 130].tolist() == list(range(0, 260, 2))
+    assert int(got.tokens_per_expert[37]) == 130
+    start = int(got.expert_offsets[37])
+    assert got.sort_order[start : start + 130].tolist() == list(range(0, 260, 2))
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_exact_ties_go_to_lower_id(backend):
     zeros_TE = torch.zeros(7, 60)
     r = route(zeros_TE, 8, backend=backend)
-    assert r.experts_TK.tolist() == [list(range(8))] * 7
+    assert r.expert_ids.tolist() == [list(range(8))] * 7
     # A bias that equalises two experts' keys: still the lower id.
     logits_TE = torch.tensor([[1.0, 0.0, 2.0, 0.5]])
     bias_E = torch.tensor([0.0, 1.0, -1.0, 0.0])  # keys 1, 1, 1, 0.5
     r = route(logits_TE, 2, selection_bias=bias_E, backend=backend)
-    assert r.experts_TK.tolist() == [[0, 1]]
+    assert r.expert_ids.tolist() == [[0, 1]]
     signed_zeros_TE = torch.tensor([[-1.0, -0.0, 0.0, -0.0]])  # -0.0 == 0.0: still the lower id
     got, want = _route_both(signed_zeros_TE, 2, "softmax", None, True, backend)
-    assert got.experts_TK.tolist() == want.experts_TK.tolist() == [[1, 2]]
+    assert got.expert_ids.tolist() == want.expert_ids.tolist() == [[1, 2]]
     ties_TE = torch.randint(0, 3, (130, 64)).float()
     got, want = _route_both(ties_TE, 8, "sigmoid", None, False, backend)
     _assert_same_routing(got, want)
@@ -250,7 +250,7 @@ def test_triton_minus_inf_logits_pick_distinct_lower_ids():
     logits_TE = torch.full((2, 5), float("-inf"))
     logits_TE[:, 3] = 0.0
     got, want = _route_both(logits_TE, 3, "softmax", None, True)
-    assert got.experts_TK.tolist() == [[3, 0, 1]] * 2
+    assert got.expert_ids.tolist() == [[3, 0, 1]] * 2
     _assert_same_routing(got, want)
 
 
@@ -272,7 +272,7 @@ def test_routing_from_topk_matches_torch_metadata(backend, num_tokens, num_exper
     experts_TK = _random_experts(num_tokens, num_experts, top_k, repeats=repeats)
     r = routing_from_topk(experts_TK, torch.rand(num_tokens, top_k), num_experts, backend=backend)
     want = routing_metadata(experts_TK, num_experts)
-    got = (r.tokens_per_expert_E, r.expert_offsets_E1, r.sort_order_S, r.inverse_order_S)
+    got = (r.tokens_per_expert, r.expert_offsets, r.sort_order, r.inverse_order)
     for name, a, b in zip(FIELDS_INT[1:], got, want, strict=True):
         assert a.dtype == torch.int32 and torch.equal(a, b), name
     _assert_invariants(r, num_experts)
@@ -280,22 +280,22 @@ def test_routing_from_topk_matches_torch_metadata(backend, num_tokens, num_exper
 
 def test_routing_from_topk_compiles_fullgraph_and_runs_on_meta():
     experts_TK, weights_TK = _random_experts(7, 12, 2), torch.rand(7, 2)
-    fn = lambda e, w: routing_from_topk(e, w, 12).sort_order_S
+    fn = lambda e, w: routing_from_topk(e, w, 12).sort_order
     assert torch.equal(
         torch.compile(fn, fullgraph=True, backend="aot_eager")(experts_TK, weights_TK),
         fn(experts_TK, weights_TK),
     )
     r = routing_from_topk(experts_TK.to("meta"), weights_TK.to("meta"), 12)
-    assert r.sort_order_S.shape == (14,) and r.expert_offsets_E1.shape == (13,)
+    assert r.sort_order.shape == (14,) and r.expert_offsets.shape == (13,)
 
 
 # ---------------------------------------------------------------- backward
 
 
 def _grads(r, logits_TE, grad_w_TK, grad_s_TE, grad_lse_T):
-    loss = (r.weights_TK * grad_w_TK).sum() + (r.scores_TE * grad_s_TE).sum()
-    if r.logsumexp_T is not None:
-        loss = loss + (r.logsumexp_T * grad_lse_T).sum()
+    loss = (r.weights * grad_w_TK).sum() + (r.scores * grad_s_TE).sum()
+    if r.logsumexp is not None:
+        loss = loss + (r.logsumexp * grad_lse_T).sum()
     return torch.autograd.grad(loss, logits_TE)[0]
 
 
@@ -332,7 +332,7 @@ def test_backward_through_weights_only(backend):
     logits_TE = _logits(7, 60).requires_grad_()
     grad_w_TK = torch.randn(7, 8)
     dx = [
-        torch.autograd.grad((route(logits_TE, 8, backend=b).weights_TK * grad_w_TK).sum(), logits_TE)[0]
+        torch.autograd.grad((route(logits_TE, 8, backend=b).weights * grad_w_TK).sum(), logits_TE)[0]
         for b in (backend, "reference")
     ]
     torch.testing.assert_close(dx[0], dx[1])
@@ -343,8 +343,8 @@ def test_bias_gets_no_gradient_and_never_enters_weights(backend):
     logits_TE = _logits(7, 60).requires_grad_()
     bias_E = (10 * torch.randn(60)).requires_grad_()
     r = route(logits_TE, 8, selection_bias=bias_E, renormalize=False, return_scores=True, backend=backend)
-    torch.testing.assert_close(r.weights_TK, torch.gather(r.scores_TE, 1, r.experts_TK.long()))
-    grads = torch.autograd.grad(r.weights_TK.sum(), [logits_TE, bias_E], allow_unused=True)
+    torch.testing.assert_close(r.weights, torch.gather(r.scores, 1, r.expert_ids.long()))
+    grads = torch.autograd.grad(r.weights.sum(), [logits_TE, bias_E], allow_unused=True)
     assert grads[0] is not None and grads[1] is None
 
 
@@ -400,8 +400,8 @@ def test_custom_ops_pass_opcheck(backend):
 
 def _routed_loss(logits_TE, bias_E):
     r = route(logits_TE, 2, selection_bias=bias_E, return_scores=True)
-    weighted_S = r.weights_TK.reshape(-1)[r.sort_order_S.long()]
-    return weighted_S.square().sum() + r.aux_loss() + r.z_loss(), r.tokens_per_expert_E
+    weighted_S = r.weights.reshape(-1)[r.sort_order.long()]
+    return weighted_S.square().sum() + r.aux_loss() + r.z_loss(), r.tokens_per_expert
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -486,6 +486,6 @@ def test_gpu_auto_backend_is_triton_and_compiles(monkeypatch):
     forward = routing_triton.route_forward_triton
     monkeypatch.setattr(routing_triton, "route_forward_triton", lambda *a: calls.append(1) or forward(*a))
     logits_TE = _logits(1024, 128, torch.bfloat16, "cuda")
-    fn = torch.compile(lambda x: route(x, 8).sort_order_S, fullgraph=True)
-    assert torch.equal(fn(logits_TE), route(logits_TE, 8, backend="reference").sort_order_S)
+    fn = torch.compile(lambda x: route(x, 8).sort_order, fullgraph=True)
+    assert torch.equal(fn(logits_TE), route(logits_TE, 8, backend="reference").sort_order)
     assert calls, "backend='auto' on CUDA should run the Triton kernels"

@@ -23,10 +23,10 @@ def test_sigmoid_bias_selects_like_deepseek_v3(backend):
     bias = torch.rand(16, generator=gen) * 0.5
     r = route(logits, 4, score="sigmoid", selection_bias=bias, backend=backend)
     want_e, want_w = _deepseek_v3_reference(logits, bias, 4)
-    got_e = r.experts_TK.long()
+    got_e = r.expert_ids.long()
     assert torch.equal(torch.sort(got_e, 1).values, torch.sort(want_e, 1).values)
     order = torch.argsort(got_e, 1)
-    torch.testing.assert_close(r.weights_TK.gather(1, order), want_w.gather(1, torch.argsort(want_e, 1)))
+    torch.testing.assert_close(r.weights.gather(1, order), want_w.gather(1, torch.argsort(want_e, 1)))
     on_logits = torch.topk(logits + bias, 4, dim=-1).indices
     assert not torch.equal(torch.sort(on_logits, 1).values, torch.sort(want_e, 1).values)
 
@@ -38,4 +38,4 @@ def test_softmax_bias_stays_on_the_logits(backend):
     bias = torch.randn(8, generator=gen)
     r = route(logits, 2, score="softmax", selection_bias=bias, backend=backend)
     want = torch.topk(logits + bias, 2, dim=-1).indices
-    assert torch.equal(torch.sort(r.experts_TK.long(), 1).values, torch.sort(want, 1).values)
+    assert torch.equal(torch.sort(r.expert_ids.long(), 1).values, torch.sort(want, 1).values)
