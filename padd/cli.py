@@ -186,37 +186,6 @@ def _check_data(run: Any) -> None:
         raise DataError(f"{cfg.data.path or cfg.data.source + ' data'}: {e}") from None
 
 
-def _check_eval_run_dir(cfg: Any) -> None:
-    """`padd eval` takes the run's config with any eval.* changed: refuse anything else (other data
-    or models would make D_D or the student someone else's)."""
-    import dataclasses
-
-    import yaml
-
-    from padd.config import ConfigError, config_from_dict
-    from padd.pipeline.run import RunDirError
-
-    run_dir = Path(cfg.run.dir)
-    fp_file = run_dir / "fingerprint"
-    if not fp_file.is_file():
-        return  # no run there (e.g. `--model` elsewhere on a fresh config): nothing to match
-    recorded = fp_file.read_text().strip()
-    probe = cfg
-    try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())
-        run_cfg = config_from_dict(data) if isinstance(data, dict) else None
-    except (OSError, yaml.YAMLError, ConfigError):  # missing, or written by another padd version
-        run_cfg = None
-    if run_cfg is not None:
-        probe = dataclasses.replace(cfg, eval=run_cfg.eval)
-    if probe.fingerprint() != recorded:
-        raise RunDirError(
-            "run.dir",
-            f"{run_dir} was made by a different config (fingerprint {recorded}); `padd eval` may "
-            "change eval.* only: pass the run's config (or the run directory) plus eval.* overrides",
-        )
-
-
 def _eval_config(config: str, overrides: list[str]) -> Any:
     """`padd eval`'s config: a preset or YAML file, or a run directory (its config.yaml, run.dir
     set to that directory), then the overrides."""
@@ -254,9 +223,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from padd.config import ConfigError
     from padd.pipeline.checkpoint import atomic_write_json
     from padd.pipeline.evaluate import evaluate_model
+    from padd.pipeline.run_dir import RunDir
 
     cfg = _eval_config(args.config, args.overrides)
-    _check_eval_run_dir(cfg)
+    RunDir(cfg.run.dir).check_eval_config(cfg)
     _check_inputs(cfg)
     run_dir = Path(cfg.run.dir)
     if args.model:

@@ -1,5 +1,7 @@
-"""The layering rule: kernels know nothing of PADD. A module under `kernels/` may import
-`padd.kernels` (itself) but no other `padd.*` module; the stages never import Triton."""
+"""The layering rules: kernels know nothing of PADD. A module under `kernels/` may import
+`padd.kernels` (itself) but no other `padd.*` module; the stages never import Triton. The program
+(`padd/pipeline/*.py`, `padd/cli.py`) has no import cycle, counting imports inside functions, and
+nothing below it imports it."""
 
 import ast
 from pathlib import Path
@@ -46,3 +48,114 @@ def test_the_check_sees_a_violation(tmp_path):
     assert [n for n in _imports(planted) if n.startswith("padd.") and not n.startswith("padd.kernels")] == [
         "padd.training"
     ]
+
+
+# ---- no import cycle in the program (padd/pipeline/*.py and padd/cli.py) -----------------------
+
+PROGRAM = ("padd/pipeline", "padd/cli.py")
+
+
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path, known: set[str], root: Path = ROOT) -> set[str]:
+    """The modules of `known` that `path` imports anywhere (top level, in functions, under
+    `if TYPE_CHECKING`): `from padd.pipeline import run` names the module `padd.pipeline.run`."""
+    module = _module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against this module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            # `import a.b.c` also imports `a.b` and `a`: keep the longest known prefix
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                out.add(name)
+    return out
+
+
+def import_graph(files: list[Path], root: Path = ROOT) -> dict[str, set[str]]:
+    """Module → the modules (among `files`) it imports."""
+    known = {_module_name(p, root) for p in files}
+    return {_module_name(p, root): _imported_modules(p, known, root) - {_module_name(p, root)} for p in files}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (`[a, b, ..., a]`), or None when it has none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def _program_files() -> list[Path]:
+    return [p for entry in PROGRAM for p in sorted((ROOT / entry).glob("*.py")) or [ROOT / entry]]
+
+
+def test_program_modules_import_each_other_without_a_cycle():
+    graph = import_graph(_program_files())
+    assert "padd.pipeline.run" in graph and "padd.cli" in graph
+    assert "padd.pipeline.run_dir" in graph["padd.pipeline.run"]  # the graph sees real edges
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_lower_layers_never_import_the_program():
+    """No cycle can pass through the rest of `padd` either: below the program, nothing imports it
+    (`padd/__main__.py` is the command itself)."""
+    program = {_module_name(p) for p in _program_files()}
+    others = [
+        p
+        for p in sorted((ROOT / "padd").rglob("*.py"))
+        if _module_name(p) not in program and p.name != "__main__.py"
+    ]
+    known = program | {_module_name(p) for p in others}
+    bad = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in others
+        for name in sorted(_imported_modules(p, known) & program)
+    ]
+    assert not bad, bad
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path):
+    """The oracle for the cycle check: a planted cycle through a function-level import, a
+    `from package import module` and a relative import is found; a chain is not a cycle."""
+    pkg = tmp_path / "padd" / "pipeline"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from padd.pipeline.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from padd.pipeline import c\n")
+    (pkg / "c.py").write_text("import os\n")
+    files = sorted(pkg.glob("*.py"))
+    assert find_cycle(import_graph(files, tmp_path)) is None
+    (pkg / "c.py").write_text("from . import a\n")
+    cycle = find_cycle(import_graph(files, tmp_path))
+    assert cycle == ["padd.pipeline.a", "padd.pipeline.b", "padd.pipeline.c", "padd.pipeline.a"]

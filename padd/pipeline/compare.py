@@ -19,22 +19,14 @@ import time
 from typing import Any
 
 from padd.pipeline.checkpoint import GracefulInterrupt, atomic_write_json, seed_everything
-
-DENSE_SFT_METHOD = "teacher_sft"
-
-STAGE1_ABLATIONS = {
-    "no_stage1": {"skip": True, "init": "upcycle"},
-    "cluster_init": {"init": "cluster"},
-    "upcycle": {"init": "upcycle"},
-    "random_split": {"init": "random_split"},
-}
+from padd.pipeline.methods import DENSE_SFT_METHOD, DENSE_TEACHER_METHOD, STAGE1_ABLATIONS
 
 
 def run_compare(pipe: Any) -> None:
     from padd.pipeline.evaluate import evaluate_model
     from padd.pipeline.report import write_report
     from padd.pipeline.stage1 import build_student
-    from padd.pipeline.train import DENSE_TEACHER_METHOD, train_student
+    from padd.pipeline.train import train_student
 
     cfg = pipe.cfg
     for method in cfg.compare.methods:

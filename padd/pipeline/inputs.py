@@ -9,6 +9,7 @@ from typing import Any
 
 from padd.config import ConfigError, PADDRunConfig
 from padd.data.problem import Problem
+from padd.pipeline.methods import DENSE_SFT_METHOD, STAGE1_ABLATIONS, training_config
 
 
 def load_problems(cfg: PADDRunConfig) -> list[Problem]:
@@ -73,9 +74,6 @@ def preflight(cfg: PADDRunConfig) -> None:
 def _check_training(cfg: PADDRunConfig) -> None:
     # The Stages II–IV settings are `padd.training`'s own dataclass: build it now, not mid-run.
     # (`training.params` keys and types are checked by the config itself.)
-    from padd.pipeline.compare import DENSE_SFT_METHOD, STAGE1_ABLATIONS
-    from padd.pipeline.train import training_config
-
     not_presets = {*STAGE1_ABLATIONS, DENSE_SFT_METHOD}
     methods = [cfg.training.method] + [m for m in cfg.compare.methods if m not in not_presets]
     for i, method in enumerate(methods):

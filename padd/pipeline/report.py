@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from padd.pipeline.checkpoint import atomic_write_json, atomic_write_text
 from padd.pipeline.metrics import read_metrics
+from padd.pipeline.run_dir import STEPS, RunDir
 
 ROUTING_KEYS = ("nmi", "load_cv", "routing_entropy", "kl_to_teacher")
-STEP_ORDER = {s: i for i, s in enumerate(("teacher", "data", "stage1", "train", "eval", "report"))}
+STEP_ORDER = {s: i for i, s in enumerate(STEPS)}
 
 
 def _load(path: Path) -> Any:
@@ -20,16 +24,14 @@ def _load(path: Path) -> Any:
 
 def collect(run_dir: str | Path) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict."""
-    from padd.pipeline.run import read_done
-
-    run_dir = Path(run_dir)
-    ev = run_dir / "eval"
+    run = RunDir(run_dir)
     methods: dict[str, dict] = {}
-    found = {p.stem: p for p in ev.glob("*.json") if p.stem not in ("summary", "flops")}
+    skip = (run.eval_summary.stem, run.eval_flops.stem)
+    found = {p.stem: p for p in run.eval.glob("*.json") if p.stem not in skip}
     order = sorted(found, key=lambda n: (n != "teacher", n != "base_student", n))
     for name in order:
         methods[name] = _load(found[name])
-    for p in sorted((run_dir / "compare").glob("*/eval.json")):
+    for p in run.compare_results():
         methods.setdefault(p.parent.name, _load(p))
     rows = []
     for name, res in methods.items():
@@ -42,13 +44,13 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         row.update({k: res.get(k) for k in ROUTING_KEYS})
         row.update({k: v for k, v in res.items() if k.startswith("accuracy/")})
         rows.append(row)
-    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    train = read_metrics(run.metrics, "train")
     return {
-        "run_dir": str(run_dir),
-        "config": (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None,
+        "run_dir": str(run.root),
+        "config": run.config_yaml.read_text() if run.config_yaml.exists() else None,
         "methods": rows,
-        "flops": _load(ev / "flops.json"),
-        "wall_s": {k: v.get("wall_s") for k, v in read_done(run_dir).items()},
+        "flops": _load(run.eval_flops),
+        "wall_s": {k: v.get("wall_s") for k, v in run.read_done().items()},
         "train_curve": [
             {k: r.get(k) for k in ("step", "reward", "drift", "router_drift", "kd_loss", "load_cv")}
             for r in train
@@ -104,8 +106,6 @@ def render_markdown(rep: dict[str, Any]) -> str:
 def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Per method: accuracy of every run (seed) and mean ± std (population std over the runs),
     plus the means of the routing columns. Methods missing from a run are left out of its mean."""
-    import statistics
-
     per_run = [{r["method"]: r for r in collect(d)["methods"]} for d in run_dirs]
     names = list(dict.fromkeys(m for run in per_run for m in run))
     rows = []
@@ -145,13 +145,14 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
 
 def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
     """Accuracy by method; expert load per layer over training; router drift and reward over steps."""
+    # matplotlib is slow to import and only the report draws: not at `padd` start-up.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    out = run_dir / "plots"
+    run = RunDir(run_dir)
+    out = run.plots
     out.mkdir(exist_ok=True)
     paths = []
 
@@ -166,7 +167,7 @@ def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    train = read_metrics(run.metrics, "train")
     loads = [r["tokens_per_expert"] for r in train if r.get("tokens_per_expert")]
     if loads:
         arr = np.asarray(loads, dtype=float)  # [steps, L, E]
@@ -206,11 +207,11 @@ def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """Write `report.json`, `report.md` and `plots/*.png` into `run_dir`."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "eval").is_dir():
-        raise FileNotFoundError(f"{run_dir} has no eval/ results yet; run `padd train` first")
-    rep = collect(run_dir)
-    rep["plots"] = [str(p.relative_to(run_dir)) for p in make_plots(run_dir, rep)]
-    atomic_write_json(run_dir / "report.json", rep)
-    atomic_write_text(run_dir / "report.md", render_markdown(rep))
+    run = RunDir(run_dir)
+    if not run.eval.is_dir():
+        raise FileNotFoundError(f"{run.root} has no eval/ results yet; run `padd train` first")
+    rep = collect(run.root)
+    rep["plots"] = [str(p.relative_to(run.root)) for p in make_plots(run.root, rep)]
+    atomic_write_json(run.report_json, rep)
+    atomic_write_text(run.report_md, render_markdown(rep))
     return rep

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from padd.config import ConfigError, PADDRunConfig, dump_config
+from padd.config import PADDRunConfig
 from padd.data.problem import Problem
 from padd.pipeline import distributed as pdist
 from padd.pipeline.checkpoint import (
@@ -34,39 +33,12 @@ from padd.pipeline.checkpoint import (
     Interrupted,
     atomic_dir,
     atomic_write_json,
-    atomic_write_text,
     seed_everything,
 )
 from padd.pipeline.metrics import MetricsLogger
+from padd.pipeline.run_dir import STEPS, RunDir, RunDirError, read_done
 
-STEPS = ("teacher", "data", "stage1", "train", "eval", "report")
-
-
-class RunDirError(ConfigError):
-    """The run directory belongs to a different configuration."""
-
-
-def prepare_run_dir(cfg: PADDRunConfig, force: bool = False) -> Path:
-    """Create the run dir, or check that an existing one was made by the same config.
-
-    With `force`, a run dir from a different config is wiped and restarted.
-    """
-    run_dir = Path(cfg.run.dir)
-    fp_file = run_dir / "fingerprint"
-    if fp_file.exists():
-        old = fp_file.read_text().strip()
-        if old != cfg.fingerprint():
-            if not force:
-                raise RunDirError(
-                    "run.dir",
-                    f"{run_dir} was made by a different config (fingerprint {old} != "
-                    f"{cfg.fingerprint()}); use --force to restart it, or set run.dir=...",
-                )
-            shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    atomic_write_text(fp_file, cfg.fingerprint() + "\n")
-    return run_dir
+__all__ = ["STEPS", "Pipeline", "RunDirError", "make_cuda_deterministic", "read_done", "run_train"]
 
 
 def make_cuda_deterministic() -> None:
@@ -95,7 +67,7 @@ class Pipeline:
         self.say = log if self.ctx.is_main else (lambda msg: None)
         preflight(cfg)  # every file-level check before compute
         if self.ctx.is_main:
-            self.dir = prepare_run_dir(cfg, force)
+            RunDir(cfg.run.dir).prepare(cfg, force=force)
         pdist.barrier(self.ctx)
         self.dir = Path(cfg.run.dir)
         from transformers.utils import logging as hf_logging
@@ -296,11 +268,3 @@ def run_train(cfg: PADDRunConfig, *, force: bool = False, compare: bool = False)
         raise
     finally:
         pdist.shutdown()
-
-
-def read_done(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The `done/<step>.json` records of a run (wall time per step)."""
-    out = {}
-    for p in sorted((Path(run_dir) / "done").glob("*.json")):
-        out[p.stem] = json.loads(p.read_text())
-    return out

@@ -22,26 +22,7 @@ from padd.pipeline.checkpoint import (
     atomic_dir,
     atomic_write_json,
 )
-
-DENSE_TEACHER_METHOD = "teacher_grpo"
-
-
-def training_config(method: str, params: dict[str, Any], seed: int, router_weight: float = 0.0) -> Any:
-    """The `padd.training` preset `method` with `params` on top (the run seed unless overridden).
-
-    `router_weight` (the run's `router.weight`, 0 when `router.objective` is none) applies to the
-    methods whose preset does not switch teacher-guided routing off (the baselines do)."""
-    from padd.training.config import PRESETS, preset
-
-    base: dict[str, Any] = {"seed": seed}
-    if "router_weight" not in PRESETS.get(method, {}):
-        base["router_weight"] = router_weight
-    return preset(method, **{**base, **params})
-
-
-def run_router_weight(cfg: Any) -> float:
-    """The Stages II–IV router weight a run's config asks for."""
-    return cfg.router.weight if cfg.router.objective != "none" else 0.0
+from padd.pipeline.methods import DENSE_TEACHER_METHOD, run_router_weight, training_config
 
 
 def train_student(
