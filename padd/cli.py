@@ -16,8 +16,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from padd import flops
+from padd.config import (
+    ConfigError,
+    PADDRunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    preset_names,
+    read_config_source,
+)
+from padd.data.jsonl import DataError
+from padd.pipeline.checkpoint import GracefulInterrupt, Interrupted, atomic_write_json
+from padd.pipeline.evaluate import evaluate_model
+from padd.pipeline.inputs import RunInputs, load_model, preflight
+from padd.pipeline.report import render_seeds_markdown, write_report
+from padd.pipeline.run import Pipeline, run_train
+from padd.pipeline.run_dir import RunDir
+from padd.pipeline.stage1 import build_student
 
 
 class ModelPathError(Exception):
@@ -33,8 +55,6 @@ _WEIGHT_FILES = (
 
 
 def _config_args(p: argparse.ArgumentParser, run_dir: bool = False) -> None:
-    from padd.config import preset_names
-
     presets = f"preset name ({', '.join(preset_names())})"
     if run_dir:
         p.add_argument("config", help=f"{presets}, path to a YAML file, or run directory")
@@ -88,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- checks before any compute ------------------------------------------------------------------
 
 
-def _pretrained_dirs(cfg: Any) -> list[tuple[str, str]]:
+def _pretrained_dirs(cfg: PADDRunConfig) -> list[tuple[str, str]]:
     """(key, path) of the local models a config loads."""
     out = []
     if cfg.teacher.source == "pretrained":
@@ -118,11 +138,9 @@ def _check_model_dir(path: str | Path, what: str, *, weights: bool = True) -> No
         raise ModelPathError(f"{what}: no weights in {p} (model.safetensors or pytorch_model.bin)")
 
 
-def _check_inputs(cfg: Any) -> None:
+def _check_inputs(cfg: PADDRunConfig) -> None:
     """The file-level checks of `padd.pipeline.inputs.preflight`, plus the model directories'
     contents, so that a broken model directory is one line and not a traceback from transformers."""
-    from padd.pipeline.inputs import preflight
-
     for key, path in _pretrained_dirs(cfg):
         # A missing directory or config.json is the preflight's `<key>: ... not found` config error;
         # an unreadable config.json must be caught first (the preflight parses it).
@@ -133,64 +151,34 @@ def _check_inputs(cfg: Any) -> None:
         _check_model_dir(path, key)
 
 
-def _read_only_run(cfg: Any) -> Any:
-    """A `Pipeline` over the run's inputs (problems, splits, tokenizer) that, unlike `Pipeline`
-    itself, neither creates nor rewrites anything in the run directory (`padd eval`, data checks)."""
-    import torch
-
-    from padd.pipeline import distributed as pdist
-    from padd.pipeline.inputs import build_tokenizer
-    from padd.pipeline.run import Pipeline
-
-    class ReadOnlyRun(Pipeline):
-        def __init__(self) -> None:  # not Pipeline.__init__: its `prepare_run_dir` writes the run dir
-            self.cfg = cfg
-            self.ctx = pdist.DistContext()
-            self.dir = Path(cfg.run.dir)
-            self._problems = None
-            self._tokenizer = None
-
-        @property
-        def tokenizer(self) -> Any:  # Pipeline's also saves it into the run directory
-            if self._tokenizer is None:
-                self._tokenizer = build_tokenizer(self.cfg)
-            return self._tokenizer
-
-        def teacher_path(self) -> Path:  # the run's own teacher, whatever run.cache_dir says now
-            done = self.dir / "done" / "teacher.json"
-            recorded = json.loads(done.read_text()).get("path") if done.is_file() else None
-            if recorded and Path(recorded).exists():
-                return Path(recorded)
-            return super().teacher_path()
-
+def _read_only_inputs(cfg: PADDRunConfig) -> RunInputs:
+    """The run's inputs (problems, splits, tokenizer, teacher) for the checks before compute and
+    for `padd eval`: unlike `Pipeline`, this neither creates nor rewrites anything in the run
+    directory."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    return ReadOnlyRun()
+    return RunInputs.read_only(cfg)
 
 
-def _check_data(run: Any) -> None:
+def _check_data(inputs: RunInputs) -> None:
     """Load the problems and cut the splits now: a bad data file or too few problems is a one-line
     `DataError` before any compute (the pipeline itself would cut the splits after the teacher)."""
-    from padd.data.jsonl import DataError
-
-    cfg = run.cfg
+    cfg = inputs.cfg
     try:
-        run.problems  # noqa: B018 -- loads them; the file loaders raise DataError themselves
+        inputs.problems  # noqa: B018 -- loads them; the file loaders raise DataError themselves
     except ValueError as e:
         if isinstance(e, DataError) or cfg.data.source != "synthetic":
             raise
         raise DataError(f"synthetic data: {e}") from None  # cannot draw that many distinct problems
     try:
-        run.splits()
+        inputs.splits  # noqa: B018 -- cuts them
     except ValueError as e:  # e.g. "need at least 4 distinct problems, got 3"
         raise DataError(f"{cfg.data.path or cfg.data.source + ' data'}: {e}") from None
 
 
-def _eval_config(config: str, overrides: list[str]) -> Any:
+def _eval_config(config: str, overrides: list[str]) -> PADDRunConfig:
     """`padd eval`'s config: a preset or YAML file, or a run directory (its config.yaml, run.dir
     set to that directory), then the overrides."""
-    from padd.config import ConfigError, apply_overrides, config_from_dict, load_config, read_config_source
-
     run_dir = Path(config)
     if not run_dir.is_dir():
         return load_config(config, overrides)
@@ -205,12 +193,9 @@ def _eval_config(config: str, overrides: list[str]) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from padd.config import load_config
-    from padd.pipeline.run import run_train
-
     cfg = load_config(args.config, args.overrides)
     _check_inputs(cfg)
-    _check_data(_read_only_run(cfg))
+    _check_data(_read_only_inputs(cfg))
     out = run_train(cfg, force=args.force, compare=args.compare)
     if (out / "report.md").exists():
         print(f"[padd] report: {out / 'report.md'}")
@@ -218,33 +203,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from padd.config import ConfigError
-    from padd.pipeline.checkpoint import atomic_write_json
-    from padd.pipeline.evaluate import evaluate_model
-    from padd.pipeline.run_dir import RunDir
-
     cfg = _eval_config(args.config, args.overrides)
     RunDir(cfg.run.dir).check_eval_config(cfg)
     _check_inputs(cfg)
-    run_dir = Path(cfg.run.dir)
+    run_dir = RunDir(cfg.run.dir)
     if args.model:
         model = Path(args.model)
         _check_model_dir(model, "--model")
     else:
-        model = run_dir / "train" / "final"
+        model = run_dir.train.final
         if not model.exists():
             raise ModelPathError(f"no trained student at {model}; run `padd train` first, or pass --model")
         _check_model_dir(model, "trained student")
     out = Path(args.out) if args.out else None
-    if out is not None and run_dir.resolve() in out.resolve().parents:
+    if out is not None and run_dir.root.resolve() in out.resolve().parents:
         raise ConfigError("--out", f"{out} is inside the run directory, which `padd eval` never writes")
-    run = _read_only_run(cfg)
-    _check_data(run)
+    inputs = _read_only_inputs(cfg)
+    _check_data(inputs)
     moe = (model / "padd_router_bias.safetensors").exists()
     with tempfile.TemporaryDirectory() as tmp:  # no cache: the run's own eval/*.json stay untouched
-        res = evaluate_model(run, model, "eval", Path(tmp), moe=moe)
+        res = evaluate_model(
+            model,
+            "eval",
+            Path(tmp),
+            moe=moe,
+            cfg=cfg,
+            tokenizer=inputs.tokenizer,
+            problems=inputs.eval_problems(),
+            load_teacher=inputs.load_teacher,
+        )
     res["model"] = str(model)
     if out is not None:
         atomic_write_json(out, res)
@@ -254,19 +241,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from padd.config import load_config
-    from padd.pipeline.checkpoint import GracefulInterrupt
-    from padd.pipeline.run import Pipeline
-    from padd.pipeline.stage1 import build_student
-
     cfg = load_config(args.config, args.overrides)
     _check_inputs(cfg)
-    _check_data(_read_only_run(cfg))
+    _check_data(_read_only_inputs(cfg))
     pipe = Pipeline(cfg)
     pipe.run(until="teacher")
+    run = pipe.inputs
     with GracefulInterrupt() as interrupt:
         info = build_student(
-            cfg, pipe.load_teacher(), pipe.tokenizer, pipe.split("A"), pipe.split("B"),
+            cfg, run.load_teacher(), run.tokenizer, run.split("A"), run.split("B"),
             Path(args.out), interrupt, pipe.metrics.log, warmup_experts=False,
         )  # fmt: skip
     print(json.dumps(info, indent=2))
@@ -274,9 +257,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    from padd import flops
-    from padd.pipeline.inputs import load_model
-
     _check_model_dir(args.teacher, "TEACHER_DIR")
     if args.student:
         _check_model_dir(args.student, "STUDENT_DIR")
@@ -294,8 +274,6 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from padd.pipeline.report import render_seeds_markdown, write_report
-
     for run_dir in args.run_dir:
         write_report(run_dir)
         print(f"[padd] report: {Path(run_dir) / 'report.md'}")
@@ -315,12 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from transformers.utils import logging as hf_logging
-
-    from padd.config import ConfigError
-    from padd.data.jsonl import DataError
-    from padd.pipeline.checkpoint import Interrupted
-
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours are tqdm on long work
     commands = {
         "train": _cmd_train,

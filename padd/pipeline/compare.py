@@ -16,67 +16,108 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Callable
 
-from padd.pipeline.checkpoint import GracefulInterrupt, atomic_write_json, seed_everything
+from padd.config import PADDRunConfig
+from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir, atomic_write_json, seed_everything
+from padd.pipeline.distributed import DistContext
+from padd.pipeline.evaluate import evaluate_model
+from padd.pipeline.inputs import RunInputs
 from padd.pipeline.methods import DENSE_SFT_METHOD, DENSE_TEACHER_METHOD, STAGE1_ABLATIONS
+from padd.pipeline.metrics import MetricsLogger
+from padd.pipeline.report import write_report
+from padd.pipeline.run_dir import CompareDir, RunDir
+from padd.pipeline.stage1 import build_student, supervised_warmup_dense
+from padd.pipeline.train import train_student
 
 
-def run_compare(pipe: Any) -> None:
-    from padd.pipeline.evaluate import evaluate_model
-    from padd.pipeline.report import write_report
-    from padd.pipeline.stage1 import build_student
-    from padd.pipeline.train import train_student
-
-    cfg = pipe.cfg
+def run_compare(
+    cfg: PADDRunConfig,
+    run_dir: RunDir,
+    inputs: RunInputs,
+    *,
+    metrics: MetricsLogger,
+    ctx: DistContext,
+    say: Callable[[str], None],
+) -> None:
+    """Train and evaluate every `compare.methods` entry not done yet into `compare/<method>/`
+    (on every rank: training is data parallel), then rebuild the report on rank 0."""
     for method in cfg.compare.methods:
-        out = pipe.dir / "compare" / method
-        if (out / "eval.json").exists():
-            pipe.say(f"[padd] compare {method}: done already, skipped")
+        out = run_dir.compare(method)
+        if out.result.exists():
+            say(f"[padd] compare {method}: done already, skipped")
             continue
-        pipe.say(f"[padd] compare {method} ...")
+        say(f"[padd] compare {method} ...")
         t0 = time.perf_counter()
-        train_method, stage1_dir = method, None
+        train_method, stage1_dir = method, run_dir.stage1_student
         if method == DENSE_SFT_METHOD:
-            if pipe.ctx.is_main:
-                _run_teacher_sft(pipe, out, t0)
+            if ctx.is_main:
+                _run_teacher_sft(cfg, out, t0, inputs, metrics)
             continue
         if method in STAGE1_ABLATIONS:
             train_method = cfg.training.method
-            stage1_dir = out / "stage1"
+            stage1_dir = out.stage1
             change = STAGE1_ABLATIONS[method]
             s1 = dataclasses.replace(cfg.stage1, skip=change.get("skip", cfg.stage1.skip))
             st = dataclasses.replace(cfg.student, init=change.get("init", cfg.student.init))
             sub = dataclasses.replace(cfg, stage1=s1, student=st)
-            if pipe.ctx.is_main and not stage1_dir.exists():
+            if ctx.is_main and not stage1_dir.exists():
                 with GracefulInterrupt() as interrupt:
                     build_student(
-                        sub, pipe.load_teacher(), pipe.tokenizer, pipe.split("A"), pipe.split("B"),
-                        stage1_dir, interrupt, pipe.metrics.log,
+                        sub, inputs.load_teacher(), inputs.tokenizer, inputs.split("A"), inputs.split("B"),
+                        stage1_dir, interrupt, metrics.log,
                     )  # fmt: skip
         with GracefulInterrupt() as interrupt:
             train_student(
-                pipe, train_method, out, interrupt, stage1_dir=stage1_dir, stage_name=f"compare/{method}"
+                cfg,
+                train_method,
+                out,
+                interrupt,
+                stage1_dir=stage1_dir,
+                tokenizer=inputs.tokenizer,
+                d_c=inputs.split("C"),
+                load_teacher=inputs.load_teacher,
+                metrics=metrics,
+                ctx=ctx,
+                say=say,
+                stage_name=f"compare/{method}",
             )
-        if pipe.ctx.is_main:
-            res = evaluate_model(pipe, out / "final", "eval", out, moe=method != DENSE_TEACHER_METHOD)
+        if ctx.is_main:
+            res = evaluate_model(
+                out.final,
+                "eval",
+                out.root,
+                moe=method != DENSE_TEACHER_METHOD,
+                cfg=cfg,
+                tokenizer=inputs.tokenizer,
+                problems=inputs.eval_problems(),
+                load_teacher=inputs.load_teacher,
+            )
             res["wall_s"] = time.perf_counter() - t0
-            atomic_write_json(out / "eval.json", res)
-    if pipe.ctx.is_main:
-        write_report(pipe.dir)
+            atomic_write_json(out.result, res)
+    if ctx.is_main:
+        write_report(run_dir.root)
 
 
-def _run_teacher_sft(pipe: Any, out: Any, t0: float) -> None:
+def _run_teacher_sft(
+    cfg: PADDRunConfig, out: CompareDir, t0: float, inputs: RunInputs, metrics: MetricsLogger
+) -> None:
     """`teacher_sft`: the dense teacher after the Stage I warmup's supervised steps on D_B."""
-    from padd.pipeline.checkpoint import atomic_dir
-    from padd.pipeline.evaluate import evaluate_model
-    from padd.pipeline.stage1 import supervised_warmup_dense
-
-    seed_everything(pipe.cfg.run.seed)
-    model = pipe.load_teacher()
-    log = lambda rec: pipe.metrics.log({**rec, "stage": f"compare/{DENSE_SFT_METHOD}"})
-    supervised_warmup_dense(pipe.cfg, model, pipe.tokenizer, pipe.split("B"), log)
-    atomic_dir(out / "final", lambda d: (model.save_pretrained(d), pipe.tokenizer.save_pretrained(d)))
-    res = evaluate_model(pipe, out / "final", "eval", out, moe=False)
+    seed_everything(cfg.run.seed)
+    model = inputs.load_teacher()
+    tokenizer = inputs.tokenizer
+    log = lambda rec: metrics.log({**rec, "stage": f"compare/{DENSE_SFT_METHOD}"})
+    supervised_warmup_dense(cfg, model, tokenizer, inputs.split("B"), log)
+    atomic_dir(out.final, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+    res = evaluate_model(
+        out.final,
+        "eval",
+        out.root,
+        moe=False,
+        cfg=cfg,
+        tokenizer=tokenizer,
+        problems=inputs.eval_problems(),
+        load_teacher=inputs.load_teacher,
+    )
     res["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(out / "eval.json", res)
+    atomic_write_json(out.result, res)

@@ -130,6 +130,7 @@ def should_shard(model: torch.nn.Module, strategy: str, ctx: DistContext) -> boo
 
 def apply_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (the module keeps its class and `generate`)."""
+    # FSDP is imported only by a sharded run: it is slow to import and absent from some torch builds.
     from torch.distributed.fsdp import fully_shard
 
     inner = getattr(model, "model", model)
@@ -196,6 +197,6 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `like`: sharded the same way if `like` is a DTensor, else as is."""
     if not hasattr(like, "device_mesh"):
         return full.to(like.device)
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import distribute_tensor  # as FSDP: sharded runs only
 
     return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)

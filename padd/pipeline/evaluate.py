@@ -4,39 +4,53 @@ plus FLOPs per token and parameter counts. Each result is cached in `eval/<name>
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from padd import flops
+from padd.config import PADDRunConfig
+from padd.data.problem import Problem
+from padd.moe.routing_control import RoutingControl
 from padd.pipeline.checkpoint import atomic_write_json
+from padd.pipeline.inputs import TeacherLoader, load_model
+from padd.pipeline.run_dir import RunDir
+from padd.pipeline.stage1 import lm_batches
+from padd.training.evaluation import evaluate
 
 
-def evaluate_model(pipe: Any, model_dir: Path | None, name: str, out_dir: Path, *, moe: bool) -> dict:
-    """Evaluate one model (cached); `model_dir=None` means the teacher."""
-    from padd.training.evaluation import evaluate
-
+def evaluate_model(
+    model_dir: Path | None,
+    name: str,
+    out_dir: Path,
+    *,
+    moe: bool,
+    cfg: PADDRunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    load_teacher: TeacherLoader,
+) -> dict[str, Any]:
+    """Evaluate one model on `problems` (the run's D_D), cached in `out_dir/<name>.json`;
+    `model_dir=None` means the teacher. `moe`: the model has a selection bias to route with."""
     out = out_dir / f"{name}.json"
     if out.exists():
         return json.loads(out.read_text())
-    from padd.pipeline.inputs import load_model
-
-    cfg = pipe.cfg
     model = (
-        pipe.load_teacher()
+        load_teacher()
         if model_dir is None
         else load_model(model_dir, cfg.teacher.dtype, cfg.run.experts_implementation)
     )
     control = None
     if moe:
-        from padd.moe.routing_control import RoutingControl
-
         control = RoutingControl(model)
         control.load_selection_bias(model_dir)
     res = evaluate(
         model,
-        pipe.tokenizer,
-        pipe.eval_problems(),
+        tokenizer,
+        problems,
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         control=control,
@@ -44,11 +58,18 @@ def evaluate_model(pipe: Any, model_dir: Path | None, name: str, out_dir: Path, 
     completions = res.pop("completions")
     res["samples"] = [
         {"question": p.question, "answer": p.final_answer, "completion": c}
-        for p, c in list(zip(pipe.eval_problems(), completions, strict=True))[:20]
+        for p, c in list(zip(problems, completions, strict=True))[:20]
     ]
     res["params"] = sum(p.numel() for p in model.parameters())
     if model_dir is not None:  # how far from the teacher it computes, token by token
-        res["kl_to_teacher"] = teacher_kl(pipe, model)
+        res["kl_to_teacher"] = teacher_kl(
+            load_teacher(),
+            model,
+            problems,
+            tokenizer,
+            batch_size=cfg.eval.batch_size,
+            max_len=cfg.teacher.max_len,
+        )
     atomic_write_json(out, res)
     if control is not None:
         control.remove()
@@ -56,16 +77,20 @@ def evaluate_model(pipe: Any, model_dir: Path | None, name: str, out_dir: Path, 
 
 
 @torch.no_grad()
-def teacher_kl(pipe: Any, model: Any) -> float:
-    """Mean per-token KL(teacher ‖ model) over D_D's `prompt + solution` tokens (teacher-forced;
-    the model routes through whatever hooks are on it, e.g. its selection bias)."""
-    from padd.pipeline.stage1 import lm_batches
-
-    cfg = pipe.cfg
-    teacher = pipe.load_teacher()
+def teacher_kl(
+    teacher: PreTrainedModel,
+    model: PreTrainedModel,
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    max_len: int,
+) -> float:
+    """Mean per-token KL(teacher ‖ model) over the `prompt + solution` tokens of `problems`
+    (teacher-forced; the model routes through whatever hooks are on it, e.g. its selection bias)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in lm_batches(pipe.eval_problems(), pipe.tokenizer, cfg.eval.batch_size, cfg.teacher.max_len):
+    for batch in lm_batches(problems, tokenizer, batch_size, max_len):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
         log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
@@ -76,28 +101,37 @@ def teacher_kl(pipe: Any, model: Any) -> float:
     return total / max(count, 1)
 
 
-def flops_summary(pipe: Any, student_dir: Path) -> dict:
+def flops_summary(teacher: PreTrainedModel, student: PreTrainedModel, seq_len: int) -> dict[str, Any]:
     """FLOPs per token (analytic) and total/active parameters of teacher and student."""
-    from padd import flops
-    from padd.pipeline.inputs import load_model
-
-    teacher = pipe.load_teacher()
-    student = load_model(student_dir, pipe.cfg.teacher.dtype, pipe.cfg.run.experts_implementation)
-    return flops.compare(teacher, student, seq_len=pipe.cfg.teacher.max_len, measured=False)
+    return flops.compare(teacher, student, seq_len=seq_len, measured=False)
 
 
-def evaluate_run(pipe: Any) -> dict[str, Any]:
-    """Teacher, base student and the trained student; writes `eval/summary.json`."""
-    out = pipe.dir / "eval"
+def evaluate_run(
+    cfg: PADDRunConfig,
+    run_dir: RunDir,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    load_teacher: TeacherLoader,
+) -> dict[str, Any]:
+    """Teacher, base student and the trained student on `problems` (the run's D_D); writes
+    `eval/<name>.json`, `eval/flops.json` and `eval/summary.json`."""
+    out = run_dir.eval
+    common = dict(cfg=cfg, tokenizer=tokenizer, problems=problems, load_teacher=load_teacher)
     res = {
-        "teacher": evaluate_model(pipe, None, "teacher", out, moe=False),
-        "base_student": evaluate_model(pipe, pipe.dir / "stage1" / "student", "base_student", out, moe=True),
-        pipe.cfg.training.method: evaluate_model(
-            pipe, pipe.dir / "train" / "final", pipe.cfg.training.method, out, moe=True
+        "teacher": evaluate_model(None, "teacher", out, moe=False, **common),
+        "base_student": evaluate_model(run_dir.stage1_student, "base_student", out, moe=True, **common),
+        cfg.training.method: evaluate_model(
+            run_dir.train.final, cfg.training.method, out, moe=True, **common
         ),
     }
-    fl = flops_summary(pipe, pipe.dir / "stage1" / "student")
-    atomic_write_json(out / "flops.json", fl)
+    student = run_dir.stage1_student
+    fl = flops_summary(
+        load_teacher(),
+        load_model(student, cfg.teacher.dtype, cfg.run.experts_implementation),
+        cfg.teacher.max_len,
+    )
+    atomic_write_json(run_dir.eval_flops, fl)
     summary = {k: v["accuracy"] for k, v in res.items()}
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(run_dir.eval_summary, summary)
     return {"accuracy": summary}

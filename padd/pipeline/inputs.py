@@ -1,23 +1,37 @@
-"""The run's inputs: problems, tokenizer, models from local paths, and the checks that run before
-any compute (missing paths, differing tokenizers, unsupported architectures)."""
+"""The run's inputs: problems and their splits, tokenizer, models from local paths (`RunInputs`
+makes each on first use), and the checks that run before any compute (missing paths, differing
+tokenizers, unsupported architectures)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from padd.config import ConfigError, PADDRunConfig
+from padd.data.jsonl import load_hf_disk, load_jsonl
 from padd.data.problem import Problem
+from padd.data.splits import Splits, make_splits
+from padd.data.synthetic import generate_problems
+from padd.data.tokenizer import build_char_tokenizer, load_tokenizer, tokenizers_match
+from padd.decompress.architectures import DecompressionError, check_teacher_config
+from padd.moe.hf_experts import experts_implementations, use_experts
+from padd.pipeline.checkpoint import atomic_dir
 from padd.pipeline.methods import DENSE_SFT_METHOD, STAGE1_ABLATIONS, training_config
+from padd.pipeline.run_dir import RunDir
+from padd.pipeline.teacher import teacher_cache_key
+
+# Loads the run's teacher afresh (in eval mode, on the run's device) each time it is called.
+TeacherLoader = Callable[[], PreTrainedModel]
 
 
 def load_problems(cfg: PADDRunConfig) -> list[Problem]:
     """Every problem of the run (before splitting), deterministic in the config."""
     d = cfg.data
     if d.source == "synthetic":
-        from padd.data.synthetic import generate_problems
-
         return generate_problems(d.num_problems, seed=cfg.run.seed, kinds=d.kinds)
     fields = dict(
         question_field=d.question_field,
@@ -26,11 +40,7 @@ def load_problems(cfg: PADDRunConfig) -> list[Problem]:
         kind_field=d.kind_field,
     )
     if d.source in ("gsm8k", "jsonl"):
-        from padd.data.jsonl import load_jsonl
-
         return load_jsonl(d.path, limit=d.num_problems, **fields)
-    from padd.data.jsonl import load_hf_disk
-
     return load_hf_disk(d.path, split=d.hf_split, limit=d.num_problems, **fields)
 
 
@@ -54,7 +64,7 @@ def preflight(cfg: PADDRunConfig) -> None:
     _require_dir(cfg.student.path, "student.path", "student model")
     _require_dir(cfg.tokenizer.path, "tokenizer.path", "tokenizer")
     if cfg.data.source == "hf_disk":
-        try:
+        try:  # optional and heavy: imported only to probe for it
             import datasets  # noqa: F401
         except ImportError:
             raise ConfigError("data.source", "'hf_disk' needs the `datasets` package") from None
@@ -87,8 +97,6 @@ def _check_training(cfg: PADDRunConfig) -> None:
 
 
 def _check_experts_implementation(cfg: PADDRunConfig) -> None:
-    from padd.moe.hf_experts import experts_implementations
-
     if cfg.run.experts_implementation not in experts_implementations():
         raise ConfigError(
             "run.experts_implementation",
@@ -97,10 +105,6 @@ def _check_experts_implementation(cfg: PADDRunConfig) -> None:
 
 
 def _check_decompressible(cfg: PADDRunConfig) -> None:
-    from transformers import AutoConfig
-
-    from padd.decompress.architectures import DecompressionError, check_teacher_config
-
     teacher_config = AutoConfig.from_pretrained(cfg.teacher.path)
     try:
         check_teacher_config(teacher_config, cfg.student.num_experts, cfg.student.top_k)
@@ -109,8 +113,6 @@ def _check_decompressible(cfg: PADDRunConfig) -> None:
 
 
 def _check_tokenizers(cfg: PADDRunConfig) -> None:
-    from padd.data.tokenizer import load_tokenizer, tokenizers_match
-
     teacher_tok = load_tokenizer(cfg.tokenizer.path or cfg.teacher.path)
     student_tok = load_tokenizer(cfg.student.path)
     if not tokenizers_match(teacher_tok, student_tok):
@@ -121,23 +123,111 @@ def _check_tokenizers(cfg: PADDRunConfig) -> None:
         )
 
 
-def build_tokenizer(cfg: PADDRunConfig) -> Any:
+def build_tokenizer(cfg: PADDRunConfig) -> PreTrainedTokenizerBase:
     """The run's tokenizer: the char tokenizer, or a local HF tokenizer (teacher's by default)."""
-    from padd.data.tokenizer import build_char_tokenizer, load_tokenizer
-
     if cfg.tokenizer.kind == "char":
         return build_char_tokenizer()
     return load_tokenizer(cfg.tokenizer.path or cfg.teacher.path)
 
 
-def load_model(path: str | Path, dtype: str = "float32", experts_implementation: str = "padd") -> Any:
+def load_model(
+    path: str | Path, dtype: str = "float32", experts_implementation: str = "padd"
+) -> PreTrainedModel:
     """A local HF causal LM in eval mode, its MoE experts (if any) on `experts_implementation`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from padd.moe.hf_experts import use_experts
-
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no model (config.json) at {path}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     return use_experts(model, experts_implementation).eval()
+
+
+class RunInputs:
+    """One run's inputs, each made on first use and then kept: the problems, their D_A–D_D splits
+    and the tokenizer; and the run's teacher, loaded afresh on every `load_teacher()`.
+
+    `padd train` (`Pipeline`) saves the tokenizer into the run directory on rank 0
+    (`save_tokenizer`); `RunInputs.read_only` opens a run without writing anything.
+    """
+
+    def __init__(
+        self,
+        cfg: PADDRunConfig,
+        run_dir: RunDir,
+        *,
+        device: torch.device,
+        save_tokenizer: bool,
+        teacher_from_record: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = device
+        self._save_tokenizer = save_tokenizer
+        self._teacher_from_record = teacher_from_record
+        self._problems: list[Problem] | None = None
+        self._splits: Splits | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @classmethod
+    def read_only(cls, cfg: PADDRunConfig) -> RunInputs:
+        """The inputs of the run in `cfg.run.dir` (made or not) for reading (`padd eval`, the CLI's
+        checks before compute): nothing is written, models stay on the CPU, and the teacher is the
+        one the run recorded in `done/teacher.json` (wherever `run.cache_dir` points now)."""
+        return cls(
+            cfg,
+            RunDir(cfg.run.dir),
+            device=torch.device("cpu"),
+            save_tokenizer=False,
+            teacher_from_record=True,
+        )
+
+    @property
+    def problems(self) -> list[Problem]:
+        """Every problem of the run, before splitting (raises `DataError` for a bad data file)."""
+        if self._problems is None:
+            self._problems = load_problems(self.cfg)
+        return self._problems
+
+    @property
+    def splits(self) -> Splits:
+        """D_A–D_D as indices into `problems` (raises `ValueError` for too few problems)."""
+        if self._splits is None:
+            s = self.cfg.data.splits
+            self._splits = make_splits(self.problems, (s.a, s.b, s.c, s.d), seed=self.cfg.run.seed)
+        return self._splits
+
+    def split(self, name: str) -> list[Problem]:
+        """The problems of split `name` ("A", "B", "C" or "D")."""
+        return self.splits.take(self.problems, name)
+
+    def eval_problems(self) -> list[Problem]:
+        """D_D, cut to `eval.num_problems` when that is set."""
+        d = self.split("D")
+        n = self.cfg.eval.num_problems
+        return d[:n] if n else d
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The run's tokenizer; with `save_tokenizer`, also saved to `tokenizer/` when first made."""
+        if self._tokenizer is None:
+            tokenizer = build_tokenizer(self.cfg)
+            self._tokenizer = tokenizer
+            if self._save_tokenizer and not self.run_dir.tokenizer.exists():
+                atomic_dir(self.run_dir.tokenizer, lambda d: tokenizer.save_pretrained(d))
+        return self._tokenizer
+
+    def teacher_path(self) -> Path:
+        """The local model, or the trained teacher in `run.cache_dir` (keyed by what it depends on)."""
+        if self._teacher_from_record:
+            record = self.run_dir.done_record("teacher") or {}
+            recorded = record.get("path")
+            if recorded and Path(recorded).exists():
+                return Path(recorded)
+        if self.cfg.teacher.source == "pretrained":
+            return Path(self.cfg.teacher.path)
+        return Path(self.cfg.run.cache_dir) / "teachers" / teacher_cache_key(self.cfg)
+
+    def load_teacher(self) -> PreTrainedModel:
+        """A fresh copy of the run's teacher on the run's device (a `TeacherLoader`)."""
+        cfg = self.cfg
+        return load_model(self.teacher_path(), cfg.teacher.dtype, cfg.run.experts_implementation).to(
+            self.device
+        )

@@ -50,7 +50,7 @@ class MetricsLogger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                try:
+                try:  # optional, and slow to import: only when a run asks for it
                     from torch.utils.tensorboard import SummaryWriter
 
                     self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))

@@ -9,14 +9,13 @@ Steps, each skipped when its `done/<step>.json` marker exists (written last, ato
 5. `eval`: greedy pass@1 of the teacher, the Stage-I student and the trained student on D_D;
 6. `report`: `report.md`, `report.json` and plots.
 
-Run directory layout: `config.yaml` (resolved) + `fingerprint`, `metrics.jsonl`, `tokenizer/`,
-`teacher/` (pointer to the model), `data/`, `stage1/student/`, `train/ckpt/`, `train/final/`,
-`eval/*.json`, `report.md`, `report.json`, `plots/*.png`, `done/*.json`.
+`Pipeline` owns what the steps share (the run directory, the run's inputs, the metrics log, the
+device context) and hands each step function exactly what it uses. The run directory's layout is
+`padd.pipeline.run_dir`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,19 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from padd.config import PADDRunConfig
 from padd.data.problem import Problem
+from padd.data.splits import save_splits
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import (
-    GracefulInterrupt,
-    Interrupted,
-    atomic_dir,
-    atomic_write_json,
-    seed_everything,
-)
+from padd.pipeline.checkpoint import GracefulInterrupt, Interrupted, seed_everything
+from padd.pipeline.compare import run_compare
+from padd.pipeline.evaluate import evaluate_run
+from padd.pipeline.inputs import RunInputs, preflight
 from padd.pipeline.metrics import MetricsLogger
+from padd.pipeline.report import write_report
 from padd.pipeline.run_dir import STEPS, RunDir, RunDirError, read_done
+from padd.pipeline.stage1 import build_student
+from padd.pipeline.teacher import ensure_teacher
+from padd.pipeline.train import train_student
 
 __all__ = ["STEPS", "Pipeline", "RunDirError", "make_cuda_deterministic", "read_done", "run_train"]
 
@@ -50,7 +52,12 @@ def make_cuda_deterministic() -> None:
 
 
 class Pipeline:
-    """One `padd train` run; `run()` executes the steps that are not done yet."""
+    """One `padd train` run; `run()` executes the steps that are not done yet.
+
+    Creating it checks the inputs (`preflight`) and prepares the run directory: a directory made
+    by a different config is refused (or, with `force`, wiped). To read a run without writing it,
+    use `RunInputs.read_only` instead.
+    """
 
     def __init__(
         self,
@@ -59,94 +66,50 @@ class Pipeline:
         force: bool = False,
         ctx: pdist.DistContext | None = None,
         log: Callable[[str], None] = print,
-    ):
-        from padd.pipeline.inputs import preflight
-
+    ) -> None:
         self.cfg = cfg
         self.ctx = ctx or pdist.DistContext()
-        self.say = log if self.ctx.is_main else (lambda msg: None)
+        self.say: Callable[[str], None] = log if self.ctx.is_main else (lambda msg: None)
         preflight(cfg)  # every file-level check before compute
+        self.run_dir = RunDir(cfg.run.dir)
         if self.ctx.is_main:
-            RunDir(cfg.run.dir).prepare(cfg, force=force)
+            self.run_dir.prepare(cfg, force=force)
         pdist.barrier(self.ctx)
-        self.dir = Path(cfg.run.dir)
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # per-file load/save bars drown ours
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         if cfg.run.deterministic and self.ctx.device.type == "cuda":
             make_cuda_deterministic()
         self.metrics = MetricsLogger(
-            self.dir / "metrics.jsonl", tensorboard=cfg.run.tensorboard, enabled=self.ctx.is_main
+            self.run_dir.metrics, tensorboard=cfg.run.tensorboard, enabled=self.ctx.is_main
         )
-        self._problems: list[Problem] | None = None
-        self._tokenizer: Any = None
+        self.inputs = RunInputs(cfg, self.run_dir, device=self.ctx.device, save_tokenizer=self.ctx.is_main)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    def done(self, step: str) -> bool:
-        return (self.dir / "done" / f"{step}.json").exists()
-
-    def _mark(self, step: str, seconds: float, **extra: Any) -> None:
-        if self.ctx.is_main:
-            atomic_write_json(self.dir / "done" / f"{step}.json", {"wall_s": seconds, **extra})
-
     def _step(self, step: str, fn: Callable[[], dict[str, Any] | None], sync: bool = True) -> None:
-        if self.done(step):
+        if self.run_dir.is_done(step):
             self.say(f"[padd] {step}: done already, skipped")
             return
         self.say(f"[padd] {step} ...")
         # Wall time of a step counts its interrupted attempts too (kept in `partial/`).
-        partial = self.dir / "partial" / f"{step}.json"
-        before = json.loads(partial.read_text())["wall_s"] if partial.exists() else 0.0
+        before = self.run_dir.partial_wall_s(step)
         t0 = time.perf_counter()
         try:
             extra = fn() or {}
         except Interrupted:
             if self.ctx.is_main:
-                atomic_write_json(partial, {"wall_s": before + time.perf_counter() - t0})
+                self.run_dir.save_partial(step, before + time.perf_counter() - t0)
             raise
-        self._mark(step, before + time.perf_counter() - t0, **extra)
+        if self.ctx.is_main:
+            self.run_dir.mark_done(step, before + time.perf_counter() - t0, extra)
         if sync:
             pdist.barrier(self.ctx)
-
-    @property
-    def problems(self) -> list[Problem]:
-        if self._problems is None:
-            from padd.pipeline.inputs import load_problems
-
-            self._problems = load_problems(self.cfg)
-        return self._problems
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from padd.pipeline.inputs import build_tokenizer
-
-            self._tokenizer = build_tokenizer(self.cfg)
-            if self.ctx.is_main and not (self.dir / "tokenizer").exists():
-                atomic_dir(self.dir / "tokenizer", lambda d: self._tokenizer.save_pretrained(d))
-        return self._tokenizer
-
-    def splits(self) -> Any:
-        from padd.data.splits import make_splits
-
-        s = self.cfg.data.splits
-        return make_splits(self.problems, (s.a, s.b, s.c, s.d), seed=self.cfg.run.seed)
-
-    def split(self, name: str) -> list[Problem]:
-        return self.splits().take(self.problems, name)
-
-    def eval_problems(self) -> list[Problem]:
-        d = self.split("D")
-        n = self.cfg.eval.num_problems
-        return d[:n] if n else d
 
     # -- the steps -------------------------------------------------------------------------------
 
     def run(self, *, until: str | None = None) -> Path:
-        """Run every step not done yet (up to and including `until`)."""
+        """Run every step not done yet (up to and including `until`); returns the run directory."""
         steps = {
             "teacher": self.step_teacher,
             "data": self.step_data,
@@ -164,77 +127,78 @@ class Pipeline:
             if name == until:
                 break
         self.metrics.close()
-        return self.dir
-
-    def teacher_path(self) -> Path:
-        if self.cfg.teacher.source == "pretrained":
-            return Path(self.cfg.teacher.path)
-        from padd.pipeline.teacher import teacher_cache_key
-
-        return Path(self.cfg.run.cache_dir) / "teachers" / teacher_cache_key(self.cfg)
+        return self.run_dir.root
 
     def step_teacher(self) -> dict[str, Any]:
-        from padd.pipeline.teacher import ensure_teacher
-
-        path = self.teacher_path()
+        path = self.inputs.teacher_path()
         if self.ctx.is_main:
             with GracefulInterrupt() as interrupt:
                 info = ensure_teacher(
-                    self.cfg, self.tokenizer, path, self.problems, interrupt, self.metrics.log
+                    self.cfg,
+                    self.inputs.tokenizer,
+                    path,
+                    self.inputs.problems,
+                    interrupt,
+                    self.metrics.log,
                 )
         pdist.barrier(self.ctx)
         return {"path": str(path.resolve()), **(info if self.ctx.is_main else {})}
 
     def step_data(self) -> dict[str, Any]:
-        from padd.data.splits import save_splits
-
-        splits = self.splits()
+        splits = self.inputs.splits
         if self.ctx.is_main:
-            save_splits(splits, self.problems, self.dir / "data")
+            save_splits(splits, self.inputs.problems, self.run_dir.data)
         return {"sizes": splits.sizes()}
 
-    def load_teacher(self) -> Any:
-        from padd.pipeline.inputs import load_model
-
-        return load_model(
-            self.teacher_path(), self.cfg.teacher.dtype, self.cfg.run.experts_implementation
-        ).to(self.ctx.device)
-
     def step_stage1(self) -> dict[str, Any]:
-        from padd.pipeline.stage1 import build_student
-
         if self.ctx.is_main:
             with GracefulInterrupt() as interrupt:
                 return build_student(
                     self.cfg,
-                    self.load_teacher(),
-                    self.tokenizer,
-                    self.split("A"),
-                    self.split("B"),
-                    self.dir / "stage1" / "student",
+                    self.inputs.load_teacher(),
+                    self.inputs.tokenizer,
+                    self.inputs.split("A"),
+                    self.inputs.split("B"),
+                    self.run_dir.stage1_student,
                     interrupt,
                     self.metrics.log,
                 )
         return {}
 
     def step_train(self) -> dict[str, Any]:
-        from padd.pipeline.train import train_student
-
         with GracefulInterrupt() as interrupt:
-            return train_student(self, self.cfg.training.method, self.dir / "train", interrupt)
+            return train_student(
+                self.cfg,
+                self.cfg.training.method,
+                self.run_dir.train,
+                interrupt,
+                stage1_dir=self.run_dir.stage1_student,
+                tokenizer=self.inputs.tokenizer,
+                d_c=self.inputs.split("C"),
+                load_teacher=self.inputs.load_teacher,
+                metrics=self.metrics,
+                ctx=self.ctx,
+                say=self.say,
+            )
 
     def step_eval(self) -> dict[str, Any]:
-        from padd.pipeline.evaluate import evaluate_run
-
         if self.ctx.is_main:
-            return evaluate_run(self)
+            return evaluate_run(
+                self.cfg,
+                self.run_dir,
+                tokenizer=self.inputs.tokenizer,
+                problems=self.inputs.eval_problems(),
+                load_teacher=self.inputs.load_teacher,
+            )
         return {}
 
     def step_report(self) -> dict[str, Any]:
-        from padd.pipeline.report import write_report
-
-        write_report(self.dir)
+        write_report(self.run_dir.root)
         return {}
+
+    def compare(self) -> None:
+        """`--compare`: the baselines and ablations of `compare.methods` (after `run()`)."""
+        run_compare(self.cfg, self.run_dir, self.inputs, metrics=self.metrics, ctx=self.ctx, say=self.say)
 
 
 def train_batches(problems: list[Problem], per_step: int, seed: int, start: int) -> Iterator[list[Problem]]:
@@ -260,11 +224,7 @@ def run_train(cfg: PADDRunConfig, *, force: bool = False, compare: bool = False)
         pipe = Pipeline(cfg, force=force, ctx=ctx)
         out = pipe.run()
         if compare:
-            from padd.pipeline.compare import run_compare
-
-            run_compare(pipe)
+            pipe.compare()
         return out
-    except Interrupted:
-        raise
     finally:
         pdist.shutdown()

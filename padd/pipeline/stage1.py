@@ -10,15 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+import padd.decompress as dec
 from padd.config import PADDRunConfig
 from padd.data.problem import Problem
+from padd.moe.hf_experts import use_experts
+from padd.moe.routing_control import RoutingControl
 from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir
+from padd.pipeline.inputs import load_model
 from padd.pipeline.teacher import encode_sft_batch
 
 
 def lm_batches(
-    problems: Sequence[Problem], tokenizer: Any, batch_size: int, max_len: int, limit: int | None = None
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    max_len: int,
+    limit: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenized `prompt + solution` batches (`input_ids`, `attention_mask`, `labels`)."""
     count = 0
@@ -31,8 +40,8 @@ def lm_batches(
 
 def build_student(
     cfg: PADDRunConfig,
-    teacher: Any,
-    tokenizer: Any,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     d_a: Sequence[Problem],
     d_b: Sequence[Problem],
     out: Path,
@@ -47,10 +56,6 @@ def build_student(
     tied-group student (`student.init=exact`), the teacher's sequence clusters its router is
     trained towards (`padd_router_targets.safetensors`).
     """
-    import padd.decompress as dec
-    from padd.moe.hf_experts import use_experts
-    from padd.moe.routing_control import RoutingControl
-
     s1, st, rt = cfg.stage1, cfg.student, cfg.router
     max_len = cfg.teacher.max_len
     info: dict[str, Any] = {"init": st.init}
@@ -62,8 +67,6 @@ def build_student(
     t0 = time.perf_counter()
     targets = None
     if st.source == "pretrained":
-        from padd.pipeline.inputs import load_model
-
         student = load_model(st.path, cfg.teacher.dtype, cfg.run.experts_implementation)
         fitted = dec.init_pretrained_student(student, teacher, stats_batches, xi=s1.xi, seed=cfg.run.seed)
         clusters = fitted.clusters
@@ -125,14 +128,20 @@ def build_student(
     return info
 
 
-def _cycle(problems: Sequence[Problem], tokenizer: Any, batch_size: int, max_len: int) -> Iterator[dict]:
+def _cycle(
+    problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase, batch_size: int, max_len: int
+) -> Iterator[dict]:
     # Warmup may take more steps than D_B has batches: go round again.
     while True:
         yield from lm_batches(problems, tokenizer, batch_size, max_len)
 
 
 def supervised_warmup_dense(
-    cfg: PADDRunConfig, model: Any, tokenizer: Any, d_b: Sequence[Problem], log: Callable[[dict], None]
+    cfg: PADDRunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    d_b: Sequence[Problem],
+    log: Callable[[dict], None],
 ) -> None:
     """The Stage I warmup's data and schedule on a dense model, in place: `L_LM` on D_B's worked
     solutions, `stage1.warmup_steps` AdamW steps at `stage1.warmup_lr` (its `L_KD` to itself is 0

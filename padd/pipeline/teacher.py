@@ -7,17 +7,25 @@ Training is resumable: it checkpoints every `checkpoint_every` steps and on SIGI
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from padd.config import PADDRunConfig
 from padd.data.problem import Problem, format_example, format_prompt
+from padd.data.splits import make_splits
+from padd.data.synthetic import iter_problems
+from padd.data.tokenizer import DEFAULT_ALPHABET
 from padd.pipeline.checkpoint import (
     CheckpointDir,
     GracefulInterrupt,
@@ -61,7 +69,9 @@ def build_tiny_llama(
     return LlamaForCausalLM(config)
 
 
-def encode_sft_batch(problems: Sequence[Problem], tokenizer: Any, max_len: int) -> dict[str, torch.Tensor]:
+def encode_sft_batch(
+    problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> dict[str, torch.Tensor]:
     """`<s> prompt solution </s>`, right-padded; the loss covers the solution and `</s>` only."""
     rows, labels = [], []
     for p in problems:
@@ -89,7 +99,7 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 def train_teacher(
     model: PreTrainedModel,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     batches: Callable[[int], Iterator[list[Problem]]],
     *,
     steps: int,
@@ -153,7 +163,7 @@ def train_teacher(
     return model
 
 
-def save_model(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """`save_pretrained` of model and tokenizer into `path`, atomically."""
 
     def write(tmp: Path) -> None:
@@ -166,7 +176,7 @@ def save_model(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path
 @torch.no_grad()
 def greedy_answers(
     model: PreTrainedModel,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
     max_new_tokens: int,
     batch_size: int = 64,
@@ -188,14 +198,8 @@ def greedy_answers(
     return out
 
 
-def teacher_cache_key(cfg: Any) -> str:
+def teacher_cache_key(cfg: PADDRunConfig) -> str:
     """Fingerprint of everything the trained teacher depends on."""
-    import hashlib
-    import json
-    from dataclasses import asdict
-
-    from padd.data.tokenizer import DEFAULT_ALPHABET
-
     t = asdict(cfg.teacher)
     for k in ("path", "checkpoint_every"):  # do not change the weights
         t.pop(k)
@@ -209,7 +213,9 @@ def teacher_cache_key(cfg: Any) -> str:
     return "tiny-llama-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def teacher_batches(cfg: Any, problems: Sequence[Problem]) -> Callable[[int], Iterator[list[Problem]]]:
+def teacher_batches(
+    cfg: PADDRunConfig, problems: Sequence[Problem]
+) -> Callable[[int], Iterator[list[Problem]]]:
     """Per-step training batches of the teacher, a pure function of the step.
 
     Synthetic data: a fresh seeded stream that never contains a question of the run's own problems
@@ -218,8 +224,6 @@ def teacher_batches(cfg: Any, problems: Sequence[Problem]) -> Callable[[int], It
     """
     bs = cfg.teacher.batch_size
     if cfg.data.source == "synthetic":
-        from padd.data.synthetic import iter_problems
-
         exclude = {p.question for p in problems}
 
         def synthetic(start: int) -> Iterator[list[Problem]]:
@@ -250,8 +254,8 @@ def teacher_batches(cfg: Any, problems: Sequence[Problem]) -> Callable[[int], It
 
 
 def ensure_teacher(
-    cfg: Any,
-    tokenizer: Any,
+    cfg: PADDRunConfig,
+    tokenizer: PreTrainedTokenizerBase,
     path: Path,
     problems: Sequence[Problem],
     interrupt: GracefulInterrupt,
@@ -274,8 +278,6 @@ def ensure_teacher(
         eos_token_id=tokenizer.eos_token_id,
     )
     if cfg.data.source != "synthetic":
-        from padd.data.splits import make_splits
-
         s = cfg.data.splits
         splits = make_splits(problems, (s.a, s.b, s.c, s.d), seed=cfg.run.seed)
         held_out = {problems[i].question for i in splits.indices["D"]}
@@ -299,7 +301,5 @@ def ensure_teacher(
     )
     seconds = time.perf_counter() - t0
     save_model(model, tokenizer, path)
-    import shutil
-
     shutil.rmtree(path.with_name(path.name + ".ckpt"), ignore_errors=True)
     return {"cached": False, "train_s": seconds, "params": sum(p.numel() for p in model.parameters())}

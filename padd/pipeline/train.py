@@ -9,11 +9,18 @@ resume, so `metrics.jsonl` holds every step exactly once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
+from padd.config import PADDRunConfig
+from padd.data.problem import Problem
+from padd.decompress.sequence_targets import SequenceRouterTargets
+from padd.moe.router_groups import TiedRouterGroups
+from padd.moe.routing_control import RoutingControl
 from padd.pipeline import distributed as pdist
 from padd.pipeline.checkpoint import (
     CheckpointDir,
@@ -22,32 +29,39 @@ from padd.pipeline.checkpoint import (
     atomic_dir,
     atomic_write_json,
 )
+from padd.pipeline.inputs import TeacherLoader, load_model
 from padd.pipeline.methods import DENSE_TEACHER_METHOD, run_router_weight, training_config
+from padd.pipeline.metrics import MetricsLogger
+from padd.pipeline.run_dir import TrainDir
+from padd.training.prompts import prompt_batches
+from padd.training.trainer import PADDTrainer
 
 
 def train_student(
-    pipe: Any,
+    cfg: PADDRunConfig,
     method: str,
-    out: Path,
+    out: TrainDir,
     interrupt: GracefulInterrupt,
     *,
-    stage1_dir: Path | None = None,
+    stage1_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    d_c: Sequence[Problem],
+    load_teacher: TeacherLoader,
+    metrics: MetricsLogger,
+    ctx: pdist.DistContext,
+    say: Callable[[str], None],
     stage_name: str = "train",
 ) -> dict[str, Any]:
-    """Train the Stage-I student with `method` into `out/final`; resumes from `out/ckpt`."""
-    from padd.decompress.sequence_targets import SequenceRouterTargets
-    from padd.moe.router_groups import TiedRouterGroups
-    from padd.moe.routing_control import RoutingControl
-    from padd.pipeline.inputs import load_model
-    from padd.training.prompts import prompt_batches
-    from padd.training.trainer import PADDTrainer
+    """Train the Stage-I student in `stage1_dir` (the teacher itself for `teacher_grpo`) with
+    `method` on the prompts of `d_c` into `out.final`; resumes from `out.ckpt`.
 
-    cfg, ctx = pipe.cfg, pipe.ctx
+    `metrics` gets one record per step, tagged `stage_name`; `say` prints progress lines (a no-op
+    on ranks other than 0). Returns what the step's `done` marker records.
+    """
     tcfg = cfg.training
     if method == DENSE_TEACHER_METHOD:  # the paper's "Teacher (GRPO)" row: the same loop, dense
-        student, control, targets = pipe.load_teacher(), None, None
+        student, control, targets = load_teacher(), None, None
     else:
-        stage1_dir = stage1_dir or pipe.dir / "stage1" / "student"
         student = load_model(stage1_dir, cfg.teacher.dtype, cfg.run.experts_implementation).to(ctx.device)
         control = RoutingControl(student)
         control.load_selection_bias(stage1_dir)
@@ -57,24 +71,24 @@ def train_student(
     tied = TiedRouterGroups(student)  # a no-op unless the student's router rows are tied
     pcfg = training_config(method, tcfg.params, cfg.run.seed, run_router_weight(cfg) if targets else 0.0)
     needs_teacher = pcfg.use_kd or (pcfg.router_weight > 0 and targets is not None)
-    teacher = pipe.load_teacher() if needs_teacher else None
+    teacher = load_teacher() if needs_teacher else None
     sharded = ctx.enabled and pdist.should_shard(student, cfg.distributed.strategy, ctx)
     if sharded:
         pdist.apply_fsdp2(student)
-    trainer = PADDTrainer(student, teacher, pipe.tokenizer, pcfg, control, router_targets=targets)
+    trainer = PADDTrainer(student, teacher, tokenizer, pcfg, control, router_targets=targets)
     if sharded:  # checkpoints gather full states on rank 0; resume scatters them back
         trainer.state_io = pdist.ShardedStateIO()
     if not sharded:  # FSDP2 reduce-scatters gradients itself
         pdist.average_gradients_before_step(trainer.optimizer, ctx)
 
-    ckpts = CheckpointDir(out / "ckpt")
+    ckpts = CheckpointDir(out.ckpt)
     start = 0
     latest = ckpts.latest()
     if latest is not None:
         trainer.load_checkpoint(latest)
         start = trainer.step_count
-        pipe.say(f"[padd] {stage_name}: resuming from {latest.name}")
-    pipe.metrics.truncate_after(stage_name, start)
+        say(f"[padd] {stage_name}: resuming from {latest.name}")
+    metrics.truncate_after(stage_name, start)
 
     def save(step: int) -> None:
         state = trainer.gather_checkpoint()  # every rank: a collective when sharded
@@ -82,7 +96,6 @@ def train_student(
             ckpts.save(step, lambda d: trainer.write_checkpoint(d, state))
         pdist.barrier(ctx)
 
-    d_c = pipe.split("C")
     batches = prompt_batches(d_c, tcfg.prompts_per_step, cfg.run.seed, start)
     bar = tqdm(
         total=tcfg.steps, initial=start, desc=stage_name, disable=not (cfg.run.progress and ctx.is_main)
@@ -92,11 +105,11 @@ def train_student(
     for step in range(start, tcfg.steps):
         problems = pdist.shard(next(batches), ctx)
         seen += [p.question for p in problems]
-        metrics = trainer.step(problems)  # Stage IV sums its counts over ranks: one bias everywhere
+        record = trainer.step(problems)  # Stage IV sums its counts over ranks: one bias everywhere
         done = step + 1
-        pipe.metrics.log({**metrics, "stage": stage_name, "step": done})  # ours win over the trainer's
+        metrics.log({**record, "stage": stage_name, "step": done})  # ours win over the trainer's
         bar.update(1)
-        bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.2f}")
+        bar.set_postfix(reward=f"{record.get('reward', float('nan')):.2f}")
         stop = pdist.any_rank(interrupt.requested, ctx)
         if stop or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < tcfg.steps):
             save(done)
@@ -108,11 +121,11 @@ def train_student(
     if ctx.is_main:
         # transformers' original weight layout: the final student is for other tools too.
         atomic_dir(
-            out / "final",
-            lambda d: (trainer.write_checkpoint(d, state, hf_layout=True), pipe.tokenizer.save_pretrained(d)),
+            out.final,
+            lambda d: (trainer.write_checkpoint(d, state, hf_layout=True), tokenizer.save_pretrained(d)),
         )
     if ctx.enabled and control is not None:  # per-rank evidence that ranks agree: bias, weights
-        rank_dir = out / "ranks" / f"rank{ctx.rank}"
+        rank_dir = out.rank(ctx.rank)
         control.save_selection_bias(rank_dir)
         checksum = sum(float(pdist.full_tensor(p).double().abs().sum()) for p in student.parameters())
         info = {"weights_abs_sum": checksum, "prompts_seen": seen, "sharded": sharded}
