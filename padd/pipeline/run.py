@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from padd.config import PADDRunConfig
-from padd.data.problem import Problem
 from padd.data.splits import save_splits
 from padd.pipeline import distributed as pdist
 from padd.pipeline.checkpoint import GracefulInterrupt, Interrupted, seed_everything
@@ -199,21 +198,6 @@ class Pipeline:
     def compare(self) -> None:
         """`--compare`: the baselines and ablations of `compare.methods` (after `run()`)."""
         run_compare(self.cfg, self.run_dir, self.inputs, metrics=self.metrics, ctx=self.ctx, say=self.say)
-
-
-def train_batches(problems: list[Problem], per_step: int, seed: int, start: int) -> Iterator[list[Problem]]:
-    """The prompts of each step from `start` on: epochs of seeded permutations, a pure function of
-    the step index (a resumed run draws exactly the batches of an uninterrupted one)."""
-    n = len(problems)
-    step = start
-    while True:
-        batch = []
-        for j in range(step * per_step, (step + 1) * per_step):
-            epoch, pos = divmod(j, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            batch.append(problems[int(perm[pos])])
-        yield batch
-        step += 1
 
 
 def run_train(cfg: PADDRunConfig, *, force: bool = False, compare: bool = False) -> Path:
