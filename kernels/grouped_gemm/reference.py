@@ -67,20 +67,30 @@ def moe_ffn_reference_forward(
             [F.linear(h_SI[offsets[e] : offsets[e + 1]], down_proj[e].float()) for e in active]
         )
     else:  # inside the custom op, or under no_grad (generation): no per-expert copies
-        # Few Python steps per expert: at decode sizes the loop's overhead rivals the GEMMs.
-        w13_EH2I, w2_EIH = gate_up_proj.float().transpose(1, 2), down_proj.float().transpose(1, 2)
-        spans = [(e, slice(offsets[e], offsets[e + 1])) for e in active]
+        counts = [offsets[e + 1] - offsets[e] for e in range(routing.num_experts)]
         gate_up_S2I = x_sorted_SH.new_empty(x_sorted_SH.shape[0], 2 * inter)
-        for e, rows in spans:
-            torch.mm(x_sorted_SH[rows], w13_EH2I[e], out=gate_up_S2I[rows])
+        _grouped_mm_into(x_sorted_SH, gate_up_proj, gate_up_S2I, counts)
         h_SI = F.silu(gate_up_S2I[:, :inter]).mul_(gate_up_S2I[:, inter:])
         y_sorted_SH = torch.empty_like(x_sorted_SH)
-        for e, rows in spans:
-            torch.mm(h_SI[rows], w2_EIH[e], out=y_sorted_SH[rows])
+        _grouped_mm_into(h_SI, down_proj, y_sorted_SH, counts)
     # Back to slot order, weight, and sum each token's K slots: deterministic, no atomics.
     y_SH = y_sorted_SH.index_select(0, routing.inverse_order.long())
     y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights.float().unsqueeze(-1)
     return y_TKH.sum(dim=1).to(x.dtype), gate_up_S2I
+
+
+def _grouped_mm_into(
+    a_SK: torch.Tensor, w_ENK: torch.Tensor, out_SN: torch.Tensor, counts: list[int]
+) -> None:
+    """`out[rows of e] = a[rows of e] @ w[e].T` for each expert's block of sorted rows.
+
+    Views come from one `split`/`unbind` call each, so the Python loop does one GEMM call per
+    expert: at decode sizes (a few rows per expert) its overhead rivals the GEMMs themselves.
+    """
+    weights = w_ENK.float().transpose(1, 2).unbind(0)
+    for n, a, w, out in zip(counts, a_SK.split(counts), weights, out_SN.split(counts), strict=True):
+        if n:
+            torch.mm(a, w, out=out)
 
 
 def moe_ffn_reference_backward(
