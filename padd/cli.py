@@ -151,13 +151,13 @@ def _check_inputs(cfg: PADDRunConfig) -> None:
         _check_model_dir(path, key)
 
 
-def _read_only_inputs(cfg: PADDRunConfig) -> RunInputs:
+def _read_only_inputs(cfg: PADDRunConfig, device: torch.device | None = None) -> RunInputs:
     """The run's inputs (problems, splits, tokenizer, teacher) for the checks before compute and
     for `padd eval`: unlike `Pipeline`, this neither creates nor rewrites anything in the run
     directory."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    return RunInputs.read_only(cfg)
+    return RunInputs.read_only(cfg, device)
 
 
 def _check_data(inputs: RunInputs) -> None:
@@ -218,7 +218,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and run_dir.root.resolve() in out.resolve().parents:
         raise ConfigError("--out", f"{out} is inside the run directory, which `padd eval` never writes")
-    inputs = _read_only_inputs(cfg)
+    # Evaluation is generation-bound: on the GPU when there is one.
+    inputs = _read_only_inputs(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     _check_data(inputs)
     moe = (model / "padd_router_bias.safetensors").exists()
     with tempfile.TemporaryDirectory() as tmp:  # no cache: the run's own eval/*.json stay untouched

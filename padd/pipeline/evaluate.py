@@ -38,10 +38,13 @@ def evaluate_model(
     out = out_dir / f"{name}.json"
     if out.exists():
         return json.loads(out.read_text())
+    teacher = load_teacher()
+    # A student runs where the teacher loader puts models (the run's device), beside its teacher.
+    device = next(teacher.parameters()).device
     model = (
-        load_teacher()
+        teacher
         if model_dir is None
-        else load_model(model_dir, cfg.teacher.dtype, cfg.run.experts_implementation)
+        else load_model(model_dir, cfg.teacher.dtype, cfg.run.experts_implementation).to(device)
     )
     control = None
     if moe:
@@ -63,7 +66,7 @@ def evaluate_model(
     res["params"] = sum(p.numel() for p in model.parameters())
     if model_dir is not None:  # how far from the teacher it computes, token by token
         res["kl_to_teacher"] = teacher_kl(
-            load_teacher(),
+            teacher,
             model,
             problems,
             tokenizer,

@@ -167,14 +167,15 @@ class RunInputs:
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     @classmethod
-    def read_only(cls, cfg: PADDRunConfig) -> RunInputs:
+    def read_only(cls, cfg: PADDRunConfig, device: torch.device | None = None) -> RunInputs:
         """The inputs of the run in `cfg.run.dir` (made or not) for reading (`padd eval`, the CLI's
-        checks before compute): nothing is written, models stay on the CPU, and the teacher is the
-        one the run recorded in `done/teacher.json` (wherever `run.cache_dir` points now)."""
+        checks before compute): nothing is written, models go to `device` (default the CPU), and
+        the teacher is the one the run recorded in `done/teacher.json` (wherever `run.cache_dir`
+        points now)."""
         return cls(
             cfg,
             RunDir(cfg.run.dir),
-            device=torch.device("cpu"),
+            device=device or torch.device("cpu"),
             save_tokenizer=False,
             teacher_from_record=True,
         )
