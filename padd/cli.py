@@ -246,13 +246,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     _check_inputs(cfg)
     _check_data(_read_only_inputs(cfg))
     pipe = Pipeline(cfg)
-    pipe.run(until="teacher")
-    run = pipe.inputs
-    with GracefulInterrupt() as interrupt:
-        info = build_student(
-            cfg, run.load_teacher(), run.tokenizer, run.split("A"), run.split("B"),
-            Path(args.out), interrupt, pipe.metrics.log, warmup_experts=False,
-        )  # fmt: skip
+    try:
+        pipe.run(until="teacher")
+        run = pipe.inputs
+        with GracefulInterrupt() as interrupt:
+            info = build_student(
+                cfg, run.load_teacher(), run.tokenizer, run.split("A"), run.split("B"),
+                Path(args.out), interrupt, pipe.metrics.log, warmup_experts=False,
+            )  # fmt: skip
+    finally:
+        pipe.close()
     print(json.dumps(info, indent=2))
     return 0
 

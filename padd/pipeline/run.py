@@ -125,8 +125,11 @@ class Pipeline:
             self._step(name, steps[name])
             if name == until:
                 break
-        self.metrics.close()
         return self.run_dir.root
+
+    def close(self) -> None:
+        """Close the metrics log (after `run()` and any `compare()`, which log into it too)."""
+        self.metrics.close()
 
     def step_teacher(self) -> dict[str, Any]:
         path = self.inputs.teacher_path()
@@ -206,9 +209,12 @@ def run_train(cfg: PADDRunConfig, *, force: bool = False, compare: bool = False)
     seed_everything(cfg.run.seed)
     try:
         pipe = Pipeline(cfg, force=force, ctx=ctx)
-        out = pipe.run()
-        if compare:
-            pipe.compare()
+        try:
+            out = pipe.run()
+            if compare:
+                pipe.compare()
+        finally:
+            pipe.close()
         return out
     finally:
         pdist.shutdown()
