@@ -93,6 +93,16 @@ def _grouped_mm_into(
             torch.mm(a, w, out=out)
 
 
+def _per_expert_outer(a_SN: torch.Tensor, b_SK: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`out[e] = a[rows of e].T @ b[rows of e]`, `[E, N, K]` fp32 (zero for an expert with no rows):
+    the weight gradient of each expert's GEMM."""
+    out = a_SN.new_zeros(len(counts), a_SN.shape[1], b_SK.shape[1])
+    for n, a, b, o in zip(counts, a_SN.split(counts), b_SK.split(counts), out.unbind(0), strict=True):
+        if n:
+            torch.mm(a.t(), b, out=o)
+    return out
+
+
 def moe_ffn_reference_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -125,23 +135,16 @@ def moe_ffn_reference_backward(
     x_SH = x.float().index_select(0, tokens_S)
     dy_SH = grad.float().index_select(0, tokens_S)
     w_S1 = routing.weights.float().reshape(-1).index_select(0, order_S).unsqueeze(1)
-    offsets = routing.expert_offsets.tolist()
-    spans = [
-        (e, slice(offsets[e], offsets[e + 1]))
-        for e in range(routing.num_experts)
-        if offsets[e + 1] > offsets[e]
-    ]
+    counts = routing.tokens_per_expert.tolist()
     if gate_up_S2I is None or gate_up_S2I.shape[0] != x_SH.shape[0]:
         gate_up_S2I = x_SH.new_empty(x_SH.shape[0], 2 * inter)
-        for e, rows in spans:
-            torch.mm(x_SH[rows], gate_up_proj[e].float().t(), out=gate_up_S2I[rows])
+        _grouped_mm_into(x_SH, gate_up_proj, gate_up_S2I, counts)
     gate_SI, up_SI = gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
     silu_SI = F.silu(gate_SI)
     h_SI = silu_SI * up_SI
 
     dh_unweighted_SI = x_SH.new_empty(x_SH.shape[0], inter)
-    for e, rows in spans:
-        torch.mm(dy_SH[rows], down_proj[e].float(), out=dh_unweighted_SI[rows])
+    _grouped_mm_into(dy_SH, down_proj.transpose(1, 2), dh_unweighted_SI, counts)
     dw_S = (dh_unweighted_SI * h_SI).sum(dim=1)
     dh_SI = dh_unweighted_SI.mul_(w_S1)
     # [d gate | d up] written in place: d up = dh·silu(gate), d gate = silu'(gate)·dh·up. Each
@@ -153,20 +156,13 @@ def moe_ffn_reference_backward(
     d_down = d_gate_up = dx_TH = None
     if needs_d_down:
         dy_weighted_SH = dy_SH.mul_(w_S1)
-        d_down = torch.zeros_like(down_proj, dtype=torch.float32)
-        for e, rows in spans:
-            torch.mm(dy_weighted_SH[rows].t(), h_SI[rows], out=d_down[e])
-        d_down = d_down.to(down_proj.dtype)
+        d_down = _per_expert_outer(dy_weighted_SH, h_SI, counts).to(down_proj.dtype)
     if needs_d_gate_up:
-        d_gate_up = torch.zeros_like(gate_up_proj, dtype=torch.float32)
-        for e, rows in spans:
-            torch.mm(d_gate_up_S2I[rows].t(), x_SH[rows], out=d_gate_up[e])
-        d_gate_up = d_gate_up.to(gate_up_proj.dtype)
+        d_gate_up = _per_expert_outer(d_gate_up_S2I, x_SH, counts).to(gate_up_proj.dtype)
     inverse_S = routing.inverse_order.long()
     if needs_dx:
         dx_SH = torch.empty_like(x_SH)
-        for e, rows in spans:
-            torch.mm(d_gate_up_S2I[rows], gate_up_proj[e].float(), out=dx_SH[rows])
+        _grouped_mm_into(d_gate_up_S2I, gate_up_proj.transpose(1, 2), dx_SH, counts)
         dx_TH = dx_SH.index_select(0, inverse_S).view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
     dw_TK = dw_S.index_select(0, inverse_S).view(num_tokens, top_k).to(routing.weights.dtype)
     return dx_TH, d_gate_up, d_down, dw_TK
