@@ -32,7 +32,15 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import padd  # noqa: F401  (registers experts_implementation="padd")
-from benchmarks.common import bench_device, env_list, make_record, on_gpu, print_table, time_fn, write_results
+from benchmarks.common import (
+    bench_device,
+    env_list,
+    make_record,
+    on_gpu,
+    report_suite,
+    time_fn,
+    write_if_requested,
+)
 
 SUITE = "generate"
 # Qwen/Qwen3-30B-A3B config.json, less its layer count (48).
@@ -77,16 +85,13 @@ def model() -> Qwen3MoeForCausalLM:
 
 
 def _write() -> None:
-    if os.environ.get("PADD_BENCH_OUT"):
-        write_results(SUITE, _RECORDS, extra={"skipped": _SKIPPED, **_NOTE})
+    write_if_requested(SUITE, _RECORDS, {"skipped": _SKIPPED, **_NOTE})
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    if _RECORDS or _SKIPPED:
-        print_table(_RECORDS)
-        _write()
+    report_suite(SUITE, _RECORDS, _SKIPPED, _NOTE)
 
 
 def _implementations(model: Qwen3MoeForCausalLM) -> list[tuple[str, str]]:

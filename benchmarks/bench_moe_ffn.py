@@ -54,9 +54,9 @@ from benchmarks.common import (
     make_record,
     on_gpu,
     peak_memory_mb,
-    print_table,
+    report_suite,
     time_fn,
-    write_results,
+    write_if_requested,
 )
 
 SUITE = "moe_ffn"
@@ -366,16 +366,13 @@ def _speedups(records: list) -> None:
 
 
 def _write() -> None:
-    if os.environ.get("PADD_BENCH_OUT"):
-        write_results(SUITE, _RECORDS, extra={"skipped": _SKIPPED})
+    write_if_requested(SUITE, _RECORDS, {"skipped": _SKIPPED})
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    if _RECORDS or _SKIPPED:
-        print_table(_RECORDS)
-        _write()
+    report_suite(SUITE, _RECORDS, _SKIPPED)
 
 
 @pytest.mark.parametrize("model,num_tokens,hidden,inter,num_experts,top_k", SHAPES)

@@ -225,6 +225,21 @@ def write_results(
     return out
 
 
+def write_if_requested(suite: str, records: list[Record], extra: dict | None = None) -> Path | None:
+    """`write_results` when $PADD_BENCH_OUT is set (suites call it after every measurement, so a
+    run cut off by its time limit keeps what it measured); None otherwise."""
+    if not os.environ.get("PADD_BENCH_OUT"):
+        return None
+    return write_results(suite, records, extra=extra)
+
+
+def report_suite(suite: str, records: list[Record], skipped: list, extra: dict | None = None) -> None:
+    """End of a suite: print its table and write its JSON (with what was skipped, and why)."""
+    if records or skipped:
+        print_table(records)
+        write_if_requested(suite, records, {"skipped": skipped, **(extra or {})})
+
+
 def env_list(name: str, default: str) -> list[str]:
     """Comma-separated values of environment variable `name` (or `default`), blanks dropped."""
     return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
