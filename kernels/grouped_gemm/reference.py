@@ -53,21 +53,15 @@ def moe_ffn_reference_forward(
     inter = down_proj.shape[2]
     order_S = routing.sort_order.long()
     x_sorted_SH = x.float().index_select(0, order_S // top_k)
-    offsets = routing.expert_offsets.tolist()
-    active = [e for e in range(routing.num_experts) if offsets[e + 1] > offsets[e]]
-    if not active:
+    counts = routing.tokens_per_expert.tolist()
+    if not any(counts):
         empty = x_sorted_SH.new_zeros(0, 2 * inter)
         return x.new_zeros(num_tokens, hidden), empty
     if torch.is_grad_enabled():  # autograd records slices and cat, not writes into a buffer
-        gate_up_S2I = torch.cat(
-            [F.linear(x_sorted_SH[offsets[e] : offsets[e + 1]], gate_up_proj[e].float()) for e in active]
-        )
+        gate_up_S2I = _grouped_linear(x_sorted_SH, gate_up_proj, counts)
         h_SI = F.silu(gate_up_S2I[:, :inter]) * gate_up_S2I[:, inter:]
-        y_sorted_SH = torch.cat(
-            [F.linear(h_SI[offsets[e] : offsets[e + 1]], down_proj[e].float()) for e in active]
-        )
+        y_sorted_SH = _grouped_linear(h_SI, down_proj, counts)
     else:  # inside the custom op, or under no_grad (generation): no per-expert copies
-        counts = [offsets[e + 1] - offsets[e] for e in range(routing.num_experts)]
         gate_up_S2I = x_sorted_SH.new_empty(x_sorted_SH.shape[0], 2 * inter)
         _grouped_mm_into(x_sorted_SH, gate_up_proj, gate_up_S2I, counts)
         h_SI = F.silu(gate_up_S2I[:, :inter]).mul_(gate_up_S2I[:, inter:])
@@ -77,6 +71,13 @@ def moe_ffn_reference_forward(
     y_SH = y_sorted_SH.index_select(0, routing.inverse_order.long())
     y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights.float().unsqueeze(-1)
     return y_TKH.sum(dim=1).to(x.dtype), gate_up_S2I
+
+
+def _grouped_linear(a_SK: torch.Tensor, w_ENK: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`a[rows of e] @ w[e].T` for each expert's block of sorted rows, concatenated: the form
+    autograd can differentiate (`_grouped_mm_into` writes into a buffer instead)."""
+    blocks = zip(counts, a_SK.split(counts), w_ENK.unbind(0), strict=True)
+    return torch.cat([F.linear(a, w.float()) for n, a, w in blocks if n])
 
 
 def _grouped_mm_into(
