@@ -3,6 +3,7 @@ plus FLOPs per token and parameter counts. Each result is cached in `eval/<name>
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,6 +121,9 @@ def evaluate_run(
     """Teacher, base student and the trained student on `problems` (the run's D_D); writes
     `eval/<name>.json`, `eval/flops.json` and `eval/summary.json`."""
     out = run_dir.eval
+    # One teacher for all three evaluations and the FLOPs count (none of them changes it), loaded
+    # only if some result is not cached yet.
+    load_teacher = functools.cache(load_teacher)
     common = dict(cfg=cfg, tokenizer=tokenizer, problems=problems, load_teacher=load_teacher)
     res = {
         "teacher": evaluate_model(None, "teacher", out, moe=False, **common),
