@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from padd.pipeline.distributed import ShardedStateIO, apply_fsdp2, full_tensor
+from padd.pipeline.distributed import ShardedStateIO, apply_fsdp2, full_tensor, shutdown
 
 
 def _model() -> torch.nn.Module:
@@ -27,28 +27,34 @@ def _full(model) -> dict:
     return {n: full_tensor(p).clone() for n, p in model.named_parameters()}
 
 
+def _train_save_restore(rank: int, out_file: str) -> None:
+    io = ShardedStateIO()
+    model = apply_fsdp2(_model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    _step(model, optimizer, seed=1)
+    model_sd, optim_sd = io.model_state(model), io.optimizer_state(model, optimizer)
+    saved = _full(model)
+    # Rank 0 holds the full state (as written to disk); every rank reads it back on resume.
+    shared = [model_sd, optim_sd] if rank == 0 else [None, None]
+    dist.broadcast_object_list(shared, src=0)
+    _step(model, optimizer, seed=2)  # move away from the saved state
+    io.load_model_state(model, shared[0])
+    io.load_optimizer_state(model, optimizer, shared[1])
+    restored = _full(model)
+    _step(model, optimizer, seed=3)
+    resumed = _full(model)
+    if rank == 0:
+        torch.save({"saved": saved, "restored": restored, "resumed": resumed, "sd": model_sd}, out_file)
+
+
 def _worker(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        io = ShardedStateIO()
-        model = apply_fsdp2(_model())
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        _step(model, optimizer, seed=1)
-        model_sd, optim_sd = io.model_state(model), io.optimizer_state(model, optimizer)
-        saved = _full(model)
-        # Rank 0 holds the full state (as written to disk); every rank reads it back on resume.
-        shared = [model_sd, optim_sd] if rank == 0 else [None, None]
-        dist.broadcast_object_list(shared, src=0)
-        _step(model, optimizer, seed=2)  # move away from the saved state
-        io.load_model_state(model, shared[0])
-        io.load_optimizer_state(model, optimizer, shared[1])
-        restored = _full(model)
-        _step(model, optimizer, seed=3)
-        resumed = _full(model)
-        if rank == 0:
-            torch.save({"saved": saved, "restored": restored, "resumed": resumed, "sd": model_sd}, out_file)
+        # The sharded model lives in the inner frame, so it is gone before the group is shut
+        # down, as in `padd train`; `shutdown` then frees the group before the interpreter exits.
+        _train_save_restore(rank, out_file)
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def test_gather_then_scatter_restores_a_sharded_model_and_its_optimiser(tmp_path):

@@ -208,13 +208,18 @@ def run_train(cfg: PADDRunConfig, *, force: bool = False, compare: bool = False)
     ctx = pdist.init_from_env(cfg.distributed.backend)
     seed_everything(cfg.run.seed)
     try:
-        pipe = Pipeline(cfg, force=force, ctx=ctx)
-        try:
-            out = pipe.run()
-            if compare:
-                pipe.compare()
-        finally:
-            pipe.close()
-        return out
+        # The pipeline lives in its own frame so that it is gone before the group is destroyed.
+        return _run_pipeline(cfg, ctx, force=force, compare=compare)
     finally:
         pdist.shutdown()
+
+
+def _run_pipeline(cfg: PADDRunConfig, ctx: pdist.DistContext, *, force: bool, compare: bool) -> Path:
+    pipe = Pipeline(cfg, force=force, ctx=ctx)
+    try:
+        out = pipe.run()
+        if compare:
+            pipe.compare()
+    finally:
+        pipe.close()
+    return out
