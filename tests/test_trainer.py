@@ -357,6 +357,8 @@ def test_stage4_all_reduces_under_torch_distributed(tmp_path):
     gives the same bias as without one."""
     import torch.distributed as dist
 
+    from padd.pipeline.distributed import shutdown
+
     biases = []
     for distributed in (False, True):
         if distributed:
@@ -367,5 +369,5 @@ def test_stage4_all_reduces_under_torch_distributed(tmp_path):
             biases.append(trainer.control.selection_bias.clone())
         finally:
             if distributed:
-                dist.destroy_process_group()
+                shutdown()
     assert torch.equal(biases[0], biases[1]) and biases[0].abs().sum() > 0

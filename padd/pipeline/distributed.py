@@ -65,8 +65,8 @@ def shutdown() -> None:
     threads drop their last finished work (and the tensors it holds) on their own; if the group
     outlives `destroy_process_group` (a device mesh in a reference cycle holds it), that happens
     during interpreter shutdown and aborts the process ("terminate called without an active
-    exception", torch 2.13, one exit in ten on 2 cores). Collecting the cycles before and after
-    makes the group's destructor join those threads now.
+    exception", torch 2.13, about one exit in eight on 2 cores). Collecting the cycles before
+    and after makes the group's destructor join those threads now.
     """
     if dist.is_available() and dist.is_initialized():
         gc.collect()
