@@ -186,6 +186,49 @@ def test_padd_steps_keep_losses_finite_and_lower_the_kd_loss():
     assert history[-1]["router_drift"] > 0  # the second update sees a moved router
 
 
+def test_kd_on_negative_distils_only_the_poor_paths():
+    """`kd_on="negative"`: the logged L_KD (at θ_old) is the reference KD loss over the response
+    tokens of rows with A < 0 only, and differs from KD over every row."""
+    from padd.kernels import kd_loss_reference
+
+    def digit_count(text, problem):  # varies within a group, so some advantages are negative
+        return float(sum(ch.isdigit() for ch in text))
+
+    student, teacher = tiny_student(), tiny_teacher()
+    student_at_start = copy.deepcopy(student)
+    trainer = PADDTrainer(
+        student, teacher, char_tokenizer(), small_config(seed=5, kd_on="negative"), reward_fn=digit_count
+    )
+    seen = {}
+    update = trainer._update
+
+    def capture(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest):
+        seen.update(batch=batch, adv=adv_B, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
+        return update(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest)
+
+    trainer._update = capture
+    m = trainer.step(PROBLEMS)
+    batch, adv = seen["batch"], seen["adv"]
+    assert (adv < 0).any() and (adv >= 0).any()
+    with torch.no_grad():
+        hidden, _, _ = forward_with_routing(student_at_start, batch.sequences_BS, batch.attention_mask_BS)
+        s_logits = student_at_start.get_output_embeddings()(response_slice(hidden, batch.prompt_length))
+        t_logits = teacher.get_output_embeddings()(seen["hidden"])
+    temp_BR = seen["t_eff"][:, None].expand_as(batch.response_mask_BR)
+
+    def kd_over(rows_B):
+        keep = batch.response_mask_BR.bool() & rows_B[:, None]
+        return float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp_BR[keep]))
+
+    assert m["kd_loss"] == pytest.approx(kd_over(adv < 0), rel=1e-4)
+    assert abs(kd_over(adv < 0) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
+
+
+def test_kd_on_is_checked():
+    with pytest.raises(ValueError, match="kd_on"):
+        PADDConfig(kd_on="positive")
+
+
 def test_same_seed_same_metrics():
     runs = []
     for _ in range(2):

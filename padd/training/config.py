@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .objectives import DRIFT_ON, SCALE_REWARDS, TEMPERATURE_FORMS
+from .objectives import DRIFT_ON, KD_ON, SCALE_REWARDS, TEMPERATURE_FORMS
 
 __all__ = ["PADDConfig", "PRESETS", "preset"]
 
@@ -73,6 +73,13 @@ class PADDConfig:
     rho: float = field(default=0.5, metadata=_meta("ρ in Φ = 1 − ρ·tanh(κA)"))
     kappa: float = field(default=1.0, metadata=_meta("κ in Φ"))
     temperature_form: str = field(default="corrected", metadata=_meta("'corrected' or the 'paper' literal Φ"))
+    kd_on: str = field(
+        default="all",
+        metadata=_meta(
+            "rollouts L_KD averages over: 'all' (the method) or 'negative' (only A < 0: the teacher "
+            "corrects poor paths and leaves the good ones to the reward)"
+        ),
+    )
     kd_fused: bool | str = field(
         default="auto", metadata=_meta("fused-linear KD kernel: 'auto' (CUDA and available), True, False")
     )
@@ -143,6 +150,8 @@ class PADDConfig:
             raise bad("kd_temperature_mode", f"must be one of {KD_TEMPERATURE_MODES}")
         if self.temperature_form not in TEMPERATURE_FORMS:
             raise bad("temperature_form", f"must be one of {TEMPERATURE_FORMS}")
+        if self.kd_on not in KD_ON:
+            raise bad("kd_on", f"must be one of {KD_ON}")
         if self.drift_on not in DRIFT_ON:
             raise bad("drift_on", f"must be one of {DRIFT_ON}")
         if self.kd_fused not in (True, False, "auto"):

@@ -10,9 +10,10 @@ One `step(problems)`:
    detached log-probs and router probabilities *are* the old policy's (bit-identical to a
    separate no-grad forward, one forward cheaper). Each update: drift Γ between current and old
    router probs (Stage III), ratio ρ̂ = ρ·exp(−λ·sg(Γ)·1[A<0]), clipped surrogate J, KD on
-   response tokens, loss `−J + α_KD·L_KD (+ β·KL_ref)`, optimiser step, then Stage IV: the
-   selection bias moves by `−η(f_j − f̄) + γ·EMA(A_j)` from the load and mean advantage of the
-   tokens routed in that forward (summed over ranks when torch.distributed is initialised).
+   response tokens (of every rollout, or with `kd_on="negative"` of those with A < 0 only), loss
+   `−J + α_KD·L_KD (+ β·KL_ref)`, optimiser step, then Stage IV: the selection bias moves by
+   `−η(f_j − f̄) + γ·EMA(A_j)` from the load and mean advantage of the tokens routed in that
+   forward (summed over ranks when torch.distributed is initialised).
 
 The student runs in eval mode throughout (no dropout / router jitter): the ratio must be
 exactly 1 at θ_old and a seed must reproduce a run.
@@ -305,6 +306,8 @@ class PADDTrainer:
         """L_KD = mean over response tokens of D(p*_T ‖ p_S), teacher at T_eff of its sequence."""
         cfg = self.config
         keep = mask_BR.bool()
+        if not keep.any():  # e.g. `kd_on="negative"` and no poor path in this batch
+            return student_logits_BRV.new_zeros(())
         temp_N = t_eff_B[:, None].expand_as(mask_BR)[keep]
         t_head = self.teacher.get_output_embeddings()
         loss_kwargs = dict(divergence=cfg.kd_divergence, temperature=temp_N, beta=cfg.kd_jsd_beta)
@@ -409,7 +412,8 @@ class PADDTrainer:
         )
         loss = -objective
         if teacher_hidden_BRH is not None:
-            kd = self._kd_term(fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR)
+            kd_mask_BR = mask_BR if cfg.kd_on == "all" else mask_BR * (adv_B < 0).to(mask_BR.dtype)[:, None]
+            kd = self._kd_term(fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, kd_mask_BR)
             loss = loss + cfg.alpha_kd * kd
             log["kd_loss"].append(float(kd.detach()))
         if old.ref_logp_BR is not None:
