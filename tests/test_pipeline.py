@@ -68,6 +68,12 @@ def test_every_stage_and_artifact(reference):
         assert (run / "eval" / f"{name}.json").is_file(), name
     ev = json.loads((run / "eval" / "padd.json").read_text())
     assert ev["n"] == 10 and 0 <= ev["accuracy"] <= 1 and "nmi" in ev and "load_cv" in ev
+    # Per-problem outcomes, in D_D order: each agrees with its sample's completion, re-scored.
+    from padd.training.rewards import is_correct
+
+    assert len(ev["correct"]) == 10 and ev["correct"].count("1") == round(10 * ev["accuracy"])
+    for flag, sample in zip(ev["correct"], ev["samples"], strict=True):
+        assert (flag == "1") == is_correct(sample["completion"], sample["answer"])
     steps = [r["step"] for r in _train_records(run)]
     assert steps == list(range(1, 11))
     report = json.loads((run / "report.json").read_text())

@@ -6,14 +6,16 @@ import pytest
 
 from padd.cli import main
 from padd.config import ConfigError, load_config
-from padd.pipeline.report import render_seeds_markdown, seeds_table
+from padd.pipeline.report import paired_counts, render_seeds_markdown, seeds_table
 
 
-def _fake_run(root, name, accs, nmi=0.5):
+def _fake_run(root, name, accs, nmi=0.5, correct=None):
     d = root / name
     (d / "eval").mkdir(parents=True)
     for method, acc in accs.items():
         res = {"accuracy": acc, "n": 500}
+        if correct and method in correct:
+            res["correct"] = correct[method]
         if method != "teacher":
             res.update(nmi=nmi, load_cv=0.1, routing_entropy=1.0, kl_to_teacher=0.01)
         (d / "eval" / f"{method}.json").write_text(json.dumps(res))
@@ -33,6 +35,25 @@ def test_seeds_table_hand_values(tmp_path):
     assert rows["teacher"]["nmi"] is None
     md = render_seeds_markdown(runs)
     assert "| padd | 92.0% | 96.0% | 94.0 ± 2.0 | 0.500 |" in md
+
+
+def test_paired_counts_hand_values(tmp_path):
+    assert paired_counts("1100", "1010") == (1, 1)
+    assert paired_counts("1111", "0000") == (4, 0)
+    assert paired_counts("10", "100") is None and paired_counts(None, "1") is None
+    runs = [
+        _fake_run(
+            tmp_path, "s0", {"padd": 0.5, "vanilla": 0.75}, correct={"padd": "1100", "vanilla": "1110"}
+        ),
+        _fake_run(
+            tmp_path, "s1", {"padd": 0.5, "vanilla": 0.25}, correct={"padd": "0011", "vanilla": "1000"}
+        ),
+    ]
+    rows = {r["method"]: r for r in seeds_table(runs)}
+    # s0: +1 (third problem) / −0; s1: +1 (first) / −2 (third, fourth)
+    assert rows["vanilla"]["paired"] == (2, 2) and rows["padd"]["paired"] == (0, 0)
+    assert "| +2 / −2 |" in render_seeds_markdown(runs)
+    assert _fake_run(tmp_path, "s2", {"padd": 0.5}) and seeds_table([tmp_path / "s2"])[0]["paired"] is None
 
 
 def test_report_cli_with_several_runs_prints_the_table(tmp_path, capsys):

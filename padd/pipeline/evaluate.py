@@ -60,6 +60,9 @@ def evaluate_model(
         control=control,
     )
     completions = res.pop("completions")
+    # Every problem's outcome, "1"/"0" in D_D order: two models' paired difference (which problems
+    # one gets and the other does not) is exact, where their accuracies differ by noise.
+    res["correct"] = "".join("1" if ok else "0" for ok in res.pop("correct"))
     res["samples"] = [
         {"question": p.question, "answer": p.final_answer, "completion": c}
         for p, c in list(zip(problems, completions, strict=True))[:20]

@@ -16,6 +16,25 @@ from padd.pipeline.run_dir import STEPS, RunDir
 
 ROUTING_KEYS = ("nmi", "load_cv", "routing_entropy", "kl_to_teacher")
 STEP_ORDER = {s: i for i, s in enumerate(STEPS)}
+# The method every other one is paired against, problem by problem.
+PAIRED_AGAINST = "padd"
+
+
+def paired_counts(correct: str | None, reference: str | None) -> tuple[int, int] | None:
+    """(problems `correct` gets right and `reference` wrong, the reverse), from two eval files'
+    "1"/"0" strings over the same problems; None where either is missing or they differ in length.
+
+    Accuracies of two models on one D_D differ by these two counts only: a sign test on them is
+    the paired comparison that seed-to-seed spread hides."""
+    if not correct or not reference or len(correct) != len(reference):
+        return None
+    won = sum(a == "1" and b == "0" for a, b in zip(correct, reference, strict=True))
+    lost = sum(a == "0" and b == "1" for a, b in zip(correct, reference, strict=True))
+    return won, lost
+
+
+def _fmt_paired(counts: tuple[int, int] | None) -> str:
+    return "–" if counts is None else f"+{counts[0]} / −{counts[1]}"
 
 
 def _load(path: Path) -> Any:
@@ -40,6 +59,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             "accuracy": res.get("accuracy"),
             "n": res.get("n"),
             "params": res.get("params"),
+            "correct": res.get("correct"),
         }
         row.update({k: res.get(k) for k in ROUTING_KEYS})
         row.update({k: v for k, v in res.items() if k.startswith("accuracy/")})
@@ -75,15 +95,17 @@ def render_markdown(rep: dict[str, Any]) -> str:
     lines += ["## Held-out accuracy (greedy pass@1 on D_D) and routing", ""]
     lines += [
         "| model | accuracy | n | params | NMI (expert–kind) | load CV | routing entropy "
-        "| KL(teacher ‖ model) per token |"
+        f"| KL(teacher ‖ model) per token | problems won / lost vs {PAIRED_AGAINST} |"
     ]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    reference = next((r.get("correct") for r in rep["methods"] if r["method"] == PAIRED_AGAINST), None)
     for r in rep["methods"]:
         kl = r.get("kl_to_teacher")
+        paired = _fmt_paired(paired_counts(r.get("correct"), reference))
         lines.append(
             f"| {r['method']} | {_fmt(r['accuracy'], True)} | {_fmt(r['n'])} | {_fmt(r['params'])} | "
             f"{_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | {_fmt(r['routing_entropy'])} | "
-            f"{'–' if kl is None else f'{kl:.2e}'} |"
+            f"{'–' if kl is None else f'{kl:.2e}'} | {paired} |"
         )
     fl = rep.get("flops")
     if fl:
@@ -105,7 +127,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
 
 def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Per method: accuracy of every run (seed) and mean ± std (population std over the runs),
-    plus the means of the routing columns. Methods missing from a run are left out of its mean."""
+    the means of the routing columns, and `paired`: problems won and lost against `PAIRED_AGAINST`
+    summed over the runs where both have per-problem outcomes (None where none has). Methods
+    missing from a run are left out of its mean."""
     per_run = [{r["method"]: r for r in collect(d)["methods"]} for d in run_dirs]
     names = list(dict.fromkeys(m for run in per_run for m in run))
     rows = []
@@ -118,6 +142,13 @@ def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
         for key in ROUTING_KEYS:
             vals = [run[name].get(key) for run in per_run if name in run and run[name].get(key) is not None]
             row[key] = statistics.fmean(vals) if vals else None
+        pairs = [
+            paired_counts(run[name].get("correct"), run[PAIRED_AGAINST].get("correct"))
+            for run in per_run
+            if name in run and PAIRED_AGAINST in run
+        ]
+        pairs = [p for p in pairs if p is not None]
+        row["paired"] = (sum(p[0] for p in pairs), sum(p[1] for p in pairs)) if pairs else None
         rows.append(row)
     return rows
 
@@ -129,8 +160,9 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
     lines = [
         "| method | "
         + " | ".join(heads)
-        + " | mean ± std | NMI | load CV | routing entropy | KL(T ‖ model) |",
-        "|---|" + "---|" * (len(heads) + 5),
+        + " | mean ± std | NMI | load CV | routing entropy | KL(T ‖ model) "
+        + f"| won / lost vs {PAIRED_AGAINST} |",
+        "|---|" + "---|" * (len(heads) + 6),
     ]
     for r in rows:
         accs = " | ".join(_fmt(a, True) for a in r["accuracy"])
@@ -138,7 +170,8 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
         kl = r["kl_to_teacher"]
         lines.append(
             f"| {r['method']} | {accs} | {spread} | {_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | "
-            f"{_fmt(r['routing_entropy'])} | {'–' if kl is None else f'{kl:.2e}'} |"
+            f"{_fmt(r['routing_entropy'])} | {'–' if kl is None else f'{kl:.2e}'} | "
+            f"{_fmt_paired(r['paired'])} |"
         )
     return "\n".join(lines)
 

@@ -59,7 +59,8 @@ def evaluate(
     """Greedy pass@1 on `problems` (one sample per problem, exact match of the final answer).
 
     Returns:
-        `accuracy`, `n`, `accuracy/<kind>` per problem kind and `completions`. With `control`
+        `accuracy`, `n`, `accuracy/<kind>` per problem kind, `completions` and `correct` (one bool
+        per problem, in order: what paired comparisons between models count). With `control`
         (a `RoutingControl` on an MoE model) also `nmi` (expert–kind NMI over every routed slot
         of every non-padding token, prompt and response, mean over layers), `nmi_per_layer`,
         `load_cv`, `routing_entropy` and `tokens_per_expert` ([L][E] routed slots).
@@ -105,6 +106,7 @@ def evaluate(
         "accuracy": sum(correct) / max(len(correct), 1),
         "n": len(correct),
         "completions": completions,
+        "correct": correct,
     }
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for p, ok in zip(problems, correct, strict=True):
