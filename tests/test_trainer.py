@@ -186,9 +186,10 @@ def test_padd_steps_keep_losses_finite_and_lower_the_kd_loss():
     assert history[-1]["router_drift"] > 0  # the second update sees a moved router
 
 
-def test_kd_on_negative_distils_only_the_poor_paths():
-    """`kd_on="negative"`: the logged L_KD (at θ_old) is the reference KD loss over the response
-    tokens of rows with A < 0 only, and differs from KD over every row."""
+@pytest.mark.parametrize("kd_on", ["negative", "non_negative"])
+def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
+    """`kd_on="negative"` ("non_negative"): the logged L_KD (at θ_old) is the reference KD loss over
+    the response tokens of rows with A < 0 (A ≥ 0) only, and differs from KD over every row."""
     from padd.kernels import kd_loss_reference
 
     def digit_count(text, problem):  # varies within a group, so some advantages are negative
@@ -197,7 +198,7 @@ def test_kd_on_negative_distils_only_the_poor_paths():
     student, teacher = tiny_student(), tiny_teacher()
     student_at_start = copy.deepcopy(student)
     trainer = PADDTrainer(
-        student, teacher, char_tokenizer(), small_config(seed=5, kd_on="negative"), reward_fn=digit_count
+        student, teacher, char_tokenizer(), small_config(seed=5, kd_on=kd_on), reward_fn=digit_count
     )
     seen = {}
     update = trainer._update
@@ -220,8 +221,9 @@ def test_kd_on_negative_distils_only_the_poor_paths():
         keep = batch.response_mask_BR.bool() & rows_B[:, None]
         return float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp_BR[keep]))
 
-    assert m["kd_loss"] == pytest.approx(kd_over(adv < 0), rel=1e-4)
-    assert abs(kd_over(adv < 0) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
+    rows = adv < 0 if kd_on == "negative" else adv >= 0
+    assert m["kd_loss"] == pytest.approx(kd_over(rows), rel=1e-4)
+    assert abs(kd_over(rows) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
 
 
 def test_kd_on_is_checked():

@@ -76,8 +76,8 @@ class PADDConfig:
     kd_on: str = field(
         default="all",
         metadata=_meta(
-            "rollouts L_KD averages over: 'all' (the method) or 'negative' (only A < 0: the teacher "
-            "corrects poor paths and leaves the good ones to the reward)"
+            "rollouts L_KD averages over: 'all' (the method), 'negative' (only A < 0: the teacher "
+            "corrects poor paths) or 'non_negative' (A ≥ 0: the poor paths are left to the reward)"
         ),
     )
     kd_fused: bool | str = field(

@@ -31,8 +31,9 @@ __all__ = [
 SCALE_REWARDS = ("group", "batch", "none")
 TEMPERATURE_FORMS = ("corrected", "paper")
 DRIFT_ON = ("negative", "all", "none")
-# Which rollouts Stage II distils on: every one (the method), or only the poor paths (A < 0).
-KD_ON = ("all", "negative")
+# Which rollouts Stage II distils on: every one (the method), only the poor paths (A < 0), or
+# all but the poor paths (A ≥ 0).
+KD_ON = ("all", "negative", "non_negative")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ One `step(problems)`:
    detached log-probs and router probabilities *are* the old policy's (bit-identical to a
    separate no-grad forward, one forward cheaper). Each update: drift Γ between current and old
    router probs (Stage III), ratio ρ̂ = ρ·exp(−λ·sg(Γ)·1[A<0]), clipped surrogate J, KD on
-   response tokens (of every rollout, or with `kd_on="negative"` of those with A < 0 only), loss
+   response tokens (of every rollout, or with `kd_on` of those with A < 0, or A ≥ 0, only), loss
    `−J + α_KD·L_KD (+ β·KL_ref)`, optimiser step, then Stage IV: the selection bias moves by
    `−η(f_j − f̄) + γ·EMA(A_j)` from the load and mean advantage of the tokens routed in that
    forward (summed over ranks when torch.distributed is initialised).
@@ -302,6 +302,15 @@ class PADDTrainer:
             return None
         return fn
 
+    def _kd_mask(self, mask_BR: torch.Tensor, adv_B: torch.Tensor) -> torch.Tensor:
+        """The response tokens L_KD averages over: those of the rollouts `kd_on` names."""
+        rows_B = {
+            "all": torch.ones_like(adv_B, dtype=torch.bool),
+            "negative": adv_B < 0,
+            "non_negative": adv_B >= 0,
+        }
+        return mask_BR * rows_B[self.config.kd_on].to(mask_BR.dtype)[:, None]
+
     def _kd_term(self, student_hidden_BRH, student_logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR):
         """L_KD = mean over response tokens of D(p*_T ‖ p_S), teacher at T_eff of its sequence."""
         cfg = self.config
@@ -412,8 +421,9 @@ class PADDTrainer:
         )
         loss = -objective
         if teacher_hidden_BRH is not None:
-            kd_mask_BR = mask_BR if cfg.kd_on == "all" else mask_BR * (adv_B < 0).to(mask_BR.dtype)[:, None]
-            kd = self._kd_term(fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, kd_mask_BR)
+            kd = self._kd_term(
+                fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, self._kd_mask(mask_BR, adv_B)
+            )
             loss = loss + cfg.alpha_kd * kd
             log["kd_loss"].append(float(kd.detach()))
         if old.ref_logp_BR is not None:
