@@ -226,6 +226,48 @@ def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
     assert abs(kd_over(rows) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
 
 
+def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves():
+    """`kd_on="teacher_correct"`: L_KD covers the rollouts of the prompts whose greedy teacher
+    answer is right (re-derived here from the teacher's own greedy output), and no other."""
+    from padd.kernels import kd_loss_reference
+
+    from padd.training.rewards import extract_answer, is_correct
+
+    teacher, tok = tiny_teacher(), char_tokenizer()
+    greedy = generate(teacher, tok, [format_prompt(p.question) for p in PROBLEMS], num_generations=1,
+                      do_sample=False, max_new_tokens=8)  # fmt: skip
+    first = extract_answer(greedy.completions[0])
+    assert first is not None  # the seeded tiny teacher writes a number for the first prompt
+    # The first problem's answer is what the teacher says: it "solves" that one and no other.
+    problems = [Problem(PROBLEMS[0].question, "", first, "add"), *PROBLEMS[1:]]
+    solved = [is_correct(c, p.final_answer) for c, p in zip(greedy.completions, problems, strict=True)]
+    assert solved == [True, False, False]
+
+    student = tiny_student()
+    student_at_start = copy.deepcopy(student)
+    trainer = PADDTrainer(student, teacher, tok, small_config(seed=5, kd_on="teacher_correct"))
+    seen = {}
+    update = trainer._update
+
+    def capture(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest):
+        seen.update(batch=batch, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
+        return update(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest)
+
+    trainer._update = capture
+    m = trainer.step(problems)
+    batch, G = seen["batch"], trainer.config.num_generations
+    with torch.no_grad():
+        hidden, _, _ = forward_with_routing(student_at_start, batch.sequences_BS, batch.attention_mask_BS)
+        s_logits = student_at_start.get_output_embeddings()(response_slice(hidden, batch.prompt_length))
+        t_logits = teacher.get_output_embeddings()(seen["hidden"])
+    keep = batch.response_mask_BR.bool().clone()
+    keep[G:] = False  # rows are prompt-major: the first G rows are the solved prompt's
+    temp = seen["t_eff"][:, None].expand_as(keep)
+    expected = float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp[keep]))
+    assert m["kd_rows"] == pytest.approx(1 / 3)
+    assert m["kd_loss"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_kd_on_is_checked():
     with pytest.raises(ValueError, match="kd_on"):
         PADDConfig(kd_on="positive")

@@ -77,7 +77,9 @@ class PADDConfig:
         default="all",
         metadata=_meta(
             "rollouts L_KD averages over: 'all' (the method), 'negative' (only A < 0: the teacher "
-            "corrects poor paths) or 'non_negative' (A ≥ 0: the poor paths are left to the reward)"
+            "corrects poor paths), 'non_negative' (A ≥ 0: the poor paths are left to the reward) or "
+            "'teacher_correct' (prompts whose greedy teacher answer earns the answer reward: a teacher "
+            "weaker than its student is distilled only where the verifier says it is right)"
         ),
     )
     kd_fused: bool | str = field(

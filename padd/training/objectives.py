@@ -31,9 +31,9 @@ __all__ = [
 SCALE_REWARDS = ("group", "batch", "none")
 TEMPERATURE_FORMS = ("corrected", "paper")
 DRIFT_ON = ("negative", "all", "none")
-# Which rollouts Stage II distils on: every one (the method), only the poor paths (A < 0), or
-# all but the poor paths (A ≥ 0).
-KD_ON = ("all", "negative", "non_negative")
+# Which rollouts Stage II distils on: every one (the method), only the poor paths (A < 0), all
+# but the poor paths (A ≥ 0), or those of prompts the teacher answers right itself (greedy).
+KD_ON = ("all", "negative", "non_negative", "teacher_correct")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ One `step(problems)`:
    detached log-probs and router probabilities *are* the old policy's (bit-identical to a
    separate no-grad forward, one forward cheaper). Each update: drift Γ between current and old
    router probs (Stage III), ratio ρ̂ = ρ·exp(−λ·sg(Γ)·1[A<0]), clipped surrogate J, KD on
-   response tokens (of every rollout, or with `kd_on` of those with A < 0, or A ≥ 0, only), loss
+   response tokens (of every rollout, or of those `kd_on` names), loss
    `−J + α_KD·L_KD (+ β·KL_ref)`, optimiser step, then Stage IV: the selection bias moves by
    `−η(f_j − f̄) + γ·EMA(A_j)` from the load and mean advantage of the tokens routed in that
    forward (summed over ranks when torch.distributed is initialised).
@@ -249,6 +249,10 @@ class PADDTrainer:
             teacher_out, t_eff_B, route_target = self._score_with_teacher(batch, adv_B)
             if not cfg.use_kd:  # the teacher ran for the routing targets only
                 teacher_out, t_eff_B = None, None
+        kd_rows_B = None
+        if teacher_out is not None:
+            kd_rows_B = self._kd_rows(adv_B, problems)
+            metrics["kd_rows"] = float(kd_rows_B.float().mean())
         if t_eff_B is not None:
             metrics.update(
                 t_eff_mean=float(t_eff_B.mean()),
@@ -256,7 +260,7 @@ class PADDTrainer:
                 t_eff_max=float(t_eff_B.max()),
             )
         t_teacher = time.perf_counter()
-        metrics.update(self._update(batch, adv_B, teacher_out, t_eff_B, route_target))
+        metrics.update(self._update(batch, adv_B, teacher_out, t_eff_B, route_target, kd_rows_B))
         t_end = time.perf_counter()
         metrics.update(
             time_generation=t_gen - t_start,
@@ -302,14 +306,35 @@ class PADDTrainer:
             return None
         return fn
 
-    def _kd_mask(self, mask_BR: torch.Tensor, adv_B: torch.Tensor) -> torch.Tensor:
-        """The response tokens L_KD averages over: those of the rollouts `kd_on` names."""
-        rows_B = {
-            "all": torch.ones_like(adv_B, dtype=torch.bool),
-            "negative": adv_B < 0,
-            "non_negative": adv_B >= 0,
-        }
-        return mask_BR * rows_B[self.config.kd_on].to(mask_BR.dtype)[:, None]
+    def _kd_rows(self, adv_B: torch.Tensor, problems: Sequence[Problem]) -> torch.Tensor:
+        """The rollouts L_KD averages over (bool [B]), as `kd_on` names them."""
+        kd_on = self.config.kd_on
+        if kd_on == "negative":
+            return adv_B < 0
+        if kd_on == "non_negative":
+            return adv_B >= 0
+        if kd_on == "teacher_correct":
+            return (
+                self._teacher_solves(problems).to(adv_B.device).repeat_interleave(self.config.num_generations)
+            )
+        return torch.ones_like(adv_B, dtype=torch.bool)
+
+    @torch.no_grad()
+    def _teacher_solves(self, problems: Sequence[Problem]) -> torch.Tensor:
+        """Whether the teacher's own greedy answer to each prompt earns the answer reward (bool [P]):
+        the verifier, not a label, says where the teacher is worth distilling."""
+        greedy = generate(
+            self.teacher,
+            self.tokenizer,
+            [format_prompt(p.question) for p in problems],
+            num_generations=1,
+            do_sample=False,
+            max_new_tokens=self.config.max_new_tokens,
+        )
+        solved = [
+            answer_reward(c, p.final_answer) > 0 for c, p in zip(greedy.completions, problems, strict=True)
+        ]
+        return torch.tensor(solved, dtype=torch.bool)
 
     def _kd_term(self, student_hidden_BRH, student_logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR):
         """L_KD = mean over response tokens of D(p*_T ‖ p_S), teacher at T_eff of its sequence."""
@@ -331,7 +356,9 @@ class PADDTrainer:
             teacher_logits_NV = t_head(teacher_hidden_BRH[keep])
         return kernels.kd_loss(student_logits_BRV[keep], teacher_logits_NV, **loss_kwargs)
 
-    def _update(self, batch: RolloutBatch, adv_B, teacher_hidden_BRH, t_eff_B, route_target_BE=None) -> dict:
+    def _update(
+        self, batch: RolloutBatch, adv_B, teacher_hidden_BRH, t_eff_B, route_target_BE=None, kd_rows_B=None
+    ) -> dict:
         """`num_iterations` optimiser steps on one rollout batch, each followed by Stage IV."""
         cfg = self.config
         log: dict[str, list[float]] = defaultdict(list)
@@ -342,7 +369,7 @@ class PADDTrainer:
             if old is None:  # θ = θ_old at the first update (see module doc)
                 old = _OldPolicy(fwd.logp_BR.detach(), fwd.router_probs, self._reference_logp(batch))
                 routing = self._routing_metrics(fwd.router_logits, fwd.selected, batch)
-            loss = self._loss(fwd, old, batch, adv_B, teacher_hidden_BRH, t_eff_B, log)
+            loss = self._loss(fwd, old, batch, adv_B, teacher_hidden_BRH, t_eff_B, log, kd_rows_B)
             if route_target_BE is not None:
                 route = self._route_term(fwd.router_logits, route_target_BE, batch)
                 loss = loss + cfg.router_weight * route
@@ -402,7 +429,17 @@ class PADDTrainer:
         ).logits
         return token_logprobs(response_slice(logits, P) / self.config.temperature, batch.sequences_BS[:, P:])
 
-    def _loss(self, fwd: _PolicyForward, old: _OldPolicy, batch, adv_B, teacher_hidden_BRH, t_eff_B, log):
+    def _loss(
+        self,
+        fwd: _PolicyForward,
+        old: _OldPolicy,
+        batch,
+        adv_B,
+        teacher_hidden_BRH,
+        t_eff_B,
+        log,
+        kd_rows_B=None,
+    ):
         """`−J_PR-GRPO + α_KD·L_KD (+ β·KL_ref)` for one update; appends its terms to `log`."""
         cfg = self.config
         mask_BR = batch.response_mask_BR
@@ -421,9 +458,8 @@ class PADDTrainer:
         )
         loss = -objective
         if teacher_hidden_BRH is not None:
-            kd = self._kd_term(
-                fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, self._kd_mask(mask_BR, adv_B)
-            )
+            kd_mask_BR = mask_BR if kd_rows_B is None else mask_BR * kd_rows_B.to(mask_BR.dtype)[:, None]
+            kd = self._kd_term(fwd.hidden_BRH, fwd.logits_BRV, teacher_hidden_BRH, t_eff_B, kd_mask_BR)
             loss = loss + cfg.alpha_kd * kd
             log["kd_loss"].append(float(kd.detach()))
         if old.ref_logp_BR is not None:
