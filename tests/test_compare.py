@@ -32,3 +32,31 @@ def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     assert "| teacher_grpo |" in report and "| no_stage1 |" in report
     train = json.loads((run / "done" / "train.json").read_text())
     assert train["router_untied"] == 0.0  # the tied router rows stayed tied through training
+
+
+def test_a_run_tuning_padd_keeps_the_baselines_standard():
+    """`training.params` tune the shared loop (learning rate, scales) for every method, but cannot
+    change what defines a baseline or ablation: its preset's switches win."""
+    from padd.pipeline.methods import training_config
+
+    params = {"kd_on": "teacher_correct", "drift_on": "all", "use_kd": True, "learning_rate": 3e-5}
+    padd = training_config("padd", params, seed=4, router_weight=0.1)
+    assert (padd.kd_on, padd.drift_on, padd.learning_rate, padd.seed, padd.router_weight) == (
+        "teacher_correct",
+        "all",
+        3e-5,
+        4,
+        0.1,
+    )
+    online = training_config("online_kd", params, seed=4, router_weight=0.1)
+    assert (online.kd_on, online.drift_on, online.kd_temperature_mode, online.router_weight) == (
+        "all",
+        "none",
+        "fixed",
+        0.0,
+    )
+    assert online.learning_rate == 3e-5
+    assert training_config("no_stage2", params, seed=4).use_kd is False
+    assert training_config("vanilla_grpo", params, seed=4).drift_on == "none"
+    no3 = training_config("no_stage3", params, seed=4)
+    assert no3.drift_on == "none" and no3.kd_on == "teacher_correct"  # only Stage III is removed

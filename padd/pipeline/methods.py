@@ -28,14 +28,16 @@ STAGE1_ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def training_config(method: str, params: dict[str, Any], seed: int, router_weight: float = 0.0) -> PADDConfig:
-    """The `padd.training` preset `method` with `params` on top (the run seed unless overridden).
+    """The `padd.training` preset `method` with the run's `params` (`training.params`) on top.
 
-    `router_weight` (the run's `router.weight`, 0 when `router.objective` is none) applies to the
-    methods whose preset does not switch teacher-guided routing off (the baselines do)."""
-    base: dict[str, Any] = {"seed": seed}
-    if "router_weight" not in PRESETS.get(method, {}):
-        base["router_weight"] = router_weight
-    return preset(method, **{**base, **params})
+    A preset's own switches win over the run's params: those define the baseline or ablation, so
+    a run that tunes PADD (say `kd_on` or `drift_on`) compares it with the standard baselines,
+    not with baselines changed the same way. Everything a preset leaves alone (learning rate,
+    rollouts, scales) comes from `params`. `router_weight` (the run's `router.weight`, 0 when
+    `router.objective` is none) likewise applies where the preset does not switch teacher-guided
+    routing off (the baselines do); the seed is the run's unless `params` set one."""
+    pinned = PRESETS.get(method, {})
+    return preset(method, **{"seed": seed, "router_weight": router_weight, **params, **pinned})
 
 
 def run_router_weight(cfg: PADDRunConfig) -> float:

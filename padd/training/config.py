@@ -194,6 +194,7 @@ PRESETS: dict[str, dict] = {
     "vanilla_grpo": {"use_kd": False, "drift_on": "none", "use_bias": False, "router_weight": 0.0},
     "online_kd": {
         "use_kd": True,
+        "kd_on": "all",
         "kd_temperature_mode": "fixed",
         "drift_on": "none",
         "use_bias": False,
