@@ -51,6 +51,7 @@ from .checkpointing import (
     write_checkpoint,
 )
 from .config import PADDConfig
+from .evaluation import evaluate
 from .metrics import expert_counts, load_cv, routing_entropy
 from .objectives import (
     advantage_temperature,
@@ -323,18 +324,14 @@ class PADDTrainer:
     def _teacher_solves(self, problems: Sequence[Problem]) -> torch.Tensor:
         """Whether the teacher's own greedy answer to each prompt earns the answer reward (bool [P]):
         the verifier, not a label, says where the teacher is worth distilling."""
-        greedy = generate(
+        graded = evaluate(
             self.teacher,
             self.tokenizer,
-            [format_prompt(p.question) for p in problems],
-            num_generations=1,
-            do_sample=False,
+            problems,
             max_new_tokens=self.config.max_new_tokens,
+            batch_size=len(problems),
         )
-        solved = [
-            answer_reward(c, p.final_answer) > 0 for c, p in zip(greedy.completions, problems, strict=True)
-        ]
-        return torch.tensor(solved, dtype=torch.bool)
+        return torch.tensor(graded["correct"], dtype=torch.bool)
 
     def _kd_term(self, student_hidden_BRH, student_logits_BRV, teacher_hidden_BRH, t_eff_B, mask_BR):
         """L_KD = mean over response tokens of D(p*_T ‖ p_S), teacher at T_eff of its sequence."""
