@@ -11,13 +11,15 @@
 #   0. install padd (no deps: the GPU image brings torch/triton/transformers; optional peers such
 #      as liger-kernel travel as wheels in .whl/); if .whl/megablocks-*.tar.gz (and the
 #      stanford-stk sdist) are there, build them in the background (megablocks-build.log).
-#   1. kernel tests: tests/kernels, bf16 included.
+#   1. kernel tests: tests/kernels, bf16 included; tests/test_pipeline.py (the stages on CUDA).
 #   2. MoE FFN, fwd and fwd+bwd, 5 models, decode (T=1,8,64) then prefill/training
-#      (T=512,4096,32768), against transformers eager/grouped_mm/batched_mm and Liger;
+#      (T=512,4096,32768), against transformers eager/grouped_mm/batched_mm;
 #      KD loss N=16384 V=128256 (forward KL, JSD); fused-linear JSD N=8192 V=128256 H=4096
 #      against LigerFusedLinearJSD (time and peak memory).
 #   3. PADD step vs MoE-vanilla-GRPO; generate() tokens/s (padd vs transformers' default);
-#      MegaBlocks dMoE as a MoE FFN peer (if it built); routing, if time is left.
+#      MegaBlocks dMoE as a MoE FFN peer (if it built); routing and Liger's fused MoE (two
+#      models, T=4096,32768), if time is left.
+# With $OUT set (the device tool) and RESULTS elsewhere, everything ends up in $OUT/gpu-results.tgz.
 # PADD_GPU_PHASES="moe-prefill,generate" runs only the named phases (names as in phases.txt),
 # e.g. to finish in a second call what a first one had no time for. PADD_GPU_DRY_RUN=1 installs
 # nothing and only prints each phase's command (after PADD_GPU_DRY_SLEEP seconds): a CPU check of
@@ -110,11 +112,17 @@ fi
 
 # ---- 1. kernel tests (a speed-up is only worth reporting for kernels whose tests pass) --------
 # xdist when present: one process per test file would leave the CPU cores idle while Triton compiles.
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-phase kernel-tests 140 30 python3 -m pytest tests/kernels -q -p no:cacheprovider $XDIST -rfE
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+# tests/test_pipeline.py runs the stages end to end on CUDA (padd train on the Triton experts).
+# PADD_FAIL_LOG (tests/conftest.py): each failure's traceback is written as it happens, so a
+# phase cut off at its limit still says why (on 2026-11-27 two cut-off runs named their failures
+# but lost every traceback, which pytest prints only at the end).
+PADD_FAIL_LOG="$RESULTS/test-failures.log" phase kernel-tests 170 30 python3 -m pytest tests/kernels tests/test_pipeline.py -q -p no:cacheprovider $XDIST -rfE
 
 # ---- 2. MoE FFN, KD loss, fused-linear KD -----------------------------------------------------
-MOE_PEERS=grouped_mm,batched_mm,liger,eager
+# Liger's fused MoE autotunes at every new shape (on an H200, 2026-11-27, one Mixtral T=1 shape
+# did not finish in 100 s), so it has its own later phase instead of holding up the others.
+MOE_PEERS=grouped_mm,batched_mm,eager
 PADD_BENCH_TAG=decode PADD_BENCH_TOKENS=1,8,64 PADD_BENCH_PEERS=$MOE_PEERS \
     phase moe-decode 100 20 "${BENCH[@]}" benchmarks/bench_moe_ffn.py
 PADD_BENCH_TAG=prefill PADD_BENCH_TOKENS=512,4096,32768 PADD_BENCH_PEERS=$MOE_PEERS \
@@ -140,6 +148,8 @@ if wanted moe-megablocks && [[ -n "$MB_PID" ]]; then
     fi
 fi
 phase routing 60 45 "${BENCH[@]}" benchmarks/bench_routing.py
+PADD_BENCH_TAG=liger PADD_BENCH_TOKENS=4096,32768 PADD_BENCH_MODELS=qwen3-30b-a3b,olmoe-1b-7b \
+    PADD_BENCH_PEERS=liger phase moe-liger 90 40 "${BENCH[@]}" benchmarks/bench_moe_ffn.py
 
 if [[ -n "$MB_PID" ]] && kill -0 "$MB_PID" 2>/dev/null; then
     kill -TERM -- "-$MB_PID" 2>/dev/null  # the build's own process group, started above
@@ -147,4 +157,8 @@ if [[ -n "$MB_PID" ]] && kill -0 "$MB_PID" 2>/dev/null; then
 fi
 python3 benchmarks/summarize.py "$RESULTS"/*-gpu-*.json > "$RESULTS/summary.md" 2>&1 || true
 note "done: failed phases=$FAILED (see phases.txt and the PHASE.log files)"
+# The device tool returns at most 8 files from $OUT: with results elsewhere, one tarball of all.
+if [[ -n "${OUT:-}" && "$RESULTS" != "$(cd "$OUT" && pwd)" ]]; then
+    tar czf "$OUT/gpu-results.tgz" -C "$RESULTS" . && cp "$PHASES_TXT" "$RESULTS/summary.md" "$OUT/"
+fi
 exit "$FAILED"

@@ -24,6 +24,16 @@ def _seed():
     yield
 
 
+def pytest_runtest_logreport(report):
+    """With PADD_FAIL_LOG=path, each failure's traceback is appended to that file as it happens
+    (by the xdist controller only, not its workers), so a run cut off by a time limit, as on a
+    lent GPU, still says why its tests failed: pytest itself prints tracebacks at the end."""
+    path = os.environ.get("PADD_FAIL_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -7,6 +7,13 @@ import torch
 from padd.kernels import route
 
 
+def _draw(gen, *shape, kind="randn"):
+    """Seeded draws from a CPU generator, moved to the default device (CUDA on a GPU machine,
+    see conftest.py): a CPU generator cannot draw CUDA tensors."""
+    draw = torch.randn if kind == "randn" else torch.rand
+    return draw(*shape, generator=gen, device="cpu").to(torch.get_default_device())
+
+
 def _deepseek_v3_reference(logits, bias, k):
     """DeepSeek-V3's selection without groups, written out independently."""
     scores = torch.sigmoid(logits.float())
@@ -18,9 +25,9 @@ def _deepseek_v3_reference(logits, bias, k):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_sigmoid_bias_selects_like_deepseek_v3(backend):
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(37, 16, generator=gen) * 3
+    logits = _draw(gen, 37, 16) * 3
     # A bias of the scores' scale: adding it to the logits instead would choose differently.
-    bias = torch.rand(16, generator=gen) * 0.5
+    bias = _draw(gen, 16, kind="rand") * 0.5
     r = route(logits, 4, score="sigmoid", selection_bias=bias, backend=backend)
     want_e, want_w = _deepseek_v3_reference(logits, bias, 4)
     got_e = r.expert_ids.long()
@@ -34,8 +41,8 @@ def test_sigmoid_bias_selects_like_deepseek_v3(backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_softmax_bias_stays_on_the_logits(backend):
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(29, 8, generator=gen)
-    bias = torch.randn(8, generator=gen)
+    logits = _draw(gen, 29, 8)
+    bias = _draw(gen, 8)
     r = route(logits, 2, score="softmax", selection_bias=bias, backend=backend)
     want = torch.topk(logits + bias, 2, dim=-1).indices
     assert torch.equal(torch.sort(r.expert_ids.long(), 1).values, torch.sort(want, 1).values)
