@@ -59,6 +59,23 @@ def _configs(kind: str) -> list[triton.Config]:
     ]
 
 
+def _prune_to_problem(block_extents: dict[str, str]):
+    """`early_config_prune` that drops tiles larger than the problem: a config whose block
+    (`BLOCK_M`, `BLOCK_N` or `BLOCK_K`) exceeds its extent (the kernel argument named beside it,
+    rounded up to a power of two, at least 64) only adds masked work. Decode batches and small test
+    shapes then compile and time one or two configs instead of every one; shapes whose extents
+    all reach the largest tile (e.g. every shape in benchmarks/results) keep the full list."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        limit = {b: max(64, triton.next_power_of_2(int(args[a]))) for b, a in block_extents.items()}
+        kept = [c for c in configs if all(c.kwargs[b] <= limit[b] for b in block_extents)]
+        # Never empty: with no config within bounds, the one with the smallest tiles.
+        return kept or [min(configs, key=lambda c: [c.kwargs[b] for b in block_extents])]
+
+    return prune
+
+
 @triton.jit
 def _expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Map row-tile `pid_m` to (expert, first sorted row, end row of that expert); expert == E: idle."""
@@ -85,7 +102,13 @@ def _split_pid(n_cols, BLOCK_N: tl.constexpr):
     return pid // n_tiles, pid % n_tiles
 
 
-@triton.autotune(configs=_configs("dual"), key=["H", "I", "ROWS_BUCKET"])
+@triton.autotune(
+    configs=_configs("dual"),
+    key=["H", "I", "ROWS_BUCKET"],
+    prune_configs_by={
+        "early_config_prune": _prune_to_problem({"BLOCK_M": "ROWS_BUCKET", "BLOCK_N": "I", "BLOCK_K": "H"})
+    },
+)
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr,
@@ -148,7 +171,15 @@ def _gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs("single"), key=["N", "K_DIM", "ROWS_BUCKET"])
+@triton.autotune(
+    configs=_configs("single"),
+    key=["N", "K_DIM", "ROWS_BUCKET"],
+    prune_configs_by={
+        "early_config_prune": _prune_to_problem(
+            {"BLOCK_M": "ROWS_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K_DIM"}
+        )
+    },
+)
 @triton.jit
 def _scatter_down_kernel(
     a_ptr,
@@ -209,7 +240,11 @@ def _scatter_down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs("triple"), key=["H", "I", "ROWS_BUCKET"])
+@triton.autotune(
+    configs=_configs("triple"),
+    key=["H", "I", "ROWS_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_to_problem({"BLOCK_M": "ROWS_BUCKET", "BLOCK_K": "H"})},
+)
 @triton.jit
 def _swiglu_backward_kernel(
     x_ptr,
@@ -314,7 +349,13 @@ def _swiglu_backward_kernel(
     )
 
 
-@triton.autotune(configs=_configs("single"), key=["M", "N", "ROWS_BUCKET"])
+@triton.autotune(
+    configs=_configs("single"),
+    key=["M", "N", "ROWS_BUCKET"],
+    prune_configs_by={
+        "early_config_prune": _prune_to_problem({"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "ROWS_BUCKET"})
+    },
+)
 @triton.jit
 def _expert_weight_grad_kernel(
     a_ptr,

@@ -297,3 +297,38 @@ def test_triton_int64_offsets_gpu():
     sub_x.requires_grad_()
     (dx_ref,) = torch.autograd.grad(moe_ffn_reference(sub_x, w13, w2, sub_r), sub_x, grad[rows])
     assert_matches(dx[rows], dx_ref, torch.bfloat16)
+
+
+def test_autotune_prunes_tiles_larger_than_the_problem():
+    """Small problems (decode, these tests on a GPU) time only tiles that fit them; large ones keep
+    every config. Pure Python: the prune runs before any compile."""
+    import triton
+
+    tiles = [(128, 256), (128, 128), (64, 128), (64, 64)]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}) for m, n in tiles]
+    prune = moe_triton._prune_to_problem({"BLOCK_M": "ROWS_BUCKET", "BLOCK_N": "I"})
+
+    def kept(**extents):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in prune(configs, extents)]
+
+    assert kept(ROWS_BUCKET=2, I=16) == [(64, 64)]  # both below the 64 floor
+    assert kept(ROWS_BUCKET=100, I=100) == [(128, 128), (64, 128), (64, 64)]  # limits 128, 128
+    assert kept(ROWS_BUCKET=512, I=768) == tiles
+    # Nothing within bounds: the smallest tiles, never an empty list.
+    assert prune(configs[:2], {"ROWS_BUCKET": 1, "I": 1}) == [configs[1]]
+    # The GPU tile lists at a test shape: one or two configs left to compile per kernel.
+    gpu = {
+        kind: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}) for m, n, k, *_ in tiles]
+        for kind, tiles in moe_triton._GPU_TILES.items()
+    }
+    small = {"ROWS_BUCKET": 4, "H": 40, "I": 24, "N": 40, "K_DIM": 24, "M": 40}
+    dual = moe_triton._prune_to_problem({"BLOCK_M": "ROWS_BUCKET", "BLOCK_N": "I", "BLOCK_K": "H"})
+    triple = moe_triton._prune_to_problem({"BLOCK_M": "ROWS_BUCKET", "BLOCK_K": "H"})
+    assert len(dual(gpu["dual"], small)) == 1 and len(triple(gpu["triple"], small)) == 2
+    for kernel in (
+        moe_triton._gate_up_swiglu_kernel,
+        moe_triton._scatter_down_kernel,
+        moe_triton._swiglu_backward_kernel,
+        moe_triton._expert_weight_grad_kernel,
+    ):
+        assert kernel.early_config_prune is not None
