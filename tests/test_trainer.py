@@ -186,14 +186,16 @@ def test_padd_steps_keep_losses_finite_and_lower_the_kd_loss():
     assert history[-1]["router_drift"] > 0  # the second update sees a moved router
 
 
+def digit_count(text, problem):
+    """A reward that varies within a group, so some advantages are negative."""
+    return float(sum(ch.isdigit() for ch in text))
+
+
 @pytest.mark.parametrize("kd_on", ["negative", "non_negative"])
 def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
     """`kd_on="negative"` ("non_negative"): the logged L_KD (at θ_old) is the reference KD loss over
     the response tokens of rows with A < 0 (A ≥ 0) only, and differs from KD over every row."""
     from padd.kernels import kd_loss_reference
-
-    def digit_count(text, problem):  # varies within a group, so some advantages are negative
-        return float(sum(ch.isdigit() for ch in text))
 
     student, teacher = tiny_student(), tiny_teacher()
     student_at_start = copy.deepcopy(student)
@@ -226,9 +228,11 @@ def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
     assert abs(kd_over(rows) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
 
 
-def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves():
+@pytest.mark.parametrize("kd_on", ["teacher_correct", "teacher_correct_negative"])
+def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves(kd_on):
     """`kd_on="teacher_correct"`: L_KD covers the rollouts of the prompts whose greedy teacher
-    answer is right (re-derived here from the teacher's own greedy output), and no other."""
+    answer is right (re-derived here from the teacher's own greedy output), and no other;
+    `"teacher_correct_negative"`: only those rollouts with A < 0."""
     from padd.kernels import kd_loss_reference
 
     from padd.training.rewards import extract_answer, is_correct
@@ -245,12 +249,13 @@ def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves():
 
     student = tiny_student()
     student_at_start = copy.deepcopy(student)
-    trainer = PADDTrainer(student, teacher, tok, small_config(seed=5, kd_on="teacher_correct"))
+    # digit_count grades every rollout differently, so the solved prompt's group has A < 0 rows.
+    trainer = PADDTrainer(student, teacher, tok, small_config(seed=5, kd_on=kd_on), reward_fn=digit_count)
     seen = {}
     update = trainer._update
 
     def capture(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest):
-        seen.update(batch=batch, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
+        seen.update(batch=batch, adv=adv_B, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
         return update(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest)
 
     trainer._update = capture
@@ -262,9 +267,16 @@ def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves():
         t_logits = teacher.get_output_embeddings()(seen["hidden"])
     keep = batch.response_mask_BR.bool().clone()
     keep[G:] = False  # rows are prompt-major: the first G rows are the solved prompt's
+    rows = torch.zeros(len(keep), dtype=torch.bool)
+    rows[:G] = True
+    if kd_on == "teacher_correct_negative":
+        negative = seen["adv"].cpu() < 0
+        assert 0 < int(negative[:G].sum()) < G  # a real subset of the solved prompt's rollouts
+        rows &= negative
+        keep &= negative[:, None].to(keep.device)
     temp = seen["t_eff"][:, None].expand_as(keep)
     expected = float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp[keep]))
-    assert m["kd_rows"] == pytest.approx(1 / 3)
+    assert m["kd_rows"] == pytest.approx(float(rows.float().mean()))
     assert m["kd_loss"] == pytest.approx(expected, rel=1e-4)
 
 

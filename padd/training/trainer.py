@@ -314,10 +314,11 @@ class PADDTrainer:
             return adv_B < 0
         if kd_on == "non_negative":
             return adv_B >= 0
-        if kd_on == "teacher_correct":
-            return (
+        if kd_on.startswith("teacher_correct"):
+            solved = (
                 self._teacher_solves(problems).to(adv_B.device).repeat_interleave(self.config.num_generations)
             )
+            return solved & (adv_B < 0) if kd_on == "teacher_correct_negative" else solved
         return torch.ones_like(adv_B, dtype=torch.bool)
 
     @torch.no_grad()
