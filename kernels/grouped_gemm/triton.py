@@ -64,7 +64,8 @@ def _prune_to_problem(block_extents: dict[str, str]):
     (`BLOCK_M`, `BLOCK_N` or `BLOCK_K`) exceeds its extent (the kernel argument named beside it,
     rounded up to a power of two, at least 64) only adds masked work. Decode batches and small test
     shapes then compile and time one or two configs instead of every one; shapes whose extents
-    all reach the largest tile (e.g. every shape in benchmarks/results) keep the full list."""
+    all reach the largest tile (the prefill and training shapes in benchmarks/results) keep the
+    full list."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
