@@ -470,3 +470,16 @@ def test_stage4_all_reduces_under_torch_distributed(tmp_path):
             if distributed:
                 shutdown()
     assert torch.equal(biases[0], biases[1]) and biases[0].abs().sum() > 0
+
+
+def test_grpo_raises_the_reward_it_is_given():
+    """The policy gradient points the right way: plain GRPO on a random tiny model, rewarded for
+    each '7' it writes, writes more of them (seeded; 0.17 sevens per rollout at the start)."""
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, intermediate_size=64)).eval()
+    config = small_config("vanilla_grpo", learning_rate=1e-3, num_generations=8, max_new_tokens=8)
+    trainer = PADDTrainer(
+        model, None, char_tokenizer(), config, reward_fn=lambda text, p: float(text.count("7"))
+    )
+    rewards = [trainer.step(PROBLEMS)["reward"] for _ in range(30)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.5, rewards
