@@ -109,3 +109,23 @@ def test_moe_configs_with_shared_expert_and_dense_layers():
     a = flops.analytic(qwen2moe, seq_len=8)
     assert a.ffn == 2 * (6 * 32 * 16 * 2 + 6 * 32 * 24) + 6 * 32 * 48
     assert a.router == 2 * (2 * 32 * 6 + 2 * 32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_flops_summary_reads_no_student_weights(arch, tmp_path, monkeypatch):
+    """`eval/flops.json` counts a saved student from its config on `meta`: the same FLOPs and
+    parameter counts as the loaded model, without reading its weights."""
+    import transformers
+
+    from padd.pipeline.evaluate import flops_summary
+
+    teacher = tiny_teacher(arch)
+    student = decompress(teacher, 4, 2)
+    student.save_pretrained(tmp_path)
+    want = flops.compare(teacher, student, seq_len=16, measured=False)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("flops_summary loaded the student's weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    assert flops_summary(teacher, tmp_path, 16) == want

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from padd import flops
 from padd.config import PADDRunConfig
@@ -108,8 +108,12 @@ def teacher_kl(
     return total / max(count, 1)
 
 
-def flops_summary(teacher: PreTrainedModel, student: PreTrainedModel, seq_len: int) -> dict[str, Any]:
-    """FLOPs per token (analytic) and total/active parameters of teacher and student."""
+def flops_summary(teacher: PreTrainedModel, student_path: str | Path, seq_len: int) -> dict[str, Any]:
+    """FLOPs per token (analytic) and total/active parameters of teacher and student.
+
+    The student is counted on the `meta` device from its saved config: no weights are read, since
+    a real student holds N/k times its teacher's FFN parameters and only their shapes matter."""
+    student = flops.meta_model(AutoConfig.from_pretrained(str(student_path)))
     return flops.compare(teacher, student, seq_len=seq_len, measured=False)
 
 
@@ -136,11 +140,7 @@ def evaluate_run(
         ),
     }
     student = run_dir.stage1_student
-    fl = flops_summary(
-        load_teacher(),
-        load_model(student, cfg.teacher.dtype, cfg.run.experts_implementation),
-        cfg.teacher.max_len,
-    )
+    fl = flops_summary(load_teacher(), student, cfg.teacher.max_len)
     atomic_write_json(run_dir.eval_flops, fl)
     summary = {k: v["accuracy"] for k, v in res.items()}
     atomic_write_json(run_dir.eval_summary, summary)
