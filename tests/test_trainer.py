@@ -191,6 +191,27 @@ def digit_count(text, problem):
     return float(sum(ch.isdigit() for ch in text))
 
 
+def _step_with_kd_inputs(trainer, problems, student_at_start, teacher):
+    """One trainer step, what its update saw (batch, advantages, teacher hidden states, T_eff),
+    and the inputs of a reference KD loss on that batch: the student's logits at θ_old (from
+    `student_at_start`) and the teacher's, over the response positions."""
+    seen = {}
+    update = trainer._update
+
+    def capture(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest):
+        seen.update(batch=batch, adv=adv_B, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
+        return update(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest)
+
+    trainer._update = capture
+    metrics = trainer.step(problems)
+    batch = seen["batch"]
+    with torch.no_grad():
+        hidden, _, _ = forward_with_routing(student_at_start, batch.sequences_BS, batch.attention_mask_BS)
+        s_logits = student_at_start.get_output_embeddings()(response_slice(hidden, batch.prompt_length))
+        t_logits = teacher.get_output_embeddings()(seen["hidden"])
+    return metrics, seen, s_logits, t_logits
+
+
 @pytest.mark.parametrize("kd_on", ["negative", "non_negative"])
 def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
     """`kd_on="negative"` ("non_negative"): the logged L_KD (at θ_old) is the reference KD loss over
@@ -202,21 +223,9 @@ def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
     trainer = PADDTrainer(
         student, teacher, char_tokenizer(), small_config(seed=5, kd_on=kd_on), reward_fn=digit_count
     )
-    seen = {}
-    update = trainer._update
-
-    def capture(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest):
-        seen.update(batch=batch, adv=adv_B, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
-        return update(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest)
-
-    trainer._update = capture
-    m = trainer.step(PROBLEMS)
+    m, seen, s_logits, t_logits = _step_with_kd_inputs(trainer, PROBLEMS, student_at_start, teacher)
     batch, adv = seen["batch"], seen["adv"]
     assert (adv < 0).any() and (adv >= 0).any()
-    with torch.no_grad():
-        hidden, _, _ = forward_with_routing(student_at_start, batch.sequences_BS, batch.attention_mask_BS)
-        s_logits = student_at_start.get_output_embeddings()(response_slice(hidden, batch.prompt_length))
-        t_logits = teacher.get_output_embeddings()(seen["hidden"])
     temp_BR = seen["t_eff"][:, None].expand_as(batch.response_mask_BR)
 
     def kd_over(rows_B):
@@ -251,20 +260,8 @@ def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves(kd_on):
     student_at_start = copy.deepcopy(student)
     # digit_count grades every rollout differently, so the solved prompt's group has A < 0 rows.
     trainer = PADDTrainer(student, teacher, tok, small_config(seed=5, kd_on=kd_on), reward_fn=digit_count)
-    seen = {}
-    update = trainer._update
-
-    def capture(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest):
-        seen.update(batch=batch, adv=adv_B, hidden=teacher_hidden_BRH, t_eff=t_eff_B)
-        return update(batch, adv_B, teacher_hidden_BRH, t_eff_B, *rest)
-
-    trainer._update = capture
-    m = trainer.step(problems)
+    m, seen, s_logits, t_logits = _step_with_kd_inputs(trainer, problems, student_at_start, teacher)
     batch, G = seen["batch"], trainer.config.num_generations
-    with torch.no_grad():
-        hidden, _, _ = forward_with_routing(student_at_start, batch.sequences_BS, batch.attention_mask_BS)
-        s_logits = student_at_start.get_output_embeddings()(response_slice(hidden, batch.prompt_length))
-        t_logits = teacher.get_output_embeddings()(seen["hidden"])
     keep = batch.response_mask_BR.bool().clone()
     keep[G:] = False  # rows are prompt-major: the first G rows are the solved prompt's
     rows = torch.zeros(len(keep), dtype=torch.bool)
