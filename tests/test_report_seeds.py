@@ -6,7 +6,7 @@ import pytest
 
 from padd.cli import main
 from padd.config import ConfigError, load_config
-from padd.pipeline.report import paired_counts, render_seeds_markdown, seeds_table
+from padd.pipeline.report import paired_counts, render_seeds_markdown, seeds_table, sign_test_p
 
 
 def _fake_run(root, name, accs, nmi=0.5, correct=None):
@@ -52,8 +52,21 @@ def test_paired_counts_hand_values(tmp_path):
     rows = {r["method"]: r for r in seeds_table(runs)}
     # s0: +1 (third problem) / −0; s1: +1 (first) / −2 (third, fourth)
     assert rows["vanilla"]["paired"] == (2, 2) and rows["padd"]["paired"] == (0, 0)
-    assert "| +2 / −2 |" in render_seeds_markdown(runs)
+    md = render_seeds_markdown(runs)
+    assert "| vanilla | 75.0% | 25.0% |" in md and "| +2 / −2 (p 1) |" in md
+    assert "| +0 / −0 |" in md  # padd against itself: no test
     assert _fake_run(tmp_path, "s2", {"padd": 0.5}) and seeds_table([tmp_path / "s2"])[0]["paired"] is None
+
+
+def test_sign_test_hand_values():
+    # Two-sided exact binomial(n, 1/2): 2 · P(X <= min(won, lost)), capped at 1.
+    assert sign_test_p(4, 0) == pytest.approx(2 / 16)
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert sign_test_p(3, 1) == pytest.approx(2 * (1 + 4) / 16)
+    assert sign_test_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert sign_test_p(1, 1) == 1.0 and sign_test_p(0, 0) == 1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        sign_test_p(-1, 2)
 
 
 def test_report_cli_with_several_runs_prints_the_table(tmp_path, capsys):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,26 @@ def paired_counts(correct: str | None, reference: str | None) -> tuple[int, int]
     return won, lost
 
 
-def _fmt_paired(counts: tuple[int, int] | None) -> str:
-    return "–" if counts is None else f"+{counts[0]} / −{counts[1]}"
+def sign_test_p(won: int, lost: int) -> float:
+    """Exact two-sided sign test: the probability, if either model were as likely as the other to
+    be the one right on a problem where they differ, of a split at least as uneven as `won` /
+    `lost` (ties, where both are right or both wrong, carry no information and are not counted)."""
+    if won < 0 or lost < 0:
+        raise ValueError(f"counts must be >= 0, got {won} and {lost}")
+    n = won + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(won, lost) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _fmt_paired(counts: tuple[int, int] | None, with_p: bool = False) -> str:
+    if counts is None:
+        return "–"
+    text = f"+{counts[0]} / −{counts[1]}"
+    if with_p and sum(counts) > 0:
+        text += f" (p {sign_test_p(*counts):.2g})"
+    return text
 
 
 def _load(path: Path) -> Any:
@@ -161,7 +180,7 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
         "| method | "
         + " | ".join(heads)
         + " | mean ± std | NMI | load CV | routing entropy | KL(T ‖ model) "
-        + f"| won / lost vs {PAIRED_AGAINST} |",
+        + f"| won / lost vs {PAIRED_AGAINST} (sign test) |",
         "|---|" + "---|" * (len(heads) + 6),
     ]
     for r in rows:
@@ -171,7 +190,7 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
         lines.append(
             f"| {r['method']} | {accs} | {spread} | {_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | "
             f"{_fmt(r['routing_entropy'])} | {'–' if kl is None else f'{kl:.2e}'} | "
-            f"{_fmt_paired(r['paired'])} |"
+            f"{_fmt_paired(r['paired'], with_p=r['method'] != PAIRED_AGAINST)} |"
         )
     return "\n".join(lines)
 
