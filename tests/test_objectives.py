@@ -148,6 +148,24 @@ def test_expert_load_and_advantage():
     torch.testing.assert_close(sums, torch.tensor([[1.0, 0.0, -1.0, 0.0]], dtype=torch.float64))
 
 
+def test_stage4_reward_signal_vanishes_when_a_prompt_fixes_the_route():
+    """Why Stage IV's reward term is inert on sequence-routed students: when all G rollouts of a
+    prompt take the same experts on every token and have equal lengths, each expert's summed
+    advantage is a sum of whole groups, and group advantages are centred, so A_j = 0. One
+    rollout taking another route on one token makes it nonzero."""
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # P = 2, G = 4
+    adv_B = group_advantages(rewards).reshape(-1)
+    R = 3  # response tokens per rollout
+    token_adv = adv_B.repeat_interleave(R)
+    route_P = torch.tensor([[0, 1], [2, 3]])  # prompt 0 → experts 0, 1; prompt 1 → 2, 3
+    sel = route_P.repeat_interleave(4 * R, dim=0)
+    _, sums = expert_load_and_advantage([sel], token_adv, None, 4)
+    torch.testing.assert_close(sums, torch.zeros(1, 4, dtype=torch.float64), atol=1e-5, rtol=0)
+    sel[1 * R] = torch.tensor([2, 3])  # rollout 1 (A < 0) of prompt 0, first token, elsewhere
+    _, sums = expert_load_and_advantage([sel], token_adv, None, 4)
+    assert sums[0, 0] > 0 and sums[0, 2] < 0
+
+
 def test_update_selection_bias_corrected_sign_and_ema():
     bias = torch.zeros(1, 4)
     f = torch.tensor([[0.55, 0.15, 0.15, 0.15]])  # f̄ = .25 → excess [.3, −.1, −.1, −.1]

@@ -180,7 +180,8 @@ def test_padd_steps_keep_losses_finite_and_lower_the_kd_loss():
         assert 0.5 - 1e-6 <= m["t_eff_min"] <= m["t_eff_mean"] <= m["t_eff_max"] <= 1.5 + 1e-6
         assert {"reward", "accuracy", "kd_loss", "router_drift", "load_cv", "routing_entropy",
                 "tokens_per_expert", "clip_fraction", "time_generation", "time_teacher",
-                "time_update"} <= set(m)  # fmt: skip
+                "time_update", "bias_abs_mean", "expert_adv_ema_abs"} <= set(m)  # fmt: skip
+    assert history[-1]["expert_adv_ema_abs"] == pytest.approx(float(trainer.ema_state.abs().mean()))
     kd = [m["kd_loss"] for m in history]
     assert kd[-1] < 0.7 * kd[0], kd
     assert history[-1]["router_drift"] > 0  # the second update sees a moved router

@@ -398,6 +398,9 @@ class PADDTrainer:
         out.update(routing)
         if self.moe:
             out["bias_abs_mean"] = float(self.control.selection_bias.abs().mean())
+            # Stage IV's reward signal, mean |EMA(A_j)|: near 0 when every rollout of a prompt
+            # takes the same experts (advantages are centred within each prompt's group).
+            out["expert_adv_ema_abs"] = float(self.ema_state.abs().mean())
         return out
 
     def _policy_forward(self, batch: RolloutBatch) -> _PolicyForward:
