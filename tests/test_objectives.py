@@ -149,10 +149,10 @@ def test_expert_load_and_advantage():
 
 
 def test_stage4_reward_signal_vanishes_when_a_prompt_fixes_the_route():
-    """Why Stage IV's reward term is inert on sequence-routed students: when all G rollouts of a
-    prompt take the same experts on every token and have equal lengths, each expert's summed
-    advantage is a sum of whole groups, and group advantages are centred, so A_j = 0. One
-    rollout taking another route on one token makes it nonzero."""
+    """Stage IV's reward signal comes only from rollouts of one prompt that route differently:
+    when all G rollouts take the same experts on every token and have equal lengths, each
+    expert's summed advantage is a sum of whole groups, and group advantages are centred, so
+    A_j = 0. One rollout taking another route on one token makes it nonzero."""
     rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # P = 2, G = 4
     adv_B = group_advantages(rewards).reshape(-1)
     R = 3  # response tokens per rollout

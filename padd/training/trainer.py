@@ -398,8 +398,8 @@ class PADDTrainer:
         out.update(routing)
         if self.moe:
             out["bias_abs_mean"] = float(self.control.selection_bias.abs().mean())
-            # Stage IV's reward signal, mean |EMA(A_j)|: near 0 when every rollout of a prompt
-            # takes the same experts (advantages are centred within each prompt's group).
+            # Stage IV's reward signal, mean |EMA(A_j)|: it comes only from rollouts of one
+            # prompt that take different experts (advantages are centred per prompt).
             out["expert_adv_ema_abs"] = float(self.ema_state.abs().mean())
         return out
 
