@@ -310,6 +310,12 @@ def test_reference_kl_term_runs_when_beta_positive():
     assert m["ref_kl"] >= 0 and math.isfinite(m["loss"])
 
 
+def test_a_reference_without_beta_is_refused():
+    student = tiny_student()
+    with pytest.raises(ValueError, match="only used with PADDConfig.beta > 0"):
+        PADDTrainer(student, tiny_teacher(), char_tokenizer(), small_config(), reference=tiny_student())
+
+
 def _skewed_student() -> MixtralForCausalLM:
     """Routers that favour experts 0 and 1 for every token: a shared embedding component that
     the router reads with a large weight, on top of token-dependent logits of std ~1."""

@@ -34,7 +34,7 @@ from padd.pipeline.methods import DENSE_TEACHER_METHOD, run_router_weight, train
 from padd.pipeline.metrics import MetricsLogger
 from padd.pipeline.run_dir import TrainDir
 from padd.training.prompts import prompt_batches
-from padd.training.trainer import PADDTrainer
+from padd.training.trainer import PADDTrainer, frozen_reference
 
 
 def train_student(
@@ -73,9 +73,14 @@ def train_student(
     needs_teacher = pcfg.use_kd or (pcfg.router_weight > 0 and targets is not None)
     teacher = load_teacher() if needs_teacher else None
     sharded = ctx.enabled and pdist.should_shard(student, cfg.distributed.strategy, ctx)
+    reference = None
     if sharded:
+        if pcfg.beta > 0:  # copied before sharding (FSDP2 modules refuse a deep copy), sharded alike
+            reference = pdist.apply_fsdp2(frozen_reference(student))
         pdist.apply_fsdp2(student)
-    trainer = PADDTrainer(student, teacher, tokenizer, pcfg, control, router_targets=targets)
+    trainer = PADDTrainer(
+        student, teacher, tokenizer, pcfg, control, router_targets=targets, reference=reference
+    )
     if sharded:  # checkpoints gather full states on rank 0; resume scatters them back
         trainer.state_io = pdist.ShardedStateIO()
     if not sharded:  # FSDP2 reduce-scatters gradients itself

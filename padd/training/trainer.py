@@ -78,7 +78,7 @@ from .rollout import (
 if TYPE_CHECKING:
     from padd.decompress.sequence_targets import SequenceRouterTargets
 
-__all__ = ["PADDTrainer"]
+__all__ = ["PADDTrainer", "frozen_reference"]
 
 
 class _PolicyForward(NamedTuple):
@@ -98,6 +98,16 @@ class _OldPolicy(NamedTuple):
     logp_BR: torch.Tensor
     router_probs: list[torch.Tensor]
     ref_logp_BR: torch.Tensor | None
+
+
+def frozen_reference(student: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy for the β-weighted KL: a frozen, hook-free copy of `student` now.
+
+    Make it before anything shards the student (FSDP2 modules refuse a deep copy), then shard
+    it the same way and pass it to `PADDTrainer(reference=...)`; the trainer makes its own when
+    none is given.
+    """
+    return _copy_without_hooks(student).eval().requires_grad_(False)
 
 
 def _copy_without_hooks(model: torch.nn.Module) -> torch.nn.Module:
@@ -147,6 +157,8 @@ class PADDTrainer:
         router_targets: a `padd.decompress.SequenceRouterTargets` (tied-group students): with
             `config.router_weight > 0` the loss adds `router_weight · Σ_l KL(p_S,l ‖ p_T)` over
             every real token of the rollouts, `p_T` from the teacher's reading of the prompt.
+        reference: the frozen reference policy for `config.beta > 0` (`frozen_reference`);
+            default a copy of the student as given. Pass one when the student is sharded.
 
     Example:
         >>> trainer = PADDTrainer(student, teacher, tokenizer, preset("padd", num_generations=4))
@@ -165,17 +177,20 @@ class PADDTrainer:
         optimizer: torch.optim.Optimizer | None = None,
         reward_fn: Callable[[str, Problem], float] | None = None,
         router_targets: SequenceRouterTargets | None = None,
+        reference: torch.nn.Module | None = None,
     ) -> None:
         self.config = config if config is not None else PADDConfig()
         cfg = self.config
+        if reference is not None and cfg.beta <= 0:
+            raise ValueError("a reference model is only used with PADDConfig.beta > 0 (the reference KL)")
         seed_everything(cfg.seed)
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.reward_fn = reward_fn or self._default_reward
         # The reference is the initial policy as transformers computes it, so it is copied before
         # this trainer attaches its routing hooks (see `_copy_without_hooks` for a caller's).
-        self.reference = None
-        if cfg.beta > 0:
-            self.reference = _copy_without_hooks(student).eval().requires_grad_(False)
+        self.reference = reference
+        if cfg.beta > 0 and reference is None:
+            self.reference = frozen_reference(student)
         self.moe = control is not None or _has_moe_router(student)
         if self.moe and control is None:
             from padd.moe.routing_control import RoutingControl
@@ -542,7 +557,8 @@ class PADDTrainer:
             rng=rng_state(),
             config=self.config.to_dict(),
             selection_bias=self.control.selection_bias if self.moe else None,
-            reference=self.reference.state_dict() if self.reference is not None else None,
+            # Through `state_io`: a sharded reference is gathered like the student.
+            reference=self.state_io.model_state(self.reference) if self.reference is not None else None,
             skipped_updates=self.skipped_updates,
         )
 
@@ -554,7 +570,7 @@ class PADDTrainer:
         self.step_count = int(state.step)
         self.skipped_updates = int(state.skipped_updates)
         if self.reference is not None and state.reference is not None:
-            self.reference.load_state_dict(state.reference)
+            self.state_io.load_model_state(self.reference, state.reference)
         set_rng_state(state.rng)
 
     def state_dict(self) -> dict:
