@@ -1,0 +1,53 @@
+"""Pair every model with PADD on the fresh wallet set (`fresh_wallet_eval.py`'s output).
+
+    python docs/experiments/scripts/summarise_fresh.py OUT_DIR RUNS_ROOT
+
+A fresh problem that is in a run's own D_A–D_D (possible for runs not passed when the set was
+drawn) is left out of that run's counts. Prints a markdown table: accuracy per run, the mean,
+and problems won / lost against PADD summed over runs, with the exact two-sided sign test.
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from padd.pipeline.report import sign_test_p
+
+out_dir, runs_root = Path(sys.argv[1]), Path(sys.argv[2])
+questions = [json.loads(x)["question"] for x in (out_dir / "problems.jsonl").read_text().splitlines()]
+results = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
+order = sorted(results, key=lambda r: (r[0] != "r", int(r[1:])))  # r0-r2, then d3, d4, ...
+
+kept: dict[str, list[int]] = {}
+for run in order:
+    own = set()
+    for split in "ABCD":
+        for line in (runs_root / run / "data" / f"D_{split}.jsonl").read_text().splitlines():
+            own.add(json.loads(line)["question"])
+    kept[run] = [i for i, q in enumerate(questions) if q not in own]
+    if len(kept[run]) < len(questions):
+        print(f"{run}: {len(questions) - len(kept[run])} fresh problems are in its own data, left out")
+
+methods = []
+for run in order:
+    methods += [m for m in results[run] if m not in methods]
+print(f"| method | {' | '.join(order)} | mean | won / lost vs padd (sign test) |")
+print("|---" * (len(order) + 3) + "|")
+for method in methods:
+    cells, accs, won, lost = [], [], 0, 0
+    for run in order:
+        got = results[run].get(method)
+        if got is None or "padd" not in results[run]:
+            cells.append("–")
+            continue
+        ref = results[run]["padd"]
+        idx = kept[run]
+        acc = sum(got[i] == "1" for i in idx) / len(idx)
+        accs.append(acc)
+        cells.append(f"{100 * acc:.1f}")
+        won += sum(got[i] == "1" and ref[i] == "0" for i in idx)
+        lost += sum(got[i] == "0" and ref[i] == "1" for i in idx)
+    mean = f"{100 * statistics.mean(accs):.1f}" if accs else "–"
+    paired = "" if method == "padd" else f"+{won} / −{lost} (p {sign_test_p(won, lost):.2g})"
+    print(f"| {method} | {' | '.join(cells)} | {mean} | {paired} |")
