@@ -10,13 +10,14 @@ checkpoint folders, RNG), `teacher_grpo` (optional GRPO on the dense teacher).
 from .config import PRESETS, PADDConfig, preset
 from .evaluation import evaluate, normalized_mutual_information
 from .rewards import answer_reward, extract_answer, format_reward, normalize_number, reward
-from .trainer import PADDTrainer
+from .trainer import PADDTrainer, frozen_reference
 
 __all__ = [
     "PADDConfig",
     "PADDTrainer",
     "PRESETS",
     "preset",
+    "frozen_reference",
     "answer_reward",
     "evaluate",
     "extract_answer",

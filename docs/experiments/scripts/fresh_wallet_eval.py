@@ -30,19 +30,17 @@ from padd.pipeline.inputs import RunInputs
 from padd.pipeline.run_dir import RunDir
 
 SEED = 20261128  # the fresh set's own stream
+EVAL_BATCH = 500  # the same for every model; larger than the runs' 100 for speed on the CPU
 TEACHER_STREAM_SEED, TEACHER_STREAM_RAW = 1, 100_000  # > 1100 steps x 64 + the run's exclusions
 
 args = sys.argv[1:]
-only = set(args.pop(0).split("=", 1)[1].split(",")) if args[0].startswith("--models=") else None
+only = args.pop(0).split("=", 1)[1].split(",") if args[0].startswith("--models=") else None
 out_dir, n, roots = Path(args[0]), int(args[1]), [Path(a) for a in args[2:]]
 out_dir.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)
 
 problems_file = out_dir / "problems.jsonl"
-if problems_file.exists():
-    lines = problems_file.read_text().splitlines()
-    fresh = [json.loads(x) for x in lines]
-else:
+if not problems_file.exists():
     stream = iter_problems(TEACHER_STREAM_SEED, KINDS)
     exclude = {next(stream).question for _ in range(TEACHER_STREAM_RAW)}
     for root in roots:
@@ -54,10 +52,12 @@ else:
     problems_file.write_text("".join(json.dumps(p) + "\n" for p in fresh))
     print(f"{n} fresh wallet problems; {len(exclude)} questions excluded", flush=True)
 
+# Model-major: the models asked first (in `--models` order) get every run before the next one.
+runs = {}
 for root in roots:
     cfg = config_from_dict(yaml.safe_load((root / "config.yaml").read_text()))
-    run, inputs = RunDir(root), RunInputs.read_only(cfg)
-    problems = load_jsonl(problems_file, kind_field="kind")
+    cfg.eval.batch_size = EVAL_BATCH
+    run = RunDir(root)
     models = {
         "teacher": (None, False),
         "base_student": (run.stage1_student, True),
@@ -67,11 +67,16 @@ for root in roots:
         name = path.parent.name
         if (path.parent / "final").is_dir():
             models[name] = (path.parent / "final", name not in ("teacher_grpo", "teacher_sft"))
-    result_file = out_dir / f"{root.name}.json"
-    results = json.loads(result_file.read_text()) if result_file.exists() else {}
-    for name, (model_dir, moe) in models.items():
-        if name in results or (only and name not in only):
+    runs[root] = (cfg, RunInputs.read_only(cfg), models)
+problems = load_jsonl(problems_file, kind_field="kind")
+names = only or list(dict.fromkeys(n for _, _, models in runs.values() for n in models))
+for name in names:
+    for root, (cfg, inputs, models) in runs.items():
+        result_file = out_dir / f"{root.name}.json"
+        results = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if name in results or name not in models:
             continue
+        model_dir, moe = models[name]
         with tempfile.TemporaryDirectory() as tmp:
             res = evaluate_model(model_dir, name, Path(tmp), moe=moe, cfg=cfg, tokenizer=inputs.tokenizer,
                                  problems=problems, load_teacher=inputs.load_teacher)  # fmt: skip
