@@ -4,8 +4,10 @@ bias identical on both ranks."""
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,46 +42,87 @@ def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
     assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))
 
 
-def test_fsdp_run_with_a_reference_kl_resumes_to_the_uninterrupted_result(tmp_path):
-    """β > 0 under FSDP2 through the CLI: the reference is sharded like the student, and a run
-    stopped after its last checkpoint resumes to the same metrics and the same final weights."""
+# FSDP2 with the reference KL (β > 0), one uninterrupted run shared by the resume tests below.
+FSDP_BETA = [
+    "distributed.backend=gloo", "distributed.strategy=fsdp", "training.steps=6",
+    "training.checkpoint_every=4", "training.prompts_per_step=4", "training.params.beta=0.1",
+    "run.progress=false",
+]  # fmt: skip
 
-    def train(run_dir):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "padd", "train", "micro", f"run.dir={run_dir}", f"run.cache_dir={tmp_path}/cache",
-            "distributed.backend=gloo", "distributed.strategy=fsdp", "training.steps=6",
-            "training.checkpoint_every=4", "training.prompts_per_step=4", "training.params.beta=0.1",
-        ]  # fmt: skip
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
-        assert out.returncode == 0, out.stderr[-4000:]
-        return out.stdout
 
-    def records(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        recs = [json.loads(x) for x in lines if x.strip()]
-        return [
-            {k: v for k, v in r.items() if not k.startswith("time")}
-            for r in recs
-            if r.get("stage") == "train"
-        ]
+def _torchrun(run_dir: Path, cache: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "padd", "train", "micro", f"run.dir={run_dir}", f"run.cache_dir={cache}", *FSDP_BETA,
+    ]  # fmt: skip
 
-    full = tmp_path / "full"
-    train(full)
-    steps = records(full)
+
+def _train(run_dir: Path, cache: Path) -> str:
+    out = subprocess.run(_torchrun(run_dir, cache), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines if x.strip()]
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time")} for r in recs if r.get("stage") == "train"
+    ]
+
+
+def _assert_same_final_weights(a: Path, b: Path) -> None:
+    final = [load_file(d / "train" / "final" / "model.safetensors") for d in (a, b)]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        torch.testing.assert_close(final[0][name], final[1][name], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def fsdp_beta_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fsdp_beta")
+    _train(base / "full", base / "cache")
+    steps = _train_records(base / "full")
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert steps[-1]["ref_kl"] > 0  # the student has left its (sharded) reference
+    return base
 
-    # The same run, stopped after the step-4 checkpoint: training and everything after undone.
-    cut = tmp_path / "cut"
+
+def test_fsdp_run_with_a_reference_kl_resumes_from_its_last_checkpoint(fsdp_beta_run):
+    """The run stopped after its step-4 checkpoint (training and all after undone) resumes to the
+    same metrics and final weights."""
+    full, cut = fsdp_beta_run / "full", fsdp_beta_run / "cut"
     shutil.copytree(full, cut)
     for name in ("train", "eval", "report"):
         (cut / "done" / f"{name}.json").unlink()
     shutil.rmtree(cut / "train" / "final")
     assert (cut / "train" / "ckpt" / "step_000004").is_dir()
-    assert "resuming from step_000004" in train(cut)
-    assert records(cut) == steps
-    final = [load_file(d / "train" / "final" / "model.safetensors") for d in (full, cut)]
-    assert final[0].keys() == final[1].keys()
-    for name in final[0]:
-        torch.testing.assert_close(final[0][name], final[1][name], rtol=0, atol=0)
+    assert "resuming from step_000004" in _train(cut, fsdp_beta_run / "cache")
+    assert _train_records(cut) == _train_records(full)
+    _assert_same_final_weights(full, cut)
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(fsdp_beta_run):
+    """SIGTERM to torchrun mid-training: it forwards the signal, the ranks agree to stop, write
+    one checkpoint and exit; the same command resumes to the uninterrupted run's result."""
+    run, cache = fsdp_beta_run / "interrupted", fsdp_beta_run / "cache"
+    metrics = run / "metrics.jsonl"
+    proc = subprocess.Popen(
+        _torchrun(run, cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"stage": "train"' in metrics.read_text():
+            break  # training has started
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert err.count("checkpoint written") == 2, err[:6000]  # one line per rank
+    assert not (run / "done" / "train.json").exists()
+    assert (run / "train" / "ckpt" / "latest").is_file()
+    assert 1 <= len(_train_records(run)) < 6
+
+    assert "resuming from step_" in _train(run, cache)
+    assert _train_records(run) == _train_records(fsdp_beta_run / "full")
+    _assert_same_final_weights(fsdp_beta_run / "full", run)

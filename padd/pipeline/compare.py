@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from padd.config import PADDRunConfig
+from padd.pipeline import distributed as pdist
 from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir, atomic_write_json, seed_everything
 from padd.pipeline.distributed import DistContext
 from padd.pipeline.evaluate import evaluate_model
@@ -44,7 +45,7 @@ def run_compare(
     (on every rank: training is data parallel), then rebuild the report on rank 0."""
     for method in cfg.compare.methods:
         out = run_dir.compare(method)
-        if out.result.exists():
+        if pdist.main_rank_flag(out.result.exists(), ctx):  # rank 0 writes it: its view decides
             say(f"[padd] compare {method}: done already, skipped")
             continue
         say(f"[padd] compare {method} ...")
@@ -67,6 +68,7 @@ def run_compare(
                         sub, inputs.load_teacher(), inputs.tokenizer, inputs.split("A"), inputs.split("B"),
                         stage1_dir, interrupt, metrics.log,
                     )  # fmt: skip
+            pdist.barrier(ctx)  # every rank loads that student next
         with GracefulInterrupt() as interrupt:
             train_student(
                 cfg,

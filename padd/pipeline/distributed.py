@@ -96,8 +96,18 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank when it is true on one (an interruption must stop all ranks together)."""
     if not ctx.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)  # NCCL reduces device tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def main_rank_flag(flag: bool, ctx: DistContext) -> bool:
+    """Rank 0's `flag` on every rank. For "is this step done?": rank 0 writes the done markers, so
+    a rank that looked later could see a marker the others did not and skip their collectives."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.broadcast(t, src=0)
     return bool(t.item())
 
 

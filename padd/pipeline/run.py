@@ -87,7 +87,10 @@ class Pipeline:
     # -- bookkeeping -----------------------------------------------------------------------------
 
     def _step(self, step: str, fn: Callable[[], dict[str, Any] | None], sync: bool = True) -> None:
-        if self.run_dir.is_done(step):
+        done = self.run_dir.is_done(step)
+        if sync:  # every rank skips, or none does (`sync=False` steps run on rank 0 alone)
+            done = pdist.main_rank_flag(done, self.ctx)
+        if done:
             self.say(f"[padd] {step}: done already, skipped")
             return
         self.say(f"[padd] {step} ...")
