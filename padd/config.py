@@ -290,6 +290,12 @@ class DistributedConfig:
 
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # How long a rank may wait in a collective. Under `--compare` the other ranks wait while rank
+    # 0 alone evaluates each method (and trains `teacher_sft`), which can take long on a real model.
+    timeout_minutes: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "timeout_minutes")
 
 
 @dataclass
@@ -323,6 +329,7 @@ class PADDRunConfig:
         for k in ("dir", "progress", "cache_dir", "tensorboard", "num_threads", "experts_implementation"):
             d["run"].pop(k)
         d.pop("compare")
+        d["distributed"].pop("timeout_minutes")  # how long to wait, not what is computed
         # Keys added after runs were made count only when set away from their default, so those
         # runs (which behaved as the default) keep their fingerprint and stay resumable.
         for section, key, default in _LATER_KEYS:

@@ -55,6 +55,15 @@ def test_fingerprint_ignores_where_the_run_lives():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_collective_timeout_is_checked_and_not_fingerprinted():
+    base = load_config("micro")
+    longer = load_config("micro", ["distributed.timeout_minutes=240"])
+    assert longer.distributed.timeout_minutes == 240.0
+    assert longer.fingerprint() == base.fingerprint()  # how long ranks wait, not what they compute
+    with pytest.raises(ConfigError, match="distributed.timeout_minutes: must be > 0"):
+        load_config("micro", ["distributed.timeout_minutes=0"])
+
+
 def test_yaml_file_and_bad_override_syntax(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("teacher:\n  steps: 5\n")

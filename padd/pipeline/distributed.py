@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 from collections.abc import Sequence
@@ -40,8 +41,9 @@ class DistContext:
         return self.rank == 0
 
 
-def init_from_env(backend: str = "auto") -> DistContext:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...)."""
+def init_from_env(backend: str = "auto", timeout_minutes: float = 60.0) -> DistContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...);
+    a collective that waits longer than `timeout_minutes` fails the run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -54,7 +56,7 @@ def init_from_env(backend: str = "auto") -> DistContext:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
 
 

@@ -208,7 +208,7 @@ class Pipeline:
 
 def run_train(cfg: PADDRunConfig, *, force: bool = False, compare: bool = False) -> Path:
     """Entry point of `padd train`: single process, or one rank of a torchrun job."""
-    ctx = pdist.init_from_env(cfg.distributed.backend)
+    ctx = pdist.init_from_env(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     seed_everything(cfg.run.seed)
     try:
         # The pipeline lives in its own frame so that it is gone before the group is destroyed.
