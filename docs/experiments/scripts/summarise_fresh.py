@@ -4,15 +4,30 @@
 
 A fresh problem that is in a run's own D_A–D_D (possible for runs not passed when the set was
 drawn) is left out of that run's counts. Prints a markdown table: accuracy per run, the mean,
-and problems won / lost against PADD summed over runs, with the exact two-sided sign test.
+then two tests against PADD:
+- per seed (the unit that training randomness replicates): seeds above / below PADD and an
+  exact sign-flip permutation test of the mean per-seed difference;
+- per problem: problems won / lost summed over runs, with the exact two-sided sign test. It
+  treats problems as independent, so it speaks for these trained models, not for the method
+  over training seeds.
 """
 
+import itertools
 import json
 import statistics
 import sys
 from pathlib import Path
 
 from padd.pipeline.report import sign_test_p
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided permutation test of mean(diffs) = 0 under random signs."""
+    observed = abs(sum(diffs)) - 1e-12
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed
+               for signs in itertools.product((1, -1), repeat=len(diffs)))  # fmt: skip
+    return hits / 2 ** len(diffs)
+
 
 out_dir, runs_root = Path(sys.argv[1]), Path(sys.argv[2])
 questions = [json.loads(x)["question"] for x in (out_dir / "problems.jsonl").read_text().splitlines()]
@@ -32,10 +47,13 @@ for run in order:
 methods = []
 for run in order:
     methods += [m for m in results[run] if m not in methods]
-print(f"| method | {' | '.join(order)} | mean | won / lost vs padd (sign test) |")
-print("|---" * (len(order) + 3) + "|")
+print(
+    f"| method | {' | '.join(order)} | mean | seeds above / below padd (sign-flip p) "
+    "| problems won / lost vs padd (sign test) |"
+)
+print("|---" * (len(order) + 4) + "|")
 for method in methods:
-    cells, accs, won, lost = [], [], 0, 0
+    cells, accs, diffs, won, lost = [], [], [], 0, 0
     for run in order:
         got = results[run].get(method)
         if got is None or "padd" not in results[run]:
@@ -45,9 +63,15 @@ for method in methods:
         idx = kept[run]
         acc = sum(got[i] == "1" for i in idx) / len(idx)
         accs.append(acc)
+        diffs.append(100 * (acc - sum(ref[i] == "1" for i in idx) / len(idx)))
         cells.append(f"{100 * acc:.1f}")
         won += sum(got[i] == "1" and ref[i] == "0" for i in idx)
         lost += sum(got[i] == "0" and ref[i] == "1" for i in idx)
     mean = f"{100 * statistics.mean(accs):.1f}" if accs else "–"
-    paired = "" if method == "padd" else f"+{won} / −{lost} (p {sign_test_p(won, lost):.2g})"
-    print(f"| {method} | {' | '.join(cells)} | {mean} | {paired} |")
+    if method == "padd":
+        print(f"| {method} | {' | '.join(cells)} | {mean} | | |")
+        continue
+    above, below = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    seeds = f"{above} / {below} (p {sign_flip_p(diffs):.2g})"
+    paired = f"+{won} / −{lost} (p {sign_test_p(won, lost):.2g})"
+    print(f"| {method} | {' | '.join(cells)} | {mean} | {seeds} | {paired} |")
