@@ -6,7 +6,13 @@ import pytest
 
 from padd.cli import main
 from padd.config import ConfigError, load_config
-from padd.pipeline.report import paired_counts, render_seeds_markdown, seeds_table, sign_test_p
+from padd.pipeline.report import (
+    paired_counts,
+    render_seeds_markdown,
+    seeds_table,
+    sign_flip_p,
+    sign_test_p,
+)
 
 
 def _fake_run(root, name, accs, nmi=0.5, correct=None):
@@ -52,8 +58,9 @@ def test_paired_counts_hand_values(tmp_path):
     rows = {r["method"]: r for r in seeds_table(runs)}
     # s0: +1 (third problem) / −0; s1: +1 (first) / −2 (third, fourth)
     assert rows["vanilla"]["paired"] == (2, 2) and rows["padd"]["paired"] == (0, 0)
+    assert rows["vanilla"]["seed_diffs"] == [1, -1]
     md = render_seeds_markdown(runs)
-    assert "| vanilla | 75.0% | 25.0% |" in md and "| +2 / −2 (p 1) |" in md
+    assert "| vanilla | 75.0% | 25.0% |" in md and "| +2 / −2 (p 1) | 1 / 1 (p 1) |" in md
     assert "| +0 / −0 |" in md  # padd against itself: no test
     assert _fake_run(tmp_path, "s2", {"padd": 0.5}) and seeds_table([tmp_path / "s2"])[0]["paired"] is None
 
@@ -67,6 +74,15 @@ def test_sign_test_hand_values():
     assert sign_test_p(1, 1) == 1.0 and sign_test_p(0, 0) == 1.0
     with pytest.raises(ValueError, match=">= 0"):
         sign_test_p(-1, 2)
+
+
+def test_sign_flip_hand_values():
+    # Every sign pattern of (1, 2, 3): totals ±6, ±4, ±2, 0, 0; |total| >= 6 in 2 of 8.
+    assert sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)
+    assert sign_flip_p([-1, -2, -3]) == pytest.approx(2 / 8)
+    assert sign_flip_p([3, 3, 3, 3, 3]) == pytest.approx(2 / 32)  # only all + or all −
+    assert sign_flip_p([4, 1]) == pytest.approx(2 / 4)  # ±5 reach 5; ±3 do not
+    assert sign_flip_p([5]) == 1.0 and sign_flip_p([0, 0]) == 1.0 and sign_flip_p([]) == 1.0
 
 
 def test_report_cli_with_several_runs_prints_the_table(tmp_path, capsys):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,26 @@ def sign_test_p(won: int, lost: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(won, lost) + 1))
     return min(1.0, 2 * tail / 2**n)
+
+
+def sign_flip_p(diffs: Sequence[int]) -> float:
+    """Exact two-sided sign-flip (permutation) test of a paired difference over seeds.
+
+    `diffs`: per seed, problems won minus problems lost against the reference model. Under the
+    null the method and the reference are exchangeable within a seed, so each difference is as
+    likely to carry either sign; the p-value is the share of the 2^n sign patterns whose total is
+    at least as far from 0 as the observed one. Unlike `sign_test_p` on counts pooled over seeds,
+    the unit here is the seed, so seed-to-seed spread counts against the claim.
+    """
+    sums: dict[int, int] = {0: 1}  # achievable totals -> number of sign patterns reaching them
+    for d in diffs:
+        nxt: dict[int, int] = defaultdict(int)
+        for total, count in sums.items():
+            nxt[total + d] += count
+            nxt[total - d] += count
+        sums = nxt
+    observed = abs(sum(diffs))
+    return sum(c for total, c in sums.items() if abs(total) >= observed) / 2 ** len(diffs)
 
 
 def _fmt_paired(counts: tuple[int, int] | None, with_p: bool = False) -> str:
@@ -147,8 +169,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
 def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Per method: accuracy of every run (seed) and mean ± std (population std over the runs),
     the means of the routing columns, and `paired`: problems won and lost against `PAIRED_AGAINST`
-    summed over the runs where both have per-problem outcomes (None where none has). Methods
-    missing from a run are left out of its mean."""
+    summed over the runs where both have per-problem outcomes (None where none has), and
+    `seed_diffs`: per such run, won minus lost. Methods missing from a run are left out of its
+    mean."""
     per_run = [{r["method"]: r for r in collect(d)["methods"]} for d in run_dirs]
     names = list(dict.fromkeys(m for run in per_run for m in run))
     rows = []
@@ -168,6 +191,7 @@ def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
         ]
         pairs = [p for p in pairs if p is not None]
         row["paired"] = (sum(p[0] for p in pairs), sum(p[1] for p in pairs)) if pairs else None
+        row["seed_diffs"] = [won - lost for won, lost in pairs]
         rows.append(row)
     return rows
 
@@ -180,8 +204,8 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
         "| method | "
         + " | ".join(heads)
         + " | mean ± std | NMI | load CV | routing entropy | KL(T ‖ model) "
-        + f"| won / lost vs {PAIRED_AGAINST} (sign test) |",
-        "|---|" + "---|" * (len(heads) + 6),
+        + f"| won / lost vs {PAIRED_AGAINST} (sign test) | seeds above / below (sign-flip p) |",
+        "|---|" + "---|" * (len(heads) + 7),
     ]
     for r in rows:
         accs = " | ".join(_fmt(a, True) for a in r["accuracy"])
@@ -190,9 +214,17 @@ def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
         lines.append(
             f"| {r['method']} | {accs} | {spread} | {_fmt(r['nmi'])} | {_fmt(r['load_cv'])} | "
             f"{_fmt(r['routing_entropy'])} | {'–' if kl is None else f'{kl:.2e}'} | "
-            f"{_fmt_paired(r['paired'], with_p=r['method'] != PAIRED_AGAINST)} |"
+            f"{_fmt_paired(r['paired'], with_p=r['method'] != PAIRED_AGAINST)} | {_fmt_seeds(r)} |"
         )
     return "\n".join(lines)
+
+
+def _fmt_seeds(row: dict[str, Any]) -> str:
+    diffs = row["seed_diffs"]
+    if row["method"] == PAIRED_AGAINST or not diffs:
+        return "–"
+    above, below = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return f"{above} / {below} (p {sign_flip_p(diffs):.2g})"
 
 
 def make_plots(run_dir: Path, rep: dict[str, Any]) -> list[Path]:

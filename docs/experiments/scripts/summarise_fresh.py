@@ -5,29 +5,19 @@
 A fresh problem that is in a run's own D_A–D_D (possible for runs not passed when the set was
 drawn) is left out of that run's counts. Prints a markdown table: accuracy per run, the mean,
 then two tests against PADD:
-- per seed (the unit that training randomness replicates): seeds above / below PADD and an
-  exact sign-flip permutation test of the mean per-seed difference;
+- per seed (the unit that training randomness replicates): seeds above / below PADD and the
+  exact sign-flip permutation test of the per-seed differences (`padd.pipeline.report`);
 - per problem: problems won / lost summed over runs, with the exact two-sided sign test. It
   treats problems as independent, so it speaks for these trained models, not for the method
   over training seeds.
 """
 
-import itertools
 import json
 import statistics
 import sys
 from pathlib import Path
 
-from padd.pipeline.report import sign_test_p
-
-
-def sign_flip_p(diffs: list[float]) -> float:
-    """Exact two-sided permutation test of mean(diffs) = 0 under random signs."""
-    observed = abs(sum(diffs)) - 1e-12
-    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed
-               for signs in itertools.product((1, -1), repeat=len(diffs)))  # fmt: skip
-    return hits / 2 ** len(diffs)
-
+from padd.pipeline.report import sign_flip_p, sign_test_p
 
 out_dir, runs_root = Path(sys.argv[1]), Path(sys.argv[2])
 questions = [json.loads(x)["question"] for x in (out_dir / "problems.jsonl").read_text().splitlines()]
@@ -63,10 +53,11 @@ for method in methods:
         idx = kept[run]
         acc = sum(got[i] == "1" for i in idx) / len(idx)
         accs.append(acc)
-        diffs.append(100 * (acc - sum(ref[i] == "1" for i in idx) / len(idx)))
         cells.append(f"{100 * acc:.1f}")
-        won += sum(got[i] == "1" and ref[i] == "0" for i in idx)
-        lost += sum(got[i] == "0" and ref[i] == "1" for i in idx)
+        run_won = sum(got[i] == "1" and ref[i] == "0" for i in idx)
+        run_lost = sum(got[i] == "0" and ref[i] == "1" for i in idx)
+        diffs.append(run_won - run_lost)
+        won, lost = won + run_won, lost + run_lost
     mean = f"{100 * statistics.mean(accs):.1f}" if accs else "–"
     if method == "padd":
         print(f"| {method} | {' | '.join(cells)} | {mean} | | |")
