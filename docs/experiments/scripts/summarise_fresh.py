@@ -1,10 +1,11 @@
 """Pair every model with PADD on the fresh wallet set (`fresh_wallet_eval.py`'s output).
 
-    python docs/experiments/scripts/summarise_fresh.py OUT_DIR RUNS_ROOT
+    python docs/experiments/scripts/summarise_fresh.py OUT_DIR [RUNS_ROOT]
 
 A fresh problem that is in a run's own D_A–D_D (possible for runs not passed when the set was
-drawn) is left out of that run's counts. Prints a markdown table: accuracy per run, the mean,
-then two tests against PADD:
+drawn) is left out of that run's counts: found in RUNS_ROOT's run directories and recorded in
+`OUT_DIR/overlaps.json`, which is read instead when RUNS_ROOT is not given. Prints a markdown
+table: accuracy per run, the mean, then two tests against PADD:
 - per seed (the unit that training randomness replicates): seeds above / below PADD and the
   exact sign-flip permutation test of the per-seed differences (`padd.pipeline.report`);
 - per problem: problems won / lost summed over runs, with the exact two-sided sign test. It
@@ -19,20 +20,28 @@ from pathlib import Path
 
 from padd.pipeline.report import sign_flip_p, sign_test_p
 
-out_dir, runs_root = Path(sys.argv[1]), Path(sys.argv[2])
+out_dir = Path(sys.argv[1])
+runs_root = Path(sys.argv[2]) if len(sys.argv) > 2 else None
 questions = [json.loads(x)["question"] for x in (out_dir / "problems.jsonl").read_text().splitlines()]
-results = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
+results = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.stem != "overlaps"}
 order = sorted(results, key=lambda r: (r[0] != "r", int(r[1:])))  # r0-r2, then d3, d4, ...
 
-kept: dict[str, list[int]] = {}
+overlaps_file = out_dir / "overlaps.json"
+if runs_root is None:
+    overlaps = json.loads(overlaps_file.read_text())
+else:
+    overlaps = {}
+    for run in order:
+        own = set()
+        for split in "ABCD":
+            for line in (runs_root / run / "data" / f"D_{split}.jsonl").read_text().splitlines():
+                own.add(json.loads(line)["question"])
+        overlaps[run] = [i for i, q in enumerate(questions) if q in own]
+    overlaps_file.write_text(json.dumps(overlaps))
+kept = {run: [i for i in range(len(questions)) if i not in set(overlaps[run])] for run in order}
 for run in order:
-    own = set()
-    for split in "ABCD":
-        for line in (runs_root / run / "data" / f"D_{split}.jsonl").read_text().splitlines():
-            own.add(json.loads(line)["question"])
-    kept[run] = [i for i, q in enumerate(questions) if q not in own]
-    if len(kept[run]) < len(questions):
-        print(f"{run}: {len(questions) - len(kept[run])} fresh problems are in its own data, left out")
+    if overlaps[run]:
+        print(f"{run}: {len(overlaps[run])} fresh problems are in its own data, left out")
 
 methods = []
 for run in order:
