@@ -5,14 +5,13 @@ result, from its last checkpoint and after a SIGTERM to torchrun."""
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from pipeline_runs import sigterm_once_training_starts, train_records
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +63,6 @@ def _train(run_dir: Path, cache: Path) -> str:
     return out.stdout
 
 
-def _train_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    recs = [json.loads(x) for x in lines if x.strip()]
-    return [
-        {k: v for k, v in r.items() if not k.startswith("time")} for r in recs if r.get("stage") == "train"
-    ]
-
-
 def _assert_same_final_weights(a: Path, b: Path) -> None:
     final = [load_file(d / "train" / "final" / "model.safetensors") for d in (a, b)]
     assert final[0].keys() == final[1].keys()
@@ -83,7 +74,7 @@ def _assert_same_final_weights(a: Path, b: Path) -> None:
 def fsdp_beta_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp_beta")
     _train(base / "full", base / "cache")
-    steps = _train_records(base / "full")
+    steps = train_records(base / "full")
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert steps[-1]["ref_kl"] > 0  # the student has left its (sharded) reference
     return base
@@ -99,7 +90,7 @@ def test_fsdp_run_with_a_reference_kl_resumes_from_its_last_checkpoint(fsdp_beta
     shutil.rmtree(cut / "train" / "final")
     assert (cut / "train" / "ckpt" / "step_000004").is_dir()
     assert "resuming from step_000004" in _train(cut, fsdp_beta_run / "cache")
-    assert _train_records(cut) == _train_records(full)
+    assert train_records(cut) == train_records(full)
     _assert_same_final_weights(full, cut)
 
 
@@ -107,23 +98,16 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(fsdp_beta_run):
     """SIGTERM to torchrun mid-training: it forwards the signal, the ranks agree to stop, write
     one checkpoint and exit; the same command resumes to the uninterrupted run's result."""
     run, cache = fsdp_beta_run / "interrupted", fsdp_beta_run / "cache"
-    metrics = run / "metrics.jsonl"
     proc = subprocess.Popen(
         _torchrun(run, cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"stage": "train"' in metrics.read_text():
-            break  # training has started
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    err = sigterm_once_training_starts(proc, run, timeout_s=300)
     assert proc.returncode != 0
     assert err.count("checkpoint written") == 2, err[:6000]  # one line per rank
     assert not (run / "done" / "train.json").exists()
     assert (run / "train" / "ckpt" / "latest").is_file()
-    assert 1 <= len(_train_records(run)) < 6
+    assert 1 <= len(train_records(run)) < 6
 
     assert "resuming from step_" in _train(run, cache)
-    assert _train_records(run) == _train_records(fsdp_beta_run / "full")
+    assert train_records(run) == train_records(fsdp_beta_run / "full")
     _assert_same_final_weights(fsdp_beta_run / "full", run)

@@ -5,10 +5,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from pipeline_runs import sigterm_once_training_starts, train_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few more steps than the preset so the signal reliably lands mid-training.
@@ -26,14 +26,6 @@ def _cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
         f"run.cache_dir={cache}",
         *OVERRIDES,
         *extra,
-    ]
-
-
-def _train_records(run_dir: Path) -> list[dict]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    # wall-clock timings differ between runs; everything else must match exactly
-    return [
-        {k: v for k, v in r.items() if not k.startswith("time")} for r in recs if r.get("stage") == "train"
     ]
 
 
@@ -74,7 +66,7 @@ def test_every_stage_and_artifact(reference):
     assert len(ev["correct"]) == 10 and ev["correct"].count("1") == round(10 * ev["accuracy"])
     for flag, sample in zip(ev["correct"], ev["samples"], strict=True):
         assert (flag == "1") == is_correct(sample["completion"], sample["answer"])
-    steps = [r["step"] for r in _train_records(run)]
+    steps = [r["step"] for r in train_records(run)]
     assert steps == list(range(1, 11))
     report = json.loads((run / "report.json").read_text())
     assert {r["method"] for r in report["methods"]} == {"teacher", "base_student", "padd"}
@@ -102,22 +94,15 @@ def test_resume_skips_done_steps_and_refuses_other_config(reference):
 
 def test_sigterm_mid_training_then_resume_matches_uninterrupted(reference):
     run = reference / "interrupted"
-    metrics = run / "metrics.jsonl"
     proc = subprocess.Popen(
         _cmd(run, reference / "cache"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"stage": "train"' in metrics.read_text():
-            break  # training has started
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    err = sigterm_once_training_starts(proc, run, timeout_s=240)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "checkpoint written" in err
     assert not (run / "done" / "train.json").exists()
     assert (run / "train" / "ckpt" / "latest").is_file()
-    partial = _train_records(run)
+    partial = train_records(run)
     assert 1 <= len(partial) < 10
 
     out = subprocess.run(
@@ -125,7 +110,7 @@ def test_sigterm_mid_training_then_resume_matches_uninterrupted(reference):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from step_" in out.stdout
-    assert _train_records(run) == _train_records(reference / "ref")
+    assert train_records(run) == train_records(reference / "ref")
     for name in ("padd", "base_student", "teacher"):
         a = json.loads((run / "eval" / f"{name}.json").read_text())
         b = json.loads((reference / "ref" / "eval" / f"{name}.json").read_text())
