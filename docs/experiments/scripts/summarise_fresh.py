@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from padd.pipeline.report import sign_flip_p, sign_test_p
+from padd.pipeline.report import paired_counts, sign_flip_p, sign_test_p
 
 out_dir = Path(sys.argv[1])
 runs_root = Path(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -58,13 +58,11 @@ for method in methods:
         if got is None or "padd" not in results[run]:
             cells.append("–")
             continue
-        ref = results[run]["padd"]
-        idx = kept[run]
-        acc = sum(got[i] == "1" for i in idx) / len(idx)
+        got = "".join(got[i] for i in kept[run])
+        acc = got.count("1") / len(got)
         accs.append(acc)
         cells.append(f"{100 * acc:.1f}")
-        run_won = sum(got[i] == "1" and ref[i] == "0" for i in idx)
-        run_lost = sum(got[i] == "0" and ref[i] == "1" for i in idx)
+        run_won, run_lost = paired_counts(got, "".join(results[run]["padd"][i] for i in kept[run]))
         diffs.append(run_won - run_lost)
         won, lost = won + run_won, lost + run_lost
     mean = f"{100 * statistics.mean(accs):.1f}" if accs else "–"
