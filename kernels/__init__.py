@@ -4,10 +4,19 @@ Every kernel has a pure-PyTorch reference beside it (the CPU path and the test o
 kernels know nothing of PADD.
 """
 
-# This folder is installed as `padd.kernels`. Run from the repository root, Python can also
-# find it as a top-level `kernels`, which transformers probes for (the hub `kernels` package).
-# Imported under that name it stays an empty module, so nothing is registered twice.
-if __name__ == "padd.kernels":
+# This folder is installed as `padd.kernels`. Run from the repository root (`python -m ...`
+# puts the working directory first on sys.path), Python also finds it as a top-level `kernels`:
+# the name of the hub `kernels` package, which transformers (>= 5.25) requires and imports.
+# Imported under that name, this module hands over to the installed package, or fails as if the
+# name were absent, so neither transformers nor padd ever sees this folder as `kernels`.
+if __name__ == "kernels":
+    from ._shadow import hand_over_to_installed_kernels
+
+    hand_over_to_installed_kernels()  # leaves `kernels._shadow` behind: drop it as well
+    import sys
+
+    sys.modules.pop("kernels._shadow", None)
+else:
     from .grouped_gemm import moe_ffn, moe_ffn_reference
     from .kd_loss import SparseTeacher, TeacherHead, fused_linear_kd_loss, kd_loss, kd_loss_reference
     from .routing import Routing, route, route_reference, routing_from_topk, routing_metadata
