@@ -207,3 +207,16 @@ def test_bias_updates_balance_a_skewed_router(sign_form):
         eta = 0.1 if sign_form else 0.5
         update_selection_bias(bias, f[None], torch.zeros(1, E), ema, eta=eta, gamma=0.0, sign_form=sign_form)
     assert cv()[1] < 0.35 * cv0, (cv0, cv()[1])
+
+
+def test_informative_groups_keeps_groups_whose_rewards_differ_first():
+    from padd.training.objectives import informative_groups
+
+    r = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.5]])  # groups 1 and 3 differ
+    assert informative_groups(r, 2).tolist() == [1, 3]
+    assert informative_groups(r, 1).tolist() == [1]
+    assert informative_groups(r, 3).tolist() == [0, 1, 3]  # then the first constant group
+    assert informative_groups(r, 4).tolist() == [0, 1, 2, 3]
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="keep"):
+            informative_groups(r, bad)

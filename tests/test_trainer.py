@@ -488,3 +488,48 @@ def test_grpo_raises_the_reward_it_is_given():
     rewards = [trainer.step(PROBLEMS)["reward"] for _ in range(30)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.5, rewards
+
+
+def test_rollout_batch_select_groups_takes_whole_groups_in_order():
+    tok = char_tokenizer()
+    batch = generate(tiny_student(), tok, [format_prompt(p.question) for p in PROBLEMS], num_generations=2,
+                     do_sample=True, max_new_tokens=4)  # fmt: skip
+    sub = batch.select_groups(torch.tensor([0, 2]), 2)
+    rows = [0, 1, 4, 5]
+    assert torch.equal(sub.sequences_BS, batch.sequences_BS[rows])
+    assert torch.equal(sub.attention_mask_BS, batch.attention_mask_BS[rows])
+    assert torch.equal(sub.response_mask_BR, batch.response_mask_BR[rows])
+    assert sub.completions == [batch.completions[i] for i in rows]
+    assert sub.prompt_length == batch.prompt_length
+
+
+def test_dynamic_sampling_updates_on_the_prompts_whose_rewards_differ():
+    """Four prompts, dynamic_sampling=2: the reward is constant on two of them, so the update sees
+    exactly the rollouts of the other two (read back from the prompts of the rows it got)."""
+    constant = {PROBLEMS[0].question, PROBLEMS[2].question}
+    problems = [*PROBLEMS, Problem("8-1?", "8-1=7\n#### 7", "7", "sub")]
+
+    def reward(text, problem):
+        return 1.0 if problem.question in constant else digit_count(text, problem)
+
+    tok = char_tokenizer()
+    trainer = PADDTrainer(tiny_student(), tiny_teacher(), tok, small_config(seed=2, dynamic_sampling=2),
+                          reward_fn=reward)  # fmt: skip
+    seen = {}
+    update = trainer._update
+
+    def capture(batch, adv_B, *rest):
+        seen.update(batch=batch, adv=adv_B)
+        return update(batch, adv_B, *rest)
+
+    trainer._update = capture
+    m = trainer.step(problems)
+    batch, G = seen["batch"], trainer.config.num_generations
+    prompts = tok.batch_decode(batch.sequences_BS[:, : batch.prompt_length], skip_special_tokens=True)
+    expected = [format_prompt(q) for q in (PROBLEMS[1].question, problems[3].question) for _ in range(G)]
+    assert prompts == expected
+    assert (seen["adv"].view(2, G).abs().sum(1) > 0).all()
+    assert m["informative_groups"] == pytest.approx(0.5)
+    assert m["kept_informative_groups"] == 1.0
+    with pytest.raises(ValueError, match="multiple"):
+        trainer.step(problems[:3])

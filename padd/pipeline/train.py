@@ -101,7 +101,8 @@ def train_student(
             ckpts.save(step, lambda d: trainer.write_checkpoint(d, state))
         pdist.barrier(ctx)
 
-    batches = prompt_batches(d_c, tcfg.prompts_per_step, cfg.run.seed, start)
+    # Dynamic sampling draws rollouts for more prompts than the update keeps (PADDConfig).
+    batches = prompt_batches(d_c, tcfg.prompts_per_step * pcfg.dynamic_sampling, cfg.run.seed, start)
     bar = tqdm(
         total=tcfg.steps, initial=start, desc=stage_name, disable=not (cfg.run.progress and ctx.is_main)
     )

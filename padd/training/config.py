@@ -62,6 +62,14 @@ class PADDConfig:
     beta: float = field(default=0.0, metadata=_meta("reference-KL weight (k3); 0 keeps no reference model"))
     scale_rewards: bool | str = field(default=True, metadata=_meta("True/'group', 'batch', False/'none'"))
     adv_eps: float = field(default=1e-4, metadata=_meta("ε in A = (r − mean)/(std + ε)"))
+    dynamic_sampling: int = field(
+        default=1,
+        metadata=_meta(
+            "prompts sampled per prompt updated on: `step` draws rollouts for all the prompts it is "
+            "given and updates on 1/dynamic_sampling of them, the groups whose rewards differ first "
+            "(DAPO's dynamic sampling; the pipeline gives it prompts_per_step × this). 1 = off"
+        ),
+    )
 
     # Stage II: online adaptive distillation
     use_kd: bool = field(default=True, metadata=_meta("Stage II on/off"))
@@ -121,7 +129,7 @@ class PADDConfig:
             if getattr(self, key) is not None:
                 raise bad(key, why)
 
-        for key in ("num_generations", "max_new_tokens", "num_iterations"):
+        for key in ("num_generations", "max_new_tokens", "num_iterations", "dynamic_sampling"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise bad(key, "must be an integer ≥ 1")
         positive = ("temperature", "learning_rate", "tau", "adv_eps")

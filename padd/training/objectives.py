@@ -21,6 +21,7 @@ __all__ = [
     "drift_penalised_ratio",
     "expert_load_and_advantage",
     "group_advantages",
+    "informative_groups",
     "masked_mean",
     "phi",
     "reference_kl",
@@ -43,6 +44,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x.mean()
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def informative_groups(rewards_PG: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (ascending) of `keep` of the P groups: those whose G rewards differ first, in
+    order, then the others, in order.
+
+    A group whose rewards are all equal has advantage 0 everywhere, so it gives the policy
+    gradient nothing (DAPO's dynamic sampling drops it and samples more). Drawing rollouts for
+    more prompts than one update takes and keeping these spends the update on prompts the policy
+    sometimes gets right and sometimes wrong.
+    """
+    if rewards_PG.dim() != 2:
+        raise ValueError(f"rewards must be [P, G], got shape {tuple(rewards_PG.shape)}")
+    if not 1 <= keep <= rewards_PG.shape[0]:
+        raise ValueError(f"keep must be in [1, {rewards_PG.shape[0]}], got {keep}")
+    differ = rewards_PG.amax(1) != rewards_PG.amin(1)
+    order = torch.cat([differ.nonzero().flatten(), (~differ).nonzero().flatten()])
+    return order[:keep].sort().values
 
 
 def group_advantages(

@@ -49,6 +49,19 @@ class RolloutBatch:
     response_mask_BR: torch.Tensor
     completions: list[str]
 
+    def select_groups(self, groups: torch.Tensor, num_generations: int) -> RolloutBatch:
+        """The rows of the given prompt groups (group `i` is rows `i·G … (i+1)·G − 1`), in order."""
+        G = num_generations
+        rows = (groups.to(torch.long)[:, None] * G + torch.arange(G)).reshape(-1)
+        rows_dev = rows.to(self.sequences_BS.device)
+        return RolloutBatch(
+            self.sequences_BS[rows_dev],
+            self.attention_mask_BS[rows_dev],
+            self.prompt_length,
+            self.response_mask_BR[rows_dev],
+            [self.completions[i] for i in rows.tolist()],
+        )
+
 
 def position_ids_from_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` uses them (so forwards match decoding)."""

@@ -60,6 +60,7 @@ from .objectives import (
     drift_penalised_ratio,
     expert_load_and_advantage,
     group_advantages,
+    informative_groups,
     masked_mean,
     reference_kl,
     router_drift,
@@ -227,8 +228,17 @@ class PADDTrainer:
     # -- one step ---------------------------------------------------------------------------
 
     def step(self, problems: Sequence[Problem]) -> dict:
-        """One PADD step on `problems` (one group of G rollouts each); returns the step's metrics."""
+        """One PADD step on `problems` (one group of G rollouts each); returns the step's metrics.
+
+        With `config.dynamic_sampling` = m > 1, rollouts are drawn for every prompt and the update
+        takes len(problems) / m groups of them (`objectives.informative_groups`).
+        """
         cfg = self.config
+        if len(problems) % cfg.dynamic_sampling:
+            raise ValueError(
+                f"{len(problems)} prompts: with dynamic_sampling={cfg.dynamic_sampling} a step needs a "
+                "multiple of it (it updates on len(problems) / dynamic_sampling groups)"
+            )
         t_start = time.perf_counter()
         batch = generate(
             self.student,
@@ -246,7 +256,8 @@ class PADDTrainer:
         r_B = torch.tensor(
             [float(self.reward_fn(c, p)) for c, p in zip(batch.completions, rows, strict=True)]
         )
-        adv_B = group_advantages(r_B.view(len(problems), -1), cfg.adv_eps, cfg.scale_rewards).reshape(-1)
+        r_PG = r_B.view(len(problems), -1)
+        # What the policy samples, over every prompt drawn (before dynamic sampling keeps some).
         metrics = {
             "step": self.step_count,
             "reward": float(r_B.mean()),
@@ -256,7 +267,15 @@ class PADDTrainer:
             ),
             "format_reward": float(np.mean([format_reward(c) for c in batch.completions])),
             "completion_length": float(batch.response_mask_BR.sum(1).mean()),
+            "informative_groups": float((r_PG.amax(1) != r_PG.amin(1)).float().mean()),
         }
+        if cfg.dynamic_sampling > 1:
+            kept = informative_groups(r_PG, len(problems) // cfg.dynamic_sampling)
+            batch = batch.select_groups(kept, cfg.num_generations)
+            problems = [problems[i] for i in kept.tolist()]
+            r_PG = r_PG[kept]
+            metrics["kept_informative_groups"] = float((r_PG.amax(1) != r_PG.amin(1)).float().mean())
+        adv_B = group_advantages(r_PG, cfg.adv_eps, cfg.scale_rewards).reshape(-1)
         t_reward = time.perf_counter()
         device = batch.sequences_BS.device
         adv_B = adv_B.to(device)
