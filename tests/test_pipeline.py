@@ -78,6 +78,20 @@ def test_every_stage_and_artifact(reference):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
 
 
+def test_dynamic_sampling_draws_more_prompts_than_it_updates_on(reference):
+    """`training.params.dynamic_sampling=2`: each step samples 2 × prompts_per_step prompts and
+    updates on prompts_per_step of them (micro: 2)."""
+    run = reference / "dynamic"
+    out = subprocess.run(
+        _cmd(run, reference / "cache", "training.params.dynamic_sampling=2"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = train_records(run)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert {(r["prompts_sampled"], r["prompts_updated"]) for r in records} == {(4, 2)}
+
+
 def test_resume_skips_done_steps_and_refuses_other_config(reference):
     run = reference / "ref"
     out = subprocess.run(

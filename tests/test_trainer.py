@@ -530,6 +530,7 @@ def test_dynamic_sampling_updates_on_the_prompts_whose_rewards_differ():
     assert prompts == expected
     assert (seen["adv"].view(2, G).abs().sum(1) > 0).all()
     assert m["informative_groups"] == pytest.approx(0.5)
+    assert (m["prompts_sampled"], m["prompts_updated"]) == (4, 2)
     assert m["kept_informative_groups"] == 1.0
     with pytest.raises(ValueError, match="multiple"):
         trainer.step(problems[:3])

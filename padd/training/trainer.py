@@ -268,6 +268,7 @@ class PADDTrainer:
             "format_reward": float(np.mean([format_reward(c) for c in batch.completions])),
             "completion_length": float(batch.response_mask_BR.sum(1).mean()),
             "informative_groups": float((r_PG.amax(1) != r_PG.amin(1)).float().mean()),
+            "prompts_sampled": len(problems),
         }
         if cfg.dynamic_sampling > 1:
             kept = informative_groups(r_PG, len(problems) // cfg.dynamic_sampling)
@@ -275,6 +276,7 @@ class PADDTrainer:
             problems = [problems[i] for i in kept.tolist()]
             r_PG = r_PG[kept]
             metrics["kept_informative_groups"] = float((r_PG.amax(1) != r_PG.amin(1)).float().mean())
+        metrics["prompts_updated"] = len(problems)
         adv_B = group_advantages(r_PG, cfg.adv_eps, cfg.scale_rewards).reshape(-1)
         t_reward = time.perf_counter()
         device = batch.sequences_BS.device
