@@ -24,7 +24,8 @@ out_dir = Path(sys.argv[1])
 runs_root = Path(sys.argv[2]) if len(sys.argv) > 2 else None
 questions = [json.loads(x)["question"] for x in (out_dir / "problems.jsonl").read_text().splitlines()]
 results = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.stem != "overlaps"}
-order = sorted(results, key=lambda r: (r[0] != "r", int(r[1:])))  # r0-r2, then d3, d4, ...
+# r0-r2, then d3, d4, ... (any other prefix, e.g. ds0-ds3, sorts by its seed number alone)
+order = sorted(results, key=lambda r: (r[0] != "r", int(r.lstrip("abcdefghijklmnopqrstuvwxyz"))))
 
 overlaps_file = out_dir / "overlaps.json"
 if runs_root is None:
