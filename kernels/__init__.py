@@ -12,10 +12,7 @@ kernels know nothing of PADD.
 if __name__ == "kernels":
     from ._shadow import hand_over_to_installed_kernels
 
-    hand_over_to_installed_kernels()  # leaves `kernels._shadow` behind: drop it as well
-    import sys
-
-    sys.modules.pop("kernels._shadow", None)
+    hand_over_to_installed_kernels()
 else:
     from .grouped_gemm import moe_ffn, moe_ffn_reference
     from .kd_loss import SparseTeacher, TeacherHead, fused_linear_kd_loss, kd_loss, kd_loss_reference

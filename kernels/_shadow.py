@@ -20,6 +20,7 @@ def hand_over_to_installed_kernels() -> None:
         raise ModuleNotFoundError(
             "No module named 'kernels' (the repository's kernels/ folder is padd.kernels)", name="kernels"
         )
+    sys.modules.pop(__name__, None)  # this helper, imported as `kernels._shadow`: not the hub's
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
     try:

@@ -109,7 +109,12 @@ def train_student(
     t0 = time.perf_counter()
     seen: list[str] = []
     for step in range(start, tcfg.steps):
-        problems = pdist.shard(next(batches), ctx)
+        # Ranks split the step by update slot (m prompts each), so every rank's count is a
+        # multiple of m whatever the world size; one process takes the batch as it is.
+        m = pcfg.dynamic_sampling
+        batch = next(batches)
+        slots = [batch[i : i + m] for i in range(0, len(batch), m)]
+        problems = [p for slot in pdist.shard(slots, ctx) for p in slot]
         seen += [p.question for p in problems]
         record = trainer.step(problems)  # Stage IV sums its counts over ranks: one bias everywhere
         done = step + 1

@@ -21,6 +21,7 @@ __all__ = [
     "drift_penalised_ratio",
     "expert_load_and_advantage",
     "group_advantages",
+    "groups_with_signal",
     "informative_groups",
     "masked_mean",
     "phi",
@@ -46,6 +47,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def groups_with_signal(rewards_PG: torch.Tensor) -> torch.Tensor:
+    """bool [P]: the groups whose G rewards are not all equal (the others have advantage 0)."""
+    return rewards_PG.amax(1) != rewards_PG.amin(1)
+
+
 def informative_groups(rewards_PG: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (ascending) of `keep` of the P groups: those whose G rewards differ first, in
     order, then the others, in order.
@@ -59,7 +65,7 @@ def informative_groups(rewards_PG: torch.Tensor, keep: int) -> torch.Tensor:
         raise ValueError(f"rewards must be [P, G], got shape {tuple(rewards_PG.shape)}")
     if not 1 <= keep <= rewards_PG.shape[0]:
         raise ValueError(f"keep must be in [1, {rewards_PG.shape[0]}], got {keep}")
-    differ = rewards_PG.amax(1) != rewards_PG.amin(1)
+    differ = groups_with_signal(rewards_PG)
     order = torch.cat([differ.nonzero().flatten(), (~differ).nonzero().flatten()])
     return order[:keep].sort().values
 

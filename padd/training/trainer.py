@@ -60,6 +60,7 @@ from .objectives import (
     drift_penalised_ratio,
     expert_load_and_advantage,
     group_advantages,
+    groups_with_signal,
     informative_groups,
     masked_mean,
     reference_kl,
@@ -267,7 +268,7 @@ class PADDTrainer:
             ),
             "format_reward": float(np.mean([format_reward(c) for c in batch.completions])),
             "completion_length": float(batch.response_mask_BR.sum(1).mean()),
-            "informative_groups": float((r_PG.amax(1) != r_PG.amin(1)).float().mean()),
+            "informative_groups": float(groups_with_signal(r_PG).float().mean()),
             "prompts_sampled": len(problems),
         }
         if cfg.dynamic_sampling > 1:
@@ -275,7 +276,7 @@ class PADDTrainer:
             batch = batch.select_groups(kept, cfg.num_generations)
             problems = [problems[i] for i in kept.tolist()]
             r_PG = r_PG[kept]
-            metrics["kept_informative_groups"] = float((r_PG.amax(1) != r_PG.amin(1)).float().mean())
+            metrics["kept_informative_groups"] = float(groups_with_signal(r_PG).float().mean())
         metrics["prompts_updated"] = len(problems)
         adv_B = group_advantages(r_PG, cfg.adv_eps, cfg.scale_rewards).reshape(-1)
         t_reward = time.perf_counter()
