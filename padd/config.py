@@ -439,21 +439,55 @@ def preset_names() -> list[str]:
 
 
 def read_config_source(name_or_path: str) -> dict[str, Any]:
-    """The raw mapping of a preset name or a YAML path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    """The raw mapping of a preset name or a YAML path, with its `base:` chain merged in.
+
+    A config may start from another one: `base: small` (a preset name, or a YAML path relative to
+    the file) takes that config and puts this file's keys on top, section by section. So a
+    preset that differs from another in two settings says just those two."""
+    return _read_with_bases(name_or_path, Path.cwd(), ())
+
+
+def _read_with_bases(name_or_path: str, here: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
+    data, origin = _read_one(name_or_path, here)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    _check(isinstance(base, str) and base, "base", f"must be a preset name or a YAML path, got {base!r}")
+    if origin in chain:
+        cycle = " -> ".join((*chain, origin))
+        raise ConfigError("base", f"configs name each other as base in a cycle: {cycle}")
+    # A preset's base is another preset; a file's base is a preset or a path relative to the file.
+    here = None if origin.startswith("preset:") else Path(origin).parent
+    parent = _read_with_bases(base, here, (*chain, origin))
+    return _merge(parent, data)
+
+
+def _read_one(name_or_path: str, here: Path | None) -> tuple[dict[str, Any], str]:
+    """One YAML mapping, and where it came from (the resolved path, or `preset:NAME`).
+
+    `here` is the folder a relative path is taken from; None looks among the presets only."""
+    path = Path(name_or_path) if here is None or Path(name_or_path).is_absolute() else here / name_or_path
+    if here is not None and (path.suffix in (".yaml", ".yml") or path.exists()):
         if not path.is_file():
             raise ConfigError("", f"config file not found: {name_or_path}")
-        text = path.read_text()
+        text, origin = path.read_text(), str(path.resolve())
     else:
         res = resources.files("padd.configs") / f"{name_or_path}.yaml"
         if not res.is_file():
             raise ConfigError("", f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
-        text = res.read_text()
+        text, origin = res.read_text(), f"preset:{name_or_path}"
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{name_or_path}: the top level must be a mapping")
-    return data
+    return data, origin
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, recursing into sections (mappings); lists and values are replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> PADDRunConfig:

@@ -77,6 +77,47 @@ def test_yaml_file_and_bad_override_syntax(tmp_path):
         load_config("no-such-preset")
 
 
+def test_tiny_is_small_cut_short():
+    # The oracle: small with tiny's three settings given as overrides.
+    small = load_config("small", ["run.dir=runs/tiny", "training.steps=30", "training.checkpoint_every=10"])
+    assert load_config("tiny").to_dict() == small.to_dict()
+    assert load_config("small").training.params["dynamic_sampling"] == 4  # the headline's method
+
+
+def test_base_merges_sections_and_resolves_relative_to_the_file(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "parent.yaml").write_text("base: micro\ntraining:\n  steps: 9\n  params:\n    kd_on: all\n")
+    child = "base: sub/parent.yaml\ntraining:\n  params:\n    learning_rate: 3.0e-5\n"
+    (tmp_path / "child.yaml").write_text(child)
+    got = load_config(str(tmp_path / "child.yaml"))
+    want = load_config(
+        "micro", ["training.steps=9", "training.params.kd_on=all", "training.params.learning_rate=3.0e-5"]
+    )
+    assert got.to_dict() == want.to_dict()  # the params mapping merged, not replaced
+
+
+def test_bad_base_is_a_clear_error(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_config(str(a))
+    assert err.value.key == "base"
+    a.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: missing.yaml"):
+        load_config(str(a))
+    a.write_text("base: [micro]\n")
+    with pytest.raises(ConfigError, match="base: must be a preset name"):
+        load_config(str(a))
+
+
+def test_a_presets_base_is_a_preset_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small").mkdir()  # a folder named like tiny's base must not shadow the preset
+    assert load_config("tiny").training.steps == 30
+
+
 def test_experts_implementation_is_checked_before_compute_and_not_fingerprinted():
     from padd.pipeline.inputs import preflight
 
