@@ -7,12 +7,18 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pipeline_runs import sigterm_once_training_starts, train_records
 from safetensors.torch import load_file
+
+from padd.config import config_from_dict
+from padd.pipeline.evaluate import evaluate_model
+from padd.pipeline.inputs import RunInputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,10 +29,12 @@ def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "padd", "train", "micro", f"run.dir={tmp_path}/run", f"run.cache_dir={tmp_path}/cache",
         "distributed.backend=gloo", f"distributed.strategy={strategy}", "training.steps=4",
-        "training.prompts_per_step=4",
+        "training.prompts_per_step=4", "eval.batch_size=4",
+        *(["--compare", "compare.methods=[vanilla_grpo]"] if strategy == "ddp" else []),
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
+    _assert_eval_as_one_process(tmp_path / "run", compared=["vanilla_grpo"] if strategy == "ddp" else [])
     ranks = [tmp_path / "run" / "train" / "ranks" / f"rank{r}" for r in (0, 1)]
     bias = [load_file(r / "padd_router_bias.safetensors")["selection_bias"] for r in ranks]
     assert bias[0].abs().sum() > 0  # Stage IV did move it
@@ -40,6 +48,43 @@ def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
     # The final checkpoint is a full (gathered) HF model either way.
     final = tmp_path / "run" / "train" / "final"
     assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))
+
+
+def _assert_eval_as_one_process(run: Path, compared: list[str]) -> None:
+    """The two ranks shared each evaluation (10 problems in batches of 4: rank 0 took batches 0
+    and 2, rank 1 batch 1); the oracle is one process evaluating the same saved models."""
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    inputs = RunInputs.read_only(cfg)
+    models = {
+        "teacher": (None, run / "eval" / "teacher.json"),
+        "base_student": (run / "stage1" / "student", run / "eval" / "base_student.json"),
+        "padd": (run / "train" / "final", run / "eval" / "padd.json"),
+        **{m: (run / "compare" / m / "final", run / "compare" / m / "eval.json") for m in compared},
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
+    try:
+        for name, (model_dir, result) in models.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                alone = evaluate_model(
+                    model_dir, name, Path(tmp), moe=model_dir is not None, cfg=cfg,
+                    tokenizer=inputs.tokenizer, problems=inputs.eval_problems(),
+                    load_teacher=inputs.load_teacher,
+                )  # fmt: skip
+            shared = json.loads(result.read_text())
+            assert shared["n"] == alone["n"] == 10
+            assert shared["batches_by_rank"] == [[0, 2], [1]] and "batches_by_rank" not in alone
+            for key in (
+                "correct",
+                "samples",
+                "nmi_per_layer",
+                "tokens_per_expert",
+                "routing_entropy",
+                "kl_to_teacher",
+            ):
+                assert shared.get(key) == alone.get(key), (name, key)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # FSDP2 with the reference KL (β > 0), one uninterrupted run shared by the resume tests below.

@@ -84,17 +84,18 @@ def run_compare(
                 say=say,
                 stage_name=f"compare/{method}",
             )
+        res = evaluate_model(  # every rank evaluates its share of the batches
+            out.final,
+            "eval",
+            out.root,
+            moe=method != DENSE_TEACHER_METHOD,
+            cfg=cfg,
+            tokenizer=inputs.tokenizer,
+            problems=inputs.eval_problems(),
+            load_teacher=inputs.load_teacher,
+            ctx=ctx,
+        )
         if ctx.is_main:
-            res = evaluate_model(
-                out.final,
-                "eval",
-                out.root,
-                moe=method != DENSE_TEACHER_METHOD,
-                cfg=cfg,
-                tokenizer=inputs.tokenizer,
-                problems=inputs.eval_problems(),
-                load_teacher=inputs.load_teacher,
-            )
             res["wall_s"] = time.perf_counter() - t0
             atomic_write_json(out.result, res)
     if ctx.is_main:

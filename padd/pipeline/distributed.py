@@ -41,6 +41,9 @@ class DistContext:
         return self.rank == 0
 
 
+SINGLE_PROCESS = DistContext()  # the context of a run without torchrun
+
+
 def init_from_env(backend: str = "auto", timeout_minutes: float = 60.0) -> DistContext:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...);
     a collective that waits longer than `timeout_minutes` fails the run."""
@@ -84,6 +87,15 @@ def barrier(ctx: DistContext) -> None:
 def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
     """This rank's share of a step's items (strided, so shards differ by at most one item)."""
     return list(items[ctx.rank :: ctx.world_size]) if ctx.enabled else list(items)
+
+
+def gather_to_main(obj: T, ctx: DistContext) -> list[T] | None:
+    """Every rank's `obj` (picklable), in rank order, on rank 0; None on the other ranks."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def all_reduce_mean_(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -16,11 +16,13 @@ from padd import flops
 from padd.config import PADDRunConfig
 from padd.data.problem import Problem
 from padd.moe.routing_control import RoutingControl
+from padd.pipeline import distributed as pdist
 from padd.pipeline.checkpoint import atomic_write_json
+from padd.pipeline.distributed import SINGLE_PROCESS, DistContext
 from padd.pipeline.inputs import TeacherLoader, load_model
 from padd.pipeline.run_dir import RunDir
 from padd.pipeline.stage1 import lm_batches
-from padd.training.evaluation import evaluate
+from padd.training.evaluation import evaluate_batches, num_batches, summarise
 
 
 def evaluate_model(
@@ -33,12 +35,17 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[Problem],
     load_teacher: TeacherLoader,
+    ctx: DistContext = SINGLE_PROCESS,
 ) -> dict[str, Any]:
     """Evaluate one model on `problems` (the run's D_D), cached in `out_dir/<name>.json`;
-    `model_dir=None` means the teacher. `moe`: the model has a selection bias to route with."""
+    `model_dir=None` means the teacher. `moe`: the model has a selection bias to route with.
+
+    Every rank of `ctx` must call it: each evaluates its share of the batches, and rank 0 merges
+    them in batch order (the same result as one process), writes the file and returns the result;
+    the other ranks return {}."""
     out = out_dir / f"{name}.json"
-    if out.exists():
-        return json.loads(out.read_text())
+    if pdist.main_rank_flag(out.exists(), ctx):  # rank 0 writes it: its view decides
+        return json.loads(out.read_text()) if ctx.is_main else {}
     teacher = load_teacher()
     # A student runs where the teacher loader puts models (the run's device), beside its teacher.
     device = next(teacher.parameters()).device
@@ -51,14 +58,33 @@ def evaluate_model(
     if moe:
         control = RoutingControl(model)
         control.load_selection_bias(model_dir)
-    res = evaluate(
+    mine = pdist.shard(range(num_batches(len(problems), cfg.eval.batch_size)), ctx)
+    outcomes = evaluate_batches(
         model,
         tokenizer,
         problems,
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         control=control,
+        indices=mine,
     )
+    kl_parts = None
+    if model_dir is not None:  # how far from the teacher it computes, token by token
+        kl_parts = teacher_kl_batches(
+            teacher,
+            model,
+            problems,
+            tokenizer,
+            batch_size=cfg.eval.batch_size,
+            max_len=cfg.teacher.max_len,
+            indices=mine,
+        )
+    if control is not None:
+        control.remove()
+    gathered = pdist.gather_to_main((outcomes, kl_parts), ctx)
+    if gathered is None:
+        return {}
+    res = summarise(problems, [o for part, _ in gathered for o in part])
     completions = res.pop("completions")
     # Every problem's outcome, "1"/"0" in D_D order: two models' paired difference (which problems
     # one gets and the other does not) is exact, where their accuracies differ by noise.
@@ -68,22 +94,53 @@ def evaluate_model(
         for p, c in list(zip(problems, completions, strict=True))[:20]
     ]
     res["params"] = sum(p.numel() for p in model.parameters())
-    if model_dir is not None:  # how far from the teacher it computes, token by token
-        res["kl_to_teacher"] = teacher_kl(
-            teacher,
-            model,
-            problems,
-            tokenizer,
-            batch_size=cfg.eval.batch_size,
-            max_len=cfg.teacher.max_len,
-        )
+    if model_dir is not None:
+        res["kl_to_teacher"] = mean_kl([kl for _, part in gathered for kl in part])
+    if ctx.enabled:  # who evaluated what, read from what each rank sent
+        res["batches_by_rank"] = [[o.index for o in part] for part, _ in gathered]
     atomic_write_json(out, res)
-    if control is not None:
-        control.remove()
     return res
 
 
 @torch.no_grad()
+def teacher_kl_batches(
+    teacher: PreTrainedModel,
+    model: PreTrainedModel,
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    max_len: int,
+    indices: Sequence[int] | None = None,
+) -> list[tuple[int, float, int]]:
+    """(batch index, summed per-token KL(teacher ‖ model), token count) of the batches `indices`
+    (default: all) of `problems`' `prompt + solution` tokens (teacher-forced; the model routes
+    through whatever hooks are on it, e.g. its selection bias). `mean_kl` merges them."""
+    device = next(model.parameters()).device
+    wanted = None if indices is None else set(indices)
+    parts = []
+    for i, batch in enumerate(lm_batches(problems, tokenizer, batch_size, max_len)):
+        if wanted is not None and i not in wanted:
+            continue
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        # >= 0 in exact arithmetic; clamp the rounding of an (almost) exact student's ~1e-9
+        kl_BS = (log_t.exp() * (log_t - log_s[..., : log_t.shape[-1]])).sum(-1).clamp_min(0.0)
+        parts.append((i, float(kl_BS[mask.bool()].sum()), int(mask.sum())))
+    return parts
+
+
+def mean_kl(parts: Sequence[tuple[int, float, int]]) -> float:
+    """The mean per-token KL of `teacher_kl_batches` parts, summed in batch order (so the same
+    float whichever ranks computed them)."""
+    total, count = 0.0, 0
+    for _, kl_sum, n in sorted(parts):
+        total += kl_sum
+        count += n
+    return total / max(count, 1)
+
+
 def teacher_kl(
     teacher: PreTrainedModel,
     model: PreTrainedModel,
@@ -93,19 +150,9 @@ def teacher_kl(
     batch_size: int,
     max_len: int,
 ) -> float:
-    """Mean per-token KL(teacher ‖ model) over the `prompt + solution` tokens of `problems`
-    (teacher-forced; the model routes through whatever hooks are on it, e.g. its selection bias)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in lm_batches(problems, tokenizer, batch_size, max_len):
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        # >= 0 in exact arithmetic; clamp the rounding of an (almost) exact student's ~1e-9
-        kl_BS = (log_t.exp() * (log_t - log_s[..., : log_t.shape[-1]])).sum(-1).clamp_min(0.0)
-        total += float(kl_BS[mask.bool()].sum())
-        count += int(mask.sum())
-    return total / max(count, 1)
+    """Mean per-token KL(teacher ‖ model) over the `prompt + solution` tokens of `problems`."""
+    parts = teacher_kl_batches(teacher, model, problems, tokenizer, batch_size=batch_size, max_len=max_len)
+    return mean_kl(parts)
 
 
 def flops_summary(teacher: PreTrainedModel, student_path: str | Path, seq_len: int) -> dict[str, Any]:
@@ -124,14 +171,17 @@ def evaluate_run(
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[Problem],
     load_teacher: TeacherLoader,
+    ctx: DistContext = SINGLE_PROCESS,
 ) -> dict[str, Any]:
     """Teacher, base student and the trained student on `problems` (the run's D_D); writes
-    `eval/<name>.json`, `eval/flops.json` and `eval/summary.json`."""
+    `eval/<name>.json`, `eval/flops.json` and `eval/summary.json`. Every rank of `ctx` calls it
+    and shares the batches (`evaluate_model`); rank 0 writes and returns the summary, the other
+    ranks {}."""
     out = run_dir.eval
     # One teacher for all three evaluations and the FLOPs count (none of them changes it), loaded
     # only if some result is not cached yet.
     load_teacher = functools.cache(load_teacher)
-    common = dict(cfg=cfg, tokenizer=tokenizer, problems=problems, load_teacher=load_teacher)
+    common = dict(cfg=cfg, tokenizer=tokenizer, problems=problems, load_teacher=load_teacher, ctx=ctx)
     res = {
         "teacher": evaluate_model(None, "teacher", out, moe=False, **common),
         "base_student": evaluate_model(run_dir.stage1_student, "base_student", out, moe=True, **common),
@@ -139,6 +189,8 @@ def evaluate_run(
             run_dir.train.final, cfg.training.method, out, moe=True, **common
         ),
     }
+    if not ctx.is_main:
+        return {}
     student = run_dir.stage1_student
     fl = flops_summary(load_teacher(), student, cfg.teacher.max_len)
     atomic_write_json(run_dir.eval_flops, fl)

@@ -187,15 +187,14 @@ class Pipeline:
             )
 
     def step_eval(self) -> dict[str, Any]:
-        if self.ctx.is_main:
-            return evaluate_run(
-                self.cfg,
-                self.run_dir,
-                tokenizer=self.inputs.tokenizer,
-                problems=self.inputs.eval_problems(),
-                load_teacher=self.inputs.load_teacher,
-            )
-        return {}
+        return evaluate_run(  # every rank evaluates its share of the batches; rank 0 writes
+            self.cfg,
+            self.run_dir,
+            tokenizer=self.inputs.tokenizer,
+            problems=self.inputs.eval_problems(),
+            load_teacher=self.inputs.load_teacher,
+            ctx=self.ctx,
+        )
 
     def step_report(self) -> dict[str, Any]:
         write_report(self.run_dir.root)

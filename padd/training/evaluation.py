@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +18,14 @@ from .metrics import expert_counts, load_cv, routing_entropy
 from .rewards import is_correct
 from .rollout import forward_with_routing, generate
 
-__all__ = ["evaluate", "normalized_mutual_information"]
+__all__ = [
+    "BatchOutcome",
+    "evaluate",
+    "evaluate_batches",
+    "normalized_mutual_information",
+    "num_batches",
+    "summarise",
+]
 
 
 def normalized_mutual_information(labels_a: Sequence, labels_b: Sequence) -> float:
@@ -46,7 +54,120 @@ def normalized_mutual_information(labels_a: Sequence, labels_b: Sequence) -> flo
     return float(max(0.0, min(1.0, mi / (0.5 * (h_a + h_b)))))
 
 
+@dataclass
+class BatchOutcome:
+    """What one evaluation batch gives: its completions and verdicts and, with routing, what the
+    batch's routed slots chose. Batches are independent, so any process may evaluate any of them
+    and `summarise` merges them in batch order."""
+
+    index: int
+    completions: list[str]
+    correct: list[bool]
+    experts_by_layer: list[list[int]] = field(default_factory=list)  # [L][slots]
+    kinds_by_layer: list[list[str]] = field(default_factory=list)  # the slot's problem kind
+    counts: torch.Tensor | None = None  # [L, E] routed slots
+    entropy: float | None = None  # mean routing entropy of the batch's real tokens
+
+
+def num_batches(num_problems: int, batch_size: int) -> int:
+    """How many batches `evaluate_batches` splits `num_problems` into."""
+    return -(-num_problems // batch_size)
+
+
 @torch.no_grad()
+def evaluate_batches(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    control=None,
+    indices: Sequence[int] | None = None,
+) -> list[BatchOutcome]:
+    """Greedy completions of the batches `indices` (default: all) of `problems`, batch `i` being
+    `problems[i * batch_size : (i + 1) * batch_size]`: the same batch gives the same outcome
+    whichever process runs it, so sharding by batch changes no result."""
+    was_training = model.training
+    model.eval()
+    out: list[BatchOutcome] = []
+    indices = range(num_batches(len(problems), batch_size)) if indices is None else indices
+    try:
+        for i in indices:
+            chunk = problems[i * batch_size : (i + 1) * batch_size]
+            batch = generate(
+                model,
+                tokenizer,
+                [format_prompt(p.question) for p in chunk],
+                num_generations=1,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+            )
+            verdicts = [is_correct(c, p.final_answer) for c, p in zip(batch.completions, chunk, strict=True)]
+            outcome = BatchOutcome(i, batch.completions, verdicts)
+            out.append(outcome)
+            if control is None:
+                continue
+            _, logits, selected = forward_with_routing(
+                model, batch.sequences_BS, batch.attention_mask_BS, control
+            )
+            real_T = batch.attention_mask_BS.reshape(-1).bool().cpu()
+            kind_T = [p.kind for p in chunk for _ in range(batch.sequences_BS.shape[1])]
+            kind_T = [k for k, keep in zip(kind_T, real_T.tolist(), strict=True) if keep]
+            for sel_TK in selected:
+                sel = sel_TK.cpu()[real_T]
+                outcome.experts_by_layer.append(sel.reshape(-1).tolist())
+                outcome.kinds_by_layer.append([k for k in kind_T for _ in range(sel.shape[1])])
+            outcome.counts = expert_counts(selected, control.num_experts, real_T).cpu()
+            outcome.entropy = routing_entropy(logits, real_T)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def summarise(problems: Sequence[Problem], outcomes: Sequence[BatchOutcome]) -> dict:
+    """`evaluate`'s result from the outcomes of every batch of `problems` (in any order)."""
+    outcomes = sorted(outcomes, key=lambda o: o.index)
+    if [o.index for o in outcomes] != list(range(len(outcomes))):
+        raise ValueError(f"batch outcomes {[o.index for o in outcomes]} are not each batch once")
+    completions = [c for o in outcomes for c in o.completions]
+    correct = [ok for o in outcomes for ok in o.correct]
+    if len(correct) != len(problems):
+        raise ValueError(f"{len(correct)} verdicts for {len(problems)} problems")
+    out: dict = {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "n": len(correct),
+        "completions": completions,
+        "correct": correct,
+    }
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for p, ok in zip(problems, correct, strict=True):
+        by_kind[p.kind].append(ok)
+    for kind, oks in sorted(by_kind.items()):
+        out[f"accuracy/{kind}"] = sum(oks) / len(oks)
+    routed = [o for o in outcomes if o.counts is not None]
+    if routed:
+        layers = range(len(routed[0].experts_by_layer))
+        nmi = [
+            normalized_mutual_information(
+                [e for o in routed for e in o.experts_by_layer[l]],
+                [k for o in routed for k in o.kinds_by_layer[l]],
+            )
+            for l in layers
+        ]
+        counts = routed[0].counts
+        for o in routed[1:]:
+            counts = counts + o.counts
+        out.update(
+            nmi=sum(nmi) / max(len(nmi), 1),
+            nmi_per_layer=nmi,
+            load_cv=load_cv(counts),
+            routing_entropy=sum(o.entropy for o in routed) / len(routed),
+            tokens_per_expert=counts.long().tolist(),
+        )
+    return out
+
+
 def evaluate(
     model,
     tokenizer,
@@ -63,66 +184,10 @@ def evaluate(
         per problem, in order: what paired comparisons between models count). With `control`
         (a `RoutingControl` on an MoE model) also `nmi` (expert–kind NMI over every routed slot
         of every non-padding token, prompt and response, mean over layers), `nmi_per_layer`,
-        `load_cv`, `routing_entropy` and `tokens_per_expert` ([L][E] routed slots).
+        `load_cv`, `routing_entropy` (mean over batches) and `tokens_per_expert` ([L][E] routed
+        slots). `evaluate_batches` + `summarise` do the same split over processes.
     """
-    was_training = model.training
-    model.eval()
-    correct: list[bool] = []
-    completions: list[str] = []
-    experts_by_layer: dict[int, list[int]] = defaultdict(list)
-    kinds_by_layer: dict[int, list[str]] = defaultdict(list)
-    counts, entropies = None, []
-    try:
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start : start + batch_size]
-            batch = generate(
-                model,
-                tokenizer,
-                [format_prompt(p.question) for p in chunk],
-                num_generations=1,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-            )
-            completions += batch.completions
-            correct += [is_correct(c, p.final_answer) for c, p in zip(batch.completions, chunk, strict=True)]
-            if control is None:
-                continue
-            _, logits, selected = forward_with_routing(
-                model, batch.sequences_BS, batch.attention_mask_BS, control
-            )
-            real_T = batch.attention_mask_BS.reshape(-1).bool().cpu()
-            kind_T = [p.kind for p in chunk for _ in range(batch.sequences_BS.shape[1])]
-            kind_T = [k for k, keep in zip(kind_T, real_T.tolist(), strict=True) if keep]
-            for layer, sel_TK in enumerate(selected):
-                sel = sel_TK.cpu()[real_T]
-                experts_by_layer[layer] += sel.reshape(-1).tolist()
-                kinds_by_layer[layer] += [k for k in kind_T for _ in range(sel.shape[1])]
-            c = expert_counts(selected, control.num_experts, real_T)
-            counts = c if counts is None else counts + c
-            entropies.append(routing_entropy(logits, real_T))
-    finally:
-        model.train(was_training)
-    out: dict = {
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "n": len(correct),
-        "completions": completions,
-        "correct": correct,
-    }
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    for p, ok in zip(problems, correct, strict=True):
-        by_kind[p.kind].append(ok)
-    for kind, oks in sorted(by_kind.items()):
-        out[f"accuracy/{kind}"] = sum(oks) / len(oks)
-    if control is not None and counts is not None:
-        nmi = [
-            normalized_mutual_information(experts_by_layer[l], kinds_by_layer[l])
-            for l in sorted(experts_by_layer)
-        ]
-        out.update(
-            nmi=sum(nmi) / max(len(nmi), 1),
-            nmi_per_layer=nmi,
-            load_cv=load_cv(counts),
-            routing_entropy=sum(entropies) / len(entropies),
-            tokens_per_expert=counts.long().tolist(),
-        )
-    return out
+    outcomes = evaluate_batches(
+        model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, control=control
+    )
+    return summarise(problems, outcomes)
