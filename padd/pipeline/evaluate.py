@@ -141,20 +141,6 @@ def mean_kl(parts: Sequence[tuple[int, float, int]]) -> float:
     return total / max(count, 1)
 
 
-def teacher_kl(
-    teacher: PreTrainedModel,
-    model: PreTrainedModel,
-    problems: Sequence[Problem],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    batch_size: int,
-    max_len: int,
-) -> float:
-    """Mean per-token KL(teacher ‖ model) over the `prompt + solution` tokens of `problems`."""
-    parts = teacher_kl_batches(teacher, model, problems, tokenizer, batch_size=batch_size, max_len=max_len)
-    return mean_kl(parts)
-
-
 def flops_summary(teacher: PreTrainedModel, student_path: str | Path, seq_len: int) -> dict[str, Any]:
     """FLOPs per token (analytic) and total/active parameters of teacher and student.
 
