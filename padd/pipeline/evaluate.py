@@ -21,7 +21,7 @@ from padd.pipeline.checkpoint import atomic_write_json
 from padd.pipeline.distributed import SINGLE_PROCESS, DistContext
 from padd.pipeline.inputs import TeacherLoader, load_model
 from padd.pipeline.run_dir import RunDir
-from padd.pipeline.stage1 import lm_batches
+from padd.pipeline.teacher import encode_sft_batch
 from padd.training.evaluation import evaluate_batches, num_batches, summarise
 
 
@@ -117,11 +117,10 @@ def teacher_kl_batches(
     (default: all) of `problems`' `prompt + solution` tokens (teacher-forced; the model routes
     through whatever hooks are on it, e.g. its selection bias). `mean_kl` merges them."""
     device = next(model.parameters()).device
-    wanted = None if indices is None else set(indices)
+    indices = range(num_batches(len(problems), batch_size)) if indices is None else indices
     parts = []
-    for i, batch in enumerate(lm_batches(problems, tokenizer, batch_size, max_len)):
-        if wanted is not None and i not in wanted:
-            continue
+    for i in indices:  # batch i as `evaluate_batches` cuts it; only this rank's are encoded
+        batch = encode_sft_batch(problems[i * batch_size : (i + 1) * batch_size], tokenizer, max_len)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
         log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
