@@ -17,7 +17,7 @@ from transformers import (
 from padd.data.problem import Problem, format_prompt
 from padd.moe.routing_control import RoutingControl
 from padd.training.config import PRESETS, PADDConfig, preset
-from padd.training.evaluation import evaluate, normalized_mutual_information
+from padd.training.evaluation import evaluate, evaluate_batches, normalized_mutual_information, summarise
 from padd.training.metrics import expert_counts, load_cv
 from padd.training.rollout import (
     forward_with_routing,
@@ -160,6 +160,21 @@ def test_evaluate_reports_accuracy_per_kind_and_routing():
     assert 0.0 <= out["nmi"] <= 1.0 and len(out["nmi_per_layer"]) == 2
     assert out["load_cv"] >= 0 and out["routing_entropy"] > 0
     assert len(out["tokens_per_expert"]) == 2 and len(out["tokens_per_expert"][0]) == 4
+
+
+def test_batches_evaluated_apart_summarise_as_one_evaluation():
+    # The oracle: `evaluate` over all batches at once. Batch 1, then batch 0, as two ranks would.
+    student, tok = tiny_student(), char_tokenizer()
+    control = RoutingControl(student)
+    kw = dict(max_new_tokens=6, batch_size=2, control=control)
+    whole = evaluate(student, tok, PROBLEMS, **kw)
+    parts = evaluate_batches(student, tok, PROBLEMS, indices=[1], **kw)
+    parts += evaluate_batches(student, tok, PROBLEMS, indices=[0], **kw)
+    assert summarise(PROBLEMS, parts) == whole
+    with pytest.raises(ValueError, match="not each batch once"):
+        summarise(PROBLEMS, parts[:1])
+    with pytest.raises(ValueError, match="3 verdicts for 2 problems"):
+        summarise(PROBLEMS[:2], parts)
 
 
 def test_evaluate_scores_a_model_that_answers():
