@@ -253,11 +253,13 @@ def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
     assert abs(kd_over(rows) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
 
 
-@pytest.mark.parametrize("kd_on", ["teacher_correct", "teacher_correct_negative"])
+@pytest.mark.parametrize(
+    "kd_on", ["teacher_correct", "teacher_correct_negative", "teacher_correct_non_negative"]
+)
 def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves(kd_on):
     """`kd_on="teacher_correct"`: L_KD covers the rollouts of the prompts whose greedy teacher
     answer is right (re-derived here from the teacher's own greedy output), and no other;
-    `"teacher_correct_negative"`: only those rollouts with A < 0."""
+    `"teacher_correct_negative"`: only those rollouts with A < 0; `"..._non_negative"`: A ≥ 0."""
     from padd.kernels import kd_loss_reference
 
     from padd.training.rewards import extract_answer, is_correct
@@ -282,11 +284,12 @@ def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves(kd_on):
     keep[G:] = False  # rows are prompt-major: the first G rows are the solved prompt's
     rows = torch.zeros(len(keep), dtype=torch.bool)
     rows[:G] = True
-    if kd_on == "teacher_correct_negative":
+    if kd_on != "teacher_correct":
         negative = seen["adv"].cpu() < 0
         assert 0 < int(negative[:G].sum()) < G  # a real subset of the solved prompt's rollouts
-        rows &= negative
-        keep &= negative[:, None].to(keep.device)
+        sign = negative if kd_on == "teacher_correct_negative" else ~negative
+        rows &= sign
+        keep &= sign[:, None].to(keep.device)
     temp = seen["t_eff"][:, None].expand_as(keep)
     expected = float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp[keep]))
     assert m["kd_rows"] == pytest.approx(float(rows.float().mean()))

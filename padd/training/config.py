@@ -88,7 +88,8 @@ class PADDConfig:
             "corrects poor paths), 'non_negative' (A ≥ 0: the poor paths are left to the reward) or "
             "'teacher_correct' (prompts whose greedy teacher answer earns the answer reward: a teacher "
             "weaker than its student is distilled only where the verifier says it is right) or "
-            "'teacher_correct_negative' (the poor paths, A < 0, of those prompts)"
+            "'teacher_correct_negative' (the poor paths, A < 0, of those prompts) or "
+            "'teacher_correct_non_negative' (the others, A ≥ 0, of those prompts)"
         ),
     )
     kd_fused: bool | str = field(

@@ -36,7 +36,14 @@ DRIFT_ON = ("negative", "all", "none")
 # Which rollouts Stage II distils on: every one (the method), only the poor paths (A < 0), all
 # but the poor paths (A ≥ 0), those of prompts the teacher answers right itself (greedy), or the
 # poor paths of those prompts (where a right teacher can correct its student).
-KD_ON = ("all", "negative", "non_negative", "teacher_correct", "teacher_correct_negative")
+KD_ON = (
+    "all",
+    "negative",
+    "non_negative",
+    "teacher_correct",
+    "teacher_correct_negative",
+    "teacher_correct_non_negative",
+)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

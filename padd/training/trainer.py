@@ -355,7 +355,11 @@ class PADDTrainer:
             solved = (
                 self._teacher_solves(problems).to(adv_B.device).repeat_interleave(self.config.num_generations)
             )
-            return solved & (adv_B < 0) if kd_on == "teacher_correct_negative" else solved
+            if kd_on == "teacher_correct_negative":
+                return solved & (adv_B < 0)
+            if kd_on == "teacher_correct_non_negative":
+                return solved & (adv_B >= 0)
+            return solved
         return torch.ones_like(adv_B, dtype=torch.bool)
 
     @torch.no_grad()
