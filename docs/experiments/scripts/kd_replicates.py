@@ -1,16 +1,20 @@
-"""PADD against the same loop without KD, two training trajectories each, on D_D and on the
-fresh wallet set: is a D_D gap the training or the problems D_D happens to hold?
+"""PADD against another method, two training trajectories each, on D_D and on the fresh wallet
+set: is a D_D gap the training or the problems D_D happens to hold?
 
-    python docs/experiments/scripts/kd_replicates.py RUNS_ROOT SEED [SEED ...]
+    python docs/experiments/scripts/kd_replicates.py [--against=METHOD] RUNS_ROOT SEED [SEED ...]
 
-Per seed S it reads four models trained from the same Stage-I student:
+METHOD is `no_stage2` (the default) or `teacher_grpo`.
+
+Per seed S it reads four models, each pair trained from the same Stage-I student (or teacher):
 - PADD: `dsS` (`train/final`) and `tpSa` (the same with `training.params.seed=100`, so other
   rollouts, same prompts);
-- no Stage II: `dsS/compare/no_stage2` and `tnSa` (`training.method=no_stage2`, seed 100).
+- no Stage II (the default): `dsS/compare/no_stage2` and `tnSa` (`training.method=no_stage2`,
+  seed 100); or `teacher_grpo`: `dsS/compare/teacher_grpo` and `tgSa/compare/teacher_grpo`
+  (tpSa's directory plus `--compare` with that method, seed 100).
 D_D outcomes come from the runs' eval files, fresh wallet outcomes from
-`docs/experiments/fresh_wallet_ds/dsS.json` and `fresh_wallet_variants/t?Sa.json` (the same
-1,500 problems). A problem is "KD only" when both PADD models solve it and both no-Stage-II
-models miss it, "no-KD only" for the reverse: problems the trajectories agree on, so the two
+`docs/experiments/fresh_wallet_ds/dsS.json` and `fresh_wallet_variants/` (the same 1,500
+problems). A problem is "PADD only" when both PADD models solve it and both of the other
+method's miss it, "other only" for the reverse: problems the trajectories agree on, so the two
 counts measure what separates the methods rather than the noise of one run. Prints a markdown
 table.
 """
@@ -19,18 +23,37 @@ import json
 import sys
 from pathlib import Path
 
-root = Path(sys.argv[1])
-seeds = [int(s) for s in sys.argv[2:]]
+args = sys.argv[1:]
+against = args.pop(0).split("=", 1)[1] if args[0].startswith("--against=") else "no_stage2"
+root, seeds = Path(args[0]), [int(s) for s in args[1:]]
 fresh_dir = Path(__file__).resolve().parent.parent
 
 
-def dd(path: Path) -> str:
+def outcomes(path: Path) -> str:
     return json.loads(path.read_text())["correct"]
 
 
 def fresh(name: str, model: str) -> str:
     folder = "fresh_wallet_ds" if name.startswith("ds") else "fresh_wallet_variants"
     return json.loads((fresh_dir / folder / f"{name}.json").read_text())[model]
+
+
+def models(s: int) -> tuple[dict[str, str], dict[str, str]]:
+    """D_D and fresh outcomes of PADD (p, p2) and the other method (o, o2) on seed s."""
+    d_d = {
+        "p": outcomes(root / f"ds{s}" / "eval" / "padd.json"),
+        "p2": outcomes(root / f"tp{s}a" / "eval" / "padd.json"),
+    }
+    new = {"p": fresh(f"ds{s}", "padd"), "p2": fresh(f"tp{s}a", "padd")}
+    d_d["o"] = outcomes(root / f"ds{s}" / "compare" / against / "eval.json")
+    new["o"] = fresh(f"ds{s}", against)
+    if against == "no_stage2":
+        d_d["o2"] = outcomes(root / f"tn{s}a" / "eval" / "no_stage2.json")
+        new["o2"] = fresh(f"tn{s}a", "padd")  # tnSa's trained model is its `padd` slot: method no_stage2
+    else:
+        d_d["o2"] = outcomes(root / f"tg{s}a" / "compare" / against / "eval.json")
+        new["o2"] = fresh(f"tg{s}a", against)
+    return d_d, new
 
 
 def only(sets: dict[str, str], i: int, right: tuple[str, str], wrong: tuple[str, str]) -> bool:
@@ -40,30 +63,19 @@ def only(sets: dict[str, str], i: int, right: tuple[str, str], wrong: tuple[str,
 
 def row(label: str, sets: dict[str, str], idx: list[int]) -> str:
     acc = {k: 100 * sum(v[i] == "1" for i in idx) / len(idx) for k, v in sets.items()}
-    kd = sum(only(sets, i, ("p", "p2"), ("n", "n2")) for i in idx)
-    nokd = sum(only(sets, i, ("n", "n2"), ("p", "p2")) for i in idx)
-    cells = " | ".join(f"{acc[k]:.1f}" for k in ("p", "p2", "n", "n2"))
-    gap = (acc["p"] + acc["p2"] - acc["n"] - acc["n2"]) / 2
-    return f"| {label} | {len(idx)} | {cells} | {gap:+.1f} | {kd} / {nokd} |"
+    mine = sum(only(sets, i, ("p", "p2"), ("o", "o2")) for i in idx)
+    theirs = sum(only(sets, i, ("o", "o2"), ("p", "p2")) for i in idx)
+    cells = " | ".join(f"{acc[k]:.1f}" for k in ("p", "p2", "o", "o2"))
+    gap = round((acc["p"] + acc["p2"] - acc["o"] - acc["o2"]) / 2, 1) + 0.0  # + 0.0: no "-0.0"
+    return f"| {label} | {len(idx)} | {cells} | {gap:+.1f} | {mine} / {theirs} |"
 
 
-HEAD = ("seed, set", "n", "PADD", "PADD, seed 100", "no Stage II", "no Stage II, seed 100")
-print("| " + " | ".join(HEAD) + " | PADD − no Stage II | KD only / no-KD only |")
+HEAD = ("seed, set", "n", "PADD", "PADD, seed 100", against, f"{against}, seed 100")
+print("| " + " | ".join(HEAD) + f" | PADD − {against} | PADD only / {against} only |")
 print("|---|---|---|---|---|---|---|---|")
 for s in seeds:
-    d_d = [json.loads(x) for x in (root / f"ds{s}" / "data" / "D_D.jsonl").read_text().splitlines()]
-    sets_dd = {
-        "p": dd(root / f"ds{s}" / "eval" / "padd.json"),
-        "p2": dd(root / f"tp{s}a" / "eval" / "padd.json"),
-        "n": dd(root / f"ds{s}" / "compare" / "no_stage2" / "eval.json"),
-        "n2": dd(root / f"tn{s}a" / "eval" / "no_stage2.json"),
-    }
-    sets_fresh = {
-        "p": fresh(f"ds{s}", "padd"),
-        "p2": fresh(f"tp{s}a", "padd"),
-        "n": fresh(f"ds{s}", "no_stage2"),
-        "n2": fresh(f"tn{s}a", "padd"),  # tnSa's trained model is its `padd` slot: method no_stage2
-    }
-    print(row(f"{s}, D_D", sets_dd, list(range(len(d_d)))))
-    print(row(f"{s}, D_D wallet", sets_dd, [i for i, p in enumerate(d_d) if p["kind"] == "wallet"]))
-    print(row(f"{s}, fresh wallet", sets_fresh, list(range(len(sets_fresh["p"])))))
+    problems = [json.loads(x) for x in (root / f"ds{s}" / "data" / "D_D.jsonl").read_text().splitlines()]
+    d_d, new = models(s)
+    print(row(f"{s}, D_D", d_d, list(range(len(problems)))))
+    print(row(f"{s}, D_D wallet", d_d, [i for i, p in enumerate(problems) if p["kind"] == "wallet"]))
+    print(row(f"{s}, fresh wallet", new, list(range(len(new["p"])))))
