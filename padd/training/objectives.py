@@ -35,7 +35,7 @@ TEMPERATURE_FORMS = ("corrected", "paper")
 DRIFT_ON = ("negative", "all", "none")
 # Which rollouts Stage II distils on: every one (the method), only the poor paths (A < 0), all
 # but the poor paths (A ≥ 0), those of prompts the teacher answers right itself (greedy), or the
-# poor paths of those prompts (where a right teacher can correct its student).
+# poor paths of those prompts (where a right teacher can correct its student), or the rest of them.
 KD_ON = (
     "all",
     "negative",
