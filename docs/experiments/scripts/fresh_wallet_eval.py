@@ -11,6 +11,9 @@ other kinds are near 100%), and the only one with room for a fresh set. The teac
 
 Writes `OUT_DIR/problems.jsonl` (the set) and `OUT_DIR/<run>.json` ({model: "1"/"0" string,
 in problem order}), adding the models a file lacks, so it can be rerun as runs gain methods.
+The set is drawn once, excluding the D_A–D_D of the runs passed that first time; to put new
+runs on an existing set in a new folder, copy its `problems.jsonl` there first (a fresh draw
+with other runs excluded is a different set).
 Then `summarise_fresh.py` pairs them.
 """
 

@@ -3,14 +3,15 @@ set: is a D_D gap the training or the problems D_D happens to hold?
 
     python docs/experiments/scripts/kd_replicates.py [--against=METHOD] RUNS_ROOT SEED [SEED ...]
 
-METHOD is `no_stage2` (the default) or `teacher_grpo`.
+METHOD is `no_stage2` (the default), `teacher_grpo` or `online_kd`.
 
 Per seed S it reads four models, each pair trained from the same Stage-I student (or teacher):
 - PADD: `dsS` (`train/final`) and `tpSa` (the same with `training.params.seed=100`, so other
   rollouts, same prompts);
 - no Stage II (the default): `dsS/compare/no_stage2` and `tnSa` (`training.method=no_stage2`,
-  seed 100); or `teacher_grpo`: `dsS/compare/teacher_grpo` and `tgSa/compare/teacher_grpo`
-  (tpSa's directory plus `--compare` with that method, seed 100).
+  seed 100); or `teacher_grpo` / `online_kd`: `dsS/compare/METHOD` and `tgSa/compare/teacher_grpo`
+  / `tokSa/compare/online_kd` (copies of tpSa's directory plus `--compare` with that method,
+  seed 100).
 D_D outcomes come from the runs' eval files, fresh wallet outcomes from
 `docs/experiments/fresh_wallet_ds/dsS.json` and `fresh_wallet_variants/` (the same 1,500
 problems). A problem is "PADD only" when both PADD models solve it and both of the other
@@ -26,6 +27,7 @@ from pathlib import Path
 args = sys.argv[1:]
 against = args.pop(0).split("=", 1)[1] if args[0].startswith("--against=") else "no_stage2"
 root, seeds = Path(args[0]), [int(s) for s in args[1:]]
+REPLICATE_DIR = {"teacher_grpo": "tg", "online_kd": "tok"}  # seed-100 run directory prefix
 fresh_dir = Path(__file__).resolve().parent.parent
 
 
@@ -51,8 +53,9 @@ def models(s: int) -> tuple[dict[str, str], dict[str, str]]:
         d_d["o2"] = outcomes(root / f"tn{s}a" / "eval" / "no_stage2.json")
         new["o2"] = fresh(f"tn{s}a", "padd")  # tnSa's trained model is its `padd` slot: method no_stage2
     else:
-        d_d["o2"] = outcomes(root / f"tg{s}a" / "compare" / against / "eval.json")
-        new["o2"] = fresh(f"tg{s}a", against)
+        name = f"{REPLICATE_DIR[against]}{s}a"
+        d_d["o2"] = outcomes(root / name / "compare" / against / "eval.json")
+        new["o2"] = fresh(name, against)
     return d_d, new
 
 
