@@ -177,6 +177,14 @@ def test_batches_evaluated_apart_summarise_as_one_evaluation():
         summarise(PROBLEMS[:2], parts)
 
 
+def test_batch_of_cuts_consecutive_batches_with_a_short_last_one():
+    from padd.training.evaluation import batch_of, num_batches
+
+    items = list(range(7))  # hand-cut: [0, 1, 2], [3, 4, 5], [6]
+    assert num_batches(len(items), 3) == 3
+    assert [batch_of(items, i, 3) for i in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
 def test_evaluate_scores_a_model_that_answers():
     """A fake 'model' path is not needed: exact match on known completions via the reward."""
     from padd.training.rewards import is_correct

@@ -22,7 +22,7 @@ from padd.pipeline.distributed import SINGLE_PROCESS, DistContext
 from padd.pipeline.inputs import TeacherLoader, load_model
 from padd.pipeline.run_dir import RunDir
 from padd.pipeline.teacher import encode_sft_batch
-from padd.training.evaluation import evaluate_batches, num_batches, summarise
+from padd.training.evaluation import batch_of, evaluate_batches, num_batches, summarise
 
 
 def evaluate_model(
@@ -120,7 +120,7 @@ def teacher_kl_batches(
     indices = range(num_batches(len(problems), batch_size)) if indices is None else indices
     parts = []
     for i in indices:  # batch i as `evaluate_batches` cuts it; only this rank's are encoded
-        batch = encode_sft_batch(problems[i * batch_size : (i + 1) * batch_size], tokenizer, max_len)
+        batch = encode_sft_batch(batch_of(problems, i, batch_size), tokenizer, max_len)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
         log_s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)

@@ -74,6 +74,11 @@ def num_batches(num_problems: int, batch_size: int) -> int:
     return -(-num_problems // batch_size)
 
 
+def batch_of(problems: Sequence[Problem], index: int, batch_size: int) -> Sequence[Problem]:
+    """Batch `index` of `problems` as `evaluate_batches` cuts them (the last may be short)."""
+    return problems[index * batch_size : (index + 1) * batch_size]
+
+
 @torch.no_grad()
 def evaluate_batches(
     model,
@@ -94,7 +99,7 @@ def evaluate_batches(
     indices = range(num_batches(len(problems), batch_size)) if indices is None else indices
     try:
         for i in indices:
-            chunk = problems[i * batch_size : (i + 1) * batch_size]
+            chunk = batch_of(problems, i, batch_size)
             batch = generate(
                 model,
                 tokenizer,

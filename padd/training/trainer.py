@@ -346,21 +346,19 @@ class PADDTrainer:
 
     def _kd_rows(self, adv_B: torch.Tensor, problems: Sequence[Problem]) -> torch.Tensor:
         """The rollouts L_KD averages over (bool [B]), as `kd_on` names them."""
-        kd_on = self.config.kd_on
-        if kd_on == "negative":
-            return adv_B < 0
-        if kd_on == "non_negative":
-            return adv_B >= 0
-        if kd_on.startswith("teacher_correct"):
-            solved = (
+        # `kd_on` is an optional prompt gate ("teacher_correct") then an optional sign filter.
+        sign = self.config.kd_on
+        rows = torch.ones_like(adv_B, dtype=torch.bool)
+        if sign.startswith("teacher_correct"):
+            rows = (
                 self._teacher_solves(problems).to(adv_B.device).repeat_interleave(self.config.num_generations)
             )
-            if kd_on == "teacher_correct_negative":
-                return solved & (adv_B < 0)
-            if kd_on == "teacher_correct_non_negative":
-                return solved & (adv_B >= 0)
-            return solved
-        return torch.ones_like(adv_B, dtype=torch.bool)
+            sign = sign.removeprefix("teacher_correct").removeprefix("_")
+        if sign == "negative":
+            return rows & (adv_B < 0)
+        if sign == "non_negative":
+            return rows & (adv_B >= 0)
+        return rows
 
     @torch.no_grad()
     def _teacher_solves(self, problems: Sequence[Problem]) -> torch.Tensor:
