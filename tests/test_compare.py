@@ -28,6 +28,8 @@ def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     assert main_cfg["padd_router_group_size"] == 2
     sft = json.loads((run / "compare" / "teacher_sft" / "eval.json").read_text())
     assert "nmi" not in sft and sft["n"] == teacher["n"]
+    # Each method's one result file carries its training-and-evaluation time.
+    assert all(r["wall_s"] > 0 for r in (teacher, no_s1, sft))
     report = (run / "report.md").read_text()
     assert "| teacher_grpo |" in report and "| no_stage1 |" in report
     train = json.loads((run / "done" / "train.json").read_text())

@@ -30,6 +30,8 @@ def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
         "-m", "padd", "train", "micro", f"run.dir={tmp_path}/run", f"run.cache_dir={tmp_path}/cache",
         "distributed.backend=gloo", f"distributed.strategy={strategy}", "training.steps=4",
         "training.prompts_per_step=4", "eval.batch_size=4",
+        # Dynamic sampling (m = 2): each rank draws rollouts for 2 slots of m prompts a step.
+        "training.params.dynamic_sampling=2",
         *(["--compare", "compare.methods=[vanilla_grpo]"] if strategy == "ddp" else []),
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
@@ -44,6 +46,10 @@ def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
     assert info[0]["weights_abs_sum"] == info[1]["weights_abs_sum"]  # same update on both ranks
     seen = [set(i["prompts_seen"]) for i in info]
     assert seen[0] and seen[1] and not seen[0] & seen[1]  # each rank had its own shard
+    # 4 prompts a step, m = 2: 8 drawn, 4 each rank, of which each rank updates on 2 groups.
+    assert len(info[0]["prompts_seen"]) == len(info[1]["prompts_seen"]) == 4 * 4
+    recs = train_records(tmp_path / "run")
+    assert [(r["prompts_sampled"], r["prompts_updated"]) for r in recs] == [(4, 2)] * 4
     assert (tmp_path / "run" / "report.md").is_file()
     # The final checkpoint is a full (gathered) HF model either way.
     final = tmp_path / "run" / "train" / "final"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from padd.config import PADDRunConfig
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir, atomic_write_json, seed_everything
+from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir, seed_everything
 from padd.pipeline.distributed import DistContext
 from padd.pipeline.evaluate import evaluate_model
 from padd.pipeline.inputs import RunInputs
@@ -84,7 +84,7 @@ def run_compare(
                 say=say,
                 stage_name=f"compare/{method}",
             )
-        res = evaluate_model(  # every rank evaluates its share of the batches
+        evaluate_model(  # every rank evaluates its share; rank 0 writes `out.result`, the done mark
             out.final,
             "eval",
             out.root,
@@ -94,10 +94,8 @@ def run_compare(
             problems=inputs.eval_problems(),
             load_teacher=inputs.load_teacher,
             ctx=ctx,
+            wall_since=t0,
         )
-        if ctx.is_main:
-            res["wall_s"] = time.perf_counter() - t0
-            atomic_write_json(out.result, res)
     if ctx.is_main:
         write_report(run_dir.root)
 
@@ -112,7 +110,7 @@ def _run_teacher_sft(
     log = lambda rec: metrics.log({**rec, "stage": f"compare/{DENSE_SFT_METHOD}"})
     supervised_warmup_dense(cfg, model, tokenizer, inputs.split("B"), log)
     atomic_dir(out.final, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
-    res = evaluate_model(
+    evaluate_model(
         out.final,
         "eval",
         out.root,
@@ -121,6 +119,5 @@ def _run_teacher_sft(
         tokenizer=tokenizer,
         problems=inputs.eval_problems(),
         load_teacher=inputs.load_teacher,
+        wall_since=t0,
     )
-    res["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(out.result, res)

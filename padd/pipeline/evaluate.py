@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,12 @@ def evaluate_model(
     problems: Sequence[Problem],
     load_teacher: TeacherLoader,
     ctx: DistContext = SINGLE_PROCESS,
+    wall_since: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model on `problems` (the run's D_D), cached in `out_dir/<name>.json`;
     `model_dir=None` means the teacher. `moe`: the model has a selection bias to route with.
+    `wall_since`: a `time.perf_counter()` reading; the result then records `wall_s`, the seconds
+    since it (a compared method's training and evaluation), in the one write of the file.
 
     Every rank of `ctx` must call it: each evaluates its share of the batches, and rank 0 merges
     them in batch order (the same result as one process), writes the file and returns the result;
@@ -98,6 +102,8 @@ def evaluate_model(
         res["kl_to_teacher"] = mean_kl([kl for _, part in gathered for kl in part])
     if ctx.enabled:  # who evaluated what, read from what each rank sent
         res["batches_by_rank"] = [[o.index for o in part] for part, _ in gathered]
+    if wall_since is not None:
+        res["wall_s"] = time.perf_counter() - wall_since
     atomic_write_json(out, res)
     return res
 
