@@ -1,7 +1,7 @@
 """PADD against another method, two training trajectories each, on D_D and on the fresh wallet
 set: is a D_D gap the training or the problems D_D happens to hold?
 
-    python docs/experiments/scripts/kd_replicates.py [--against=METHOD] RUNS_ROOT SEED [SEED ...]
+    python docs/experiments/scripts/kd_replicates.py [--against=METHOD | --upcycled] RUNS_ROOT SEED [SEED ...]
 
 METHOD is `no_stage2` (the default), `teacher_grpo` or `online_kd`.
 
@@ -12,6 +12,11 @@ Per seed S it reads four models, each pair trained from the same Stage-I student
   seed 100); or `teacher_grpo` / `online_kd`: `dsS/compare/METHOD` and `tgSa/compare/teacher_grpo`
   / `tokSa/compare/online_kd` (copies of tpSa's directory plus `--compare` with that method,
   seed 100).
+`--upcycled`: PADD against no Stage II, both from the no-Stage-I student (sparse upcycling, a
+student far below its teacher): PADD is `dsS/compare/no_stage1` and `upSa`, no Stage II `uS` and
+`unSa` (runs whose `stage1/student` is a copy of `dsS/compare/no_stage1/stage1`, with
+`training.method=no_stage2` and/or `training.params.seed=100`); fresh outcomes from
+`fresh_wallet_upcycled/`.
 D_D outcomes come from the runs' eval files, fresh wallet outcomes from
 `docs/experiments/fresh_wallet_ds/dsS.json` and `fresh_wallet_variants/` (the same 1,500
 problems). A problem is "PADD only" when both PADD models solve it and both of the other
@@ -25,6 +30,9 @@ import sys
 from pathlib import Path
 
 args = sys.argv[1:]
+upcycled = args[0] == "--upcycled"
+if upcycled:
+    args.pop(0)
 against = args.pop(0).split("=", 1)[1] if args[0].startswith("--against=") else "no_stage2"
 root, seeds = Path(args[0]), [int(s) for s in args[1:]]
 REPLICATE_DIR = {"teacher_grpo": "tg", "online_kd": "tok"}  # seed-100 run directory prefix
@@ -40,8 +48,24 @@ def fresh(name: str, model: str) -> str:
     return json.loads((fresh_dir / folder / f"{name}.json").read_text())[model]
 
 
+def upcycled_models(s: int) -> tuple[dict[str, str], dict[str, str]]:
+    """`--upcycled`: D_D and fresh outcomes of PADD and no Stage II from the no-Stage-I student."""
+    runs = {"p": (f"ds{s}", "no_stage1"), "p2": (f"up{s}a", "padd"), "o": (f"u{s}", "no_stage2"),
+            "o2": (f"un{s}a", "no_stage2")}  # fmt: skip
+    d_d = {
+        k: outcomes(root / run / ("compare/no_stage1/eval.json" if k == "p" else f"eval/{m}.json"))
+        for k, (run, m) in runs.items()
+    }
+    folder = fresh_dir / "fresh_wallet_upcycled"
+    new = {k: json.loads((folder / f"{run}.json").read_text())["no_stage1" if k == "p" else "padd"]
+           for k, (run, _) in runs.items()}  # fmt: skip
+    return d_d, new
+
+
 def models(s: int) -> tuple[dict[str, str], dict[str, str]]:
     """D_D and fresh outcomes of PADD (p, p2) and the other method (o, o2) on seed s."""
+    if upcycled:
+        return upcycled_models(s)
     d_d = {
         "p": outcomes(root / f"ds{s}" / "eval" / "padd.json"),
         "p2": outcomes(root / f"tp{s}a" / "eval" / "padd.json"),
