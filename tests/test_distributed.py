@@ -1,7 +1,7 @@
 """`torchrun --nproc_per_node=2 -m padd train micro` on gloo (CPU): data sharded per rank, rollouts
-per rank, gradients averaged (DDP) or parameters sharded (FSDP2), and the Stage IV selection
-bias identical on both ranks; an FSDP2 run with the reference KL resumes to the uninterrupted
-result, from its last checkpoint and after a SIGTERM to torchrun."""
+per rank (with dynamic sampling), gradients averaged (DDP) or parameters sharded (FSDP2), and the
+Stage IV selection bias identical on both ranks; an FSDP2 run with the reference KL resumes to
+the uninterrupted result, from its last checkpoint and after a SIGTERM to torchrun."""
 
 import json
 import shutil
