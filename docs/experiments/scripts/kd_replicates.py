@@ -43,22 +43,22 @@ def outcomes(path: Path) -> str:
     return json.loads(path.read_text())["correct"]
 
 
-def fresh(name: str, model: str) -> str:
-    folder = "fresh_wallet_ds" if name.startswith("ds") else "fresh_wallet_variants"
+def fresh(name: str, model: str, folder: str | None = None) -> str:
+    folder = folder or ("fresh_wallet_ds" if name.startswith("ds") else "fresh_wallet_variants")
     return json.loads((fresh_dir / folder / f"{name}.json").read_text())[model]
 
 
 def upcycled_models(s: int) -> tuple[dict[str, str], dict[str, str]]:
     """`--upcycled`: D_D and fresh outcomes of PADD and no Stage II from the no-Stage-I student."""
-    runs = {"p": (f"ds{s}", "no_stage1"), "p2": (f"up{s}a", "padd"), "o": (f"u{s}", "no_stage2"),
-            "o2": (f"un{s}a", "no_stage2")}  # fmt: skip
-    d_d = {
-        k: outcomes(root / run / ("compare/no_stage1/eval.json" if k == "p" else f"eval/{m}.json"))
-        for k, (run, m) in runs.items()
+    # slot: (run, its eval file for D_D, the model's key in the fresh outcomes)
+    runs = {
+        "p": (f"ds{s}", "compare/no_stage1/eval.json", "no_stage1"),
+        "p2": (f"up{s}a", "eval/padd.json", "padd"),
+        "o": (f"u{s}", "eval/no_stage2.json", "padd"),  # a run's trained model is its `padd` slot
+        "o2": (f"un{s}a", "eval/no_stage2.json", "padd"),
     }
-    folder = fresh_dir / "fresh_wallet_upcycled"
-    new = {k: json.loads((folder / f"{run}.json").read_text())["no_stage1" if k == "p" else "padd"]
-           for k, (run, _) in runs.items()}  # fmt: skip
+    d_d = {k: outcomes(root / run / result) for k, (run, result, _) in runs.items()}
+    new = {k: fresh(run, key, "fresh_wallet_upcycled") for k, (run, _, key) in runs.items()}
     return d_d, new
 
 
