@@ -1,5 +1,7 @@
 """experts_implementation="padd" in transformers: tiny saved-and-reloaded models vs "eager"."""
 
+import copy
+
 import pytest
 import torch
 from moe_tiny_models import ARCHS, VOCAB, saved_tiny_model
@@ -116,13 +118,42 @@ def test_experts_compile_fullgraph(saved):
 
 
 def test_unsupported_experts_module_raises():
-    class BiasedExperts(torch.nn.Module):
-        num_experts, has_bias = 2, True
+    class QuantisedExperts(torch.nn.Module):
+        has_gate, _is_expert_parallel = True, False
+        gate_up_proj = torch.zeros(2, 8, 4, dtype=torch.int8)
+        down_proj = torch.zeros(2, 4, 4, dtype=torch.int8)
 
-    with pytest.raises(NotImplementedError, match="fused SwiGLU"):
+        def _apply_gate(self, gate_up):
+            return gate_up
+
+    with pytest.raises(NotImplementedError, match="padd cannot run QuantisedExperts: gate_up_proj is torch.int8"):
         hf_experts.padd_experts_forward(
-            BiasedExperts(), torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+            QuantisedExperts(), torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
         )
+
+
+def _biased_mixtral(monkeypatch):
+    """Mixtral experts that declare biases they do not hold: padd must refuse them at build time."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    init = modeling_mixtral.MixtralExperts.__init__
+
+    def declare_bias(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.has_bias = True
+
+    monkeypatch.setattr(modeling_mixtral.MixtralExperts, "__init__", declare_bias)
+
+
+def test_refused_at_build_and_switch_time_not_at_forward(saved, monkeypatch):
+    _biased_mixtral(monkeypatch)
+    with pytest.raises(NotImplementedError, match=r"experts: padd cannot run MixtralExperts: has_bias=True"):
+        _load(saved["mixtral"], "padd")
+    model = _load(saved["mixtral"], "eager")
+    with pytest.raises(NotImplementedError, match="has_bias=True but gate_up_proj_bias"):
+        model.set_experts_implementation("padd")
+    assert model.config._experts_implementation == "eager"  # left as it was
+    model(torch.randint(3, VOCAB, (1, 4)))
 
 
 def test_unknown_implementation_still_rejected(saved):
@@ -154,17 +185,26 @@ def test_program_loader_other_implementation(saved, padd_calls):
     assert model.config._experts_implementation == "eager" and padd_calls == []
 
 
-def test_use_experts_checks_before_compute():
+def test_use_experts_checks_before_compute(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    gelu = MixtralForCausalLM(
-        MixtralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=8, num_local_experts=4, hidden_act="gelu")
-    )  # fmt: skip
-    with pytest.raises(NotImplementedError, match="fused SwiGLU"):
-        hf_experts.use_experts(gelu)
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                           intermediate_size=8, num_local_experts=4, hidden_act="gelu")  # fmt: skip
+    gelu = MixtralForCausalLM(copy.deepcopy(config))
+    ids = torch.randint(3, VOCAB, (1, 5))
+    want = gelu(ids).logits
+    hf_experts.use_experts(gelu)  # a GELU gate is not fused: the general path runs it exactly
+    assert gelu.config._experts_implementation == "padd"
+    plan = hf_experts.check_model(gelu)["model.layers.0.mlp.experts"]
+    assert not plan.fused and "none of padd's fused activations" in plan.why
+    torch.testing.assert_close(gelu(ids).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="experts_implementation must be one of"):
         hf_experts.use_experts(gelu, "no_such_impl")
+    _biased_mixtral(monkeypatch)
+    biased = MixtralForCausalLM(config)
+    with pytest.raises(NotImplementedError, match="has_bias=True"):
+        hf_experts.use_experts(biased)
+    assert biased.config._experts_implementation != "padd"
     dense = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=8))  # fmt: skip
     before = dense.config._experts_implementation

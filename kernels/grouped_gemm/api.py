@@ -2,7 +2,9 @@
 with its input validation.
 
 `backend="auto"` and `"triton"` go through the `padd::moe_ffn` custom op (op.py), which runs the
-Triton kernels (triton.py) on CUDA and the PyTorch reference (reference.py) on CPU.
+Triton kernels (triton.py) on CUDA and the PyTorch reference (reference.py) on CPU. The Triton
+kernels compute plain SwiGLU without biases; any other activation or a bias runs the reference
+under `"auto"` on every device (correct everywhere, fused on none but the CPU path).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 from .._dispatch import call_reference_directly, resolve_backend
 from ..routing.metadata import Routing
+from .activation import GatedActivation
 from .op import moe_ffn_op_from_routing
 from .reference import moe_ffn_reference
 
@@ -23,23 +26,40 @@ def moe_ffn(
     down_proj: torch.Tensor,
     routing: Routing,
     *,
+    activation: str = "swiglu",
+    limit: float | None = None,
+    alpha: float | None = None,
+    gate_up_interleaved: bool = False,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Routed SwiGLU experts, `Σ_j w_tj · down_e(silu(gate_e x_t) * up_e x_t)`.
+    """Routed gated experts, `Σ_j w_tj · down_e(act(gate_up_e x_t))`; SwiGLU by default.
 
     Args:
         x: `[T, H]` token activations.
-        gate_up_proj: `[E, 2I, H]`, transformers' fused layout (gate rows, then up rows).
-        down_proj: `[E, H, I]`.
+        gate_up_proj: `[E, 2I, H]`, transformers' fused layout (gate rows, then up rows). A
+            transposed view of an `[E, H, 2I]` tensor is fine (it is never copied).
+        down_proj: `[E, H, I]` (or a transposed view of `[E, I, H]`).
         routing: the `Routing` of these T tokens (from `route` or `routing_from_topk`).
-        backend: "auto" (the custom op: Triton on CUDA, the reference on CPU), "triton" (force
-            the kernels; on CPU only under `TRITON_INTERPRET=1`) or "reference" (the plain
-            PyTorch function, differentiated by autograd).
+        activation: "swiglu" (`silu(g)·u`), "swiglu_limit" (`silu(min(g, L))·clamp(u, ±L)`),
+            "swiglu_limit_post" (`min(silu(g), L)·clamp(u, ±L)`) or "gpt_oss"
+            (`(clamp(u, ±L) + 1)·g'σ(α·g')`, `g' = min(g, L)`); see `activation.py`.
+        limit: the clamp bound L of the limited activations (None: no clamp).
+        alpha: α of "gpt_oss".
+        gate_up_interleaved: gate and up rows of `gate_up_proj` alternate (GPT-OSS) instead
+            of the gate half then the up half.
+        gate_up_bias: optional `[E, 2I]` bias of the gate/up projection (same row layout).
+        down_bias: optional `[E, H]` bias of the down projection.
+        backend: "auto" (the custom op: Triton on CUDA for plain SwiGLU without biases, the
+            reference otherwise), "triton" (force the kernels; plain SwiGLU only; on CPU only
+            under `TRITON_INTERPRET=1`) or "reference" (the plain PyTorch function,
+            differentiated by autograd).
 
     Returns:
         `[T, H]` in x's dtype (the autocast dtype under `torch.autocast`). Differentiable in
-        x, both weights and `routing.weights`; deterministic (each token's K slots are summed
-        in slot order, no atomics).
+        x, both weights, the biases and `routing.weights`; deterministic (each token's K slots
+        are summed in slot order, no atomics).
 
     Example:
         >>> from padd.kernels import routing_from_topk
@@ -49,14 +69,54 @@ def moe_ffn(
         torch.Size([3, 8])
     """
     _check_types(x, gate_up_proj, down_proj, routing)
+    act = GatedActivation(activation, limit, alpha, gate_up_interleaved)
     x, gate_up_proj, down_proj = _autocast(x, gate_up_proj, down_proj)
     _check_moe_inputs(x, gate_up_proj, down_proj, routing)
+    _check_biases(gate_up_bias, down_bias, gate_up_proj, x)
+    fused_by_triton = act.is_plain_swiglu and gate_up_bias is None and down_bias is None
+    if backend == "triton" and not fused_by_triton:
+        raise NotImplementedError(
+            "backend='triton' computes plain SwiGLU without biases; use backend='auto' or 'reference' "
+            f"for activation={activation!r}, gate_up_interleaved={gate_up_interleaved}, biases"
+        )
+    biases = (gate_up_bias, down_bias)
     if backend == "reference":
-        return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
+        return moe_ffn_reference(x, gate_up_proj, down_proj, routing, act, *biases)
     resolved = resolve_backend(backend, x, gate_up_proj, down_proj)
-    if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights):
-        return moe_ffn_reference(x, gate_up_proj, down_proj, routing)
-    return moe_ffn_op_from_routing(x, gate_up_proj, down_proj, routing, use_triton=resolved == "triton")
+    if not fused_by_triton:
+        resolved = "reference"
+    if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights, *biases):
+        return moe_ffn_reference(x, gate_up_proj, down_proj, routing, act, *biases)
+    return moe_ffn_op_from_routing(
+        x,
+        gate_up_proj,
+        down_proj,
+        routing,
+        activation=act,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        use_triton=resolved == "triton",
+    )
+
+
+def _check_biases(
+    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, w13: torch.Tensor, x: torch.Tensor
+) -> None:
+    num_experts, two_inter, hidden = w13.shape
+    for name, bias, shape in (
+        ("gate_up_bias", gate_up_bias, (num_experts, two_inter)),
+        ("down_bias", down_bias, (num_experts, hidden)),
+    ):
+        if bias is None:
+            continue
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)}, got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{name} is on {bias.device}, x on {x.device}")
 
 
 def _check_types(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ..routing.metadata import Routing
+from .activation import GatedActivation
 from .reference import moe_ffn_reference_backward, moe_ffn_reference_forward
 
 __all__ = ["moe_ffn_flops", "moe_ffn_op", "moe_ffn_op_from_routing"]
@@ -49,13 +50,21 @@ def moe_ffn_op(
     expert_offsets_E1: torch.Tensor,
     sort_order_S: torch.Tensor,
     inverse_order_S: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    limit: float | None,
+    alpha: float | None,
+    interleaved: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed SwiGLU experts `[T, H]` from the `Routing` fields (see `moe_ffn`), and a cache.
+    """Routed gated experts `[T, H]` from the `Routing` fields (see `moe_ffn`), and a cache.
 
     The cache is what the backward reuses: the reference's sorted gate/up pre-activations
     `[S, 2I]` (fp32), or an empty `[0]` tensor for Triton, whose backward recomputes them.
+    Triton runs plain SwiGLU without biases only (`moe_ffn` never asks it for more).
     """
+    act = GatedActivation(activation, limit, alpha, interleaved)
     if use_triton:
         from .triton import moe_ffn_triton_forward  # optional dependency: not every platform has triton
 
@@ -64,7 +73,7 @@ def moe_ffn_op(
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
     routing = _routing(gate_up_proj.shape[0], *fields)
     with torch.autocast(x.device.type, enabled=False):
-        return moe_ffn_reference_forward(x, gate_up_proj, down_proj, routing)
+        return moe_ffn_reference_forward(x, gate_up_proj, down_proj, routing, act, gate_up_bias, down_bias)
 
 
 @moe_ffn_op.register_fake
@@ -89,48 +98,79 @@ def moe_ffn_backward_op(
     expert_offsets_E1: torch.Tensor,
     sort_order_S: torch.Tensor,
     inverse_order_S: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    limit: float | None,
+    alpha: float | None,
+    interleaved: bool,
     use_triton: bool,
     needs_dx: bool,
     needs_d_gate_up: bool,
     needs_d_down: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(dx, d gate_up_proj, d down_proj, d weights_TK)` of `padd::moe_ffn`.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(dx, d gate_up_proj, d down_proj, d weights_TK, d gate_up_bias, d down_bias)` of
+    `padd::moe_ffn`.
 
-    A gradient whose `needs_*` flag is False is skipped and returned as an empty `[0]` tensor.
+    A gradient whose `needs_*` flag is False, or of an absent bias, is returned as an empty `[0]`
+    tensor.
     """
     needs = (needs_dx, needs_d_gate_up, needs_d_down)
     if use_triton:
         from .triton import moe_ffn_triton_backward  # optional dependency
 
-        return moe_ffn_triton_backward(
+        grads = moe_ffn_triton_backward(
             grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs=needs
         )
+        return *grads, x.new_empty(0), x.new_empty(0)
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
     routing = _routing(gate_up_proj.shape[0], *fields)
+    act = GatedActivation(activation, limit, alpha, interleaved)
     with torch.autocast(x.device.type, enabled=False):
-        grads = moe_ffn_reference_backward(grad, x, gate_up_proj, down_proj, routing, gate_up_cache, needs)
-    like = (x, gate_up_proj, down_proj, weights_TK)
-    return tuple(t.new_empty(0) if g is None else g for g, t in zip(grads, like, strict=True))
+        grads = moe_ffn_reference_backward(
+            grad, x, gate_up_proj, down_proj, routing, gate_up_cache, needs, act, gate_up_bias, down_bias
+        )
+    like = (x, gate_up_proj, down_proj, weights_TK, gate_up_bias, down_bias)
+    return tuple(x.new_empty(0) if g is None else g for g, t in zip(grads, like, strict=True))
 
 
 @moe_ffn_backward_op.register_fake
-def _moe_ffn_backward_fake(grad, x, gate_up_proj, down_proj, gate_up_cache, weights_TK, *routing_and_flags):
-    needs = (*routing_and_flags[-3:], True)
-    like = (x, gate_up_proj, down_proj, weights_TK)
-    return tuple(torch.empty_like(t) if need else t.new_empty(0) for t, need in zip(like, needs, strict=True))
+def _moe_ffn_backward_fake(
+    grad, x, gate_up_proj, down_proj, gate_up_cache, weights_TK, *routing_biases_and_flags
+):
+    gate_up_bias, down_bias = routing_biases_and_flags[5:7]
+    needs = (*routing_biases_and_flags[-3:], True, gate_up_bias is not None, down_bias is not None)
+    like = (x, gate_up_proj, down_proj, weights_TK, gate_up_bias, down_bias)
+    return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, needs, strict=True))
+
+
+# Inputs of `padd::moe_ffn` after the routing fields: the biases, then the non-tensor arguments.
+_NUM_ROUTING_FIELDS = 6
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate_up_proj, down_proj, *routing_fields, use_triton = inputs
-    ctx.save_for_backward(x, gate_up_proj, down_proj, output[1], *routing_fields)
-    ctx.use_triton = use_triton
+    x, gate_up_proj, down_proj, *rest = inputs
+    routing_fields = rest[:_NUM_ROUTING_FIELDS]
+    gate_up_bias, down_bias, *ctx.options = rest[_NUM_ROUTING_FIELDS:]
+    ctx.save_for_backward(x, gate_up_proj, down_proj, output[1], *routing_fields, gate_up_bias, down_bias)
 
 
 def _backward(ctx, grad, _grad_cache):
     needs = ctx.needs_input_grad[:3]
-    grads = moe_ffn_backward_op(grad, *ctx.saved_tensors, ctx.use_triton, *needs)
-    grads = [g if need else None for g, need in zip(grads, (*needs, True), strict=True)]
-    return *grads, None, None, None, None, None, None
+    grads = moe_ffn_backward_op(grad, *ctx.saved_tensors, *ctx.options, *needs)
+    dx, d_gate_up, d_down, d_weights, d_gate_up_bias, d_down_bias = grads
+    gate_up_bias, down_bias = ctx.saved_tensors[-2:]
+    keep = lambda g, need: g if need else None
+    return (
+        keep(dx, needs[0]),
+        keep(d_gate_up, needs[1]),
+        keep(d_down, needs[2]),
+        d_weights,
+        *(None,) * (_NUM_ROUTING_FIELDS - 1),
+        keep(d_gate_up_bias, gate_up_bias is not None),
+        keep(d_down_bias, down_bias is not None),
+        *(None,) * len(ctx.options),
+    )
 
 
 torch.library.register_autograd("padd::moe_ffn", _backward, setup_context=_setup_context)
@@ -166,6 +206,9 @@ def moe_ffn_op_from_routing(
     down_proj: torch.Tensor,
     routing: Routing,
     *,
+    activation: GatedActivation,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
     use_triton: bool,
 ) -> torch.Tensor:
     """Call `padd::moe_ffn` with a `Routing`'s tensors (inputs are validated by `moe_ffn`)."""
@@ -179,6 +222,12 @@ def moe_ffn_op_from_routing(
         routing.expert_offsets,
         routing.sort_order,
         routing.inverse_order,
+        gate_up_bias,
+        down_bias,
+        activation.name,
+        activation.limit,
+        activation.alpha,
+        activation.interleaved,
         use_triton,
     )
     return out

@@ -30,7 +30,7 @@ def _meta(help: str) -> dict:
 
 @dataclass
 class PADDConfig:
-    """Stages II–IV of PADD and their switches (see docs/padd-method.md for the formulas)."""
+    """Stages II–IV of PADD and their switches (see docs/method.md for the formulas)."""
 
     seed: int = field(default=0, metadata=_meta("seeds torch, python random and numpy at trainer start"))
 

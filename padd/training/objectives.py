@@ -1,7 +1,7 @@
 """PADD's RL and distillation math as small free functions (no model, plain tensors).
 
 Each function is checked against hand-computed values in tests/test_objectives.py; the trainer
-only composes them. Signs follow docs/padd-method.md's corrected forms.
+only composes them. Signs follow docs/method.md's corrected forms.
 
 Legend: P = prompts, G = generations per prompt, B = P·G rows, R = response tokens,
 L = MoE layers, E = experts, T = tokens (any leading shape).

@@ -1,0 +1,143 @@
+"""The gated activations of the expert FFN, forward and hand-derived backward, in plain torch.
+
+Shape legend: S slots (rows), I expert width. Each function takes the gate and up halves of the
+gate/up GEMM, `[S, I]` each, in fp32, and returns `h [S, I]` (forward) or `(d gate, d up)`
+(backward). The backward reproduces autograd of the forward formula exactly, clamp masks
+included (`torch.clamp` passes the gradient where `min <= x <= max`, bounds inclusive).
+
+The four activations are the ones transformers' MoE families compute (`limit` L, `alpha` α):
+
+- `"swiglu"`: `silu(g) · u` (Mixtral, Qwen-MoE, DeepSeek-V3, ...).
+- `"swiglu_limit"`: `silu(min(g, L)) · clamp(u, -L, L)`, the clamp before the SiLU
+  (DeepSeek-V4, GLM-5-Next, HY-V4).
+- `"swiglu_limit_post"`: `min(silu(g), L) · clamp(u, -L, L)`, the clamp after the SiLU
+  (Step3p7, Bailing-Hybrid).
+- `"gpt_oss"`: `(clamp(u, -L, L) + 1) · g' · σ(α·g')` with `g' = min(g, L)` (GPT-OSS, MiniMax-M3).
+
+A limit of None means no clamp (`"swiglu_limit"` and `"swiglu_limit_post"` are then `"swiglu"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ACTIVATIONS", "GatedActivation", "activation_backward", "activation_forward", "check_activation"]
+
+ACTIVATIONS = ("swiglu", "swiglu_limit", "swiglu_limit_post", "gpt_oss")
+
+# No clamp: a bound no finite fp32 value passes.
+_NO_LIMIT = float("inf")
+
+
+def check_activation(activation: str, limit: float | None, alpha: float | None) -> None:
+    """Raise `ValueError` for an unknown activation or a parameter it does not take."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if limit is not None and not (isinstance(limit, int | float) and limit > 0):
+        raise ValueError(f"limit must be a positive number or None, got {limit!r}")
+    if activation == "swiglu" and limit is not None:
+        raise ValueError("activation='swiglu' takes no limit; use 'swiglu_limit' or 'swiglu_limit_post'")
+    if activation == "gpt_oss":
+        if alpha is None or not isinstance(alpha, int | float):
+            raise ValueError(f"activation='gpt_oss' needs a numeric alpha, got {alpha!r}")
+    elif alpha is not None:
+        raise ValueError(f"alpha is a parameter of activation='gpt_oss' only, got alpha={alpha!r}")
+
+
+def _bound(limit: float | None) -> float:
+    return _NO_LIMIT if limit is None else float(limit)
+
+
+def activation_forward(
+    gate_SI: torch.Tensor, up_SI: torch.Tensor, activation: str, limit: float | None, alpha: float | None
+) -> torch.Tensor:
+    """`h [S, I]` of `activation` (module docstring) from the gate and up pre-activations."""
+    if activation == "swiglu":
+        return F.silu(gate_SI) * up_SI
+    bound = _bound(limit)
+    up_c = up_SI.clamp(-bound, bound)
+    if activation == "swiglu_limit":
+        return F.silu(gate_SI.clamp(max=bound)) * up_c
+    if activation == "swiglu_limit_post":
+        return F.silu(gate_SI).clamp(max=bound) * up_c
+    gate_c = gate_SI.clamp(max=bound)
+    return (up_c + 1) * (gate_c * torch.sigmoid(gate_c * alpha))
+
+
+def activation_backward(
+    dh_SI: torch.Tensor,
+    gate_SI: torch.Tensor,
+    up_SI: torch.Tensor,
+    activation: str,
+    limit: float | None,
+    alpha: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(d gate, d up)` `[S, I]` of `activation_forward` for the output gradient `dh`."""
+    if activation == "swiglu":
+        d_gate = torch.ops.aten.silu_backward(dh_SI * up_SI, gate_SI)
+        return d_gate, dh_SI * F.silu(gate_SI)
+    bound = _bound(limit)
+    up_c = up_SI.clamp(-bound, bound)
+    up_passes = (up_SI >= -bound) & (up_SI <= bound)
+    if activation == "swiglu_limit":
+        gate_c = gate_SI.clamp(max=bound)
+        d_gate = torch.ops.aten.silu_backward(dh_SI * up_c, gate_c) * (gate_SI <= bound)
+        return d_gate, dh_SI * F.silu(gate_c) * up_passes
+    if activation == "swiglu_limit_post":
+        silu_g = F.silu(gate_SI)
+        d_gate = torch.ops.aten.silu_backward(dh_SI * up_c, gate_SI) * (silu_g <= bound)
+        return d_gate, dh_SI * silu_g.clamp(max=bound) * up_passes
+    gate_c = gate_SI.clamp(max=bound)
+    sig = torch.sigmoid(gate_c * alpha)
+    glu = gate_c * sig
+    d_glu_d_gate = sig + alpha * glu * (1 - sig)
+    d_gate = dh_SI * (up_c + 1) * d_glu_d_gate * (gate_SI <= bound)
+    return d_gate, dh_SI * glu * up_passes
+
+
+@dataclass(frozen=True)
+class GatedActivation:
+    """How the expert FFN turns its gate/up GEMM output `[S, 2I]` into `h [S, I]`.
+
+    Attributes:
+        name: one of `ACTIVATIONS` (module docstring).
+        limit: the clamp bound L, or None for no clamp.
+        alpha: α of `"gpt_oss"` (None for the others).
+        interleaved: gate and up columns alternate (`[g0, u0, g1, u1, ...]`, GPT-OSS's layout)
+            instead of the gate half then the up half.
+    """
+
+    name: str = "swiglu"
+    limit: float | None = None
+    alpha: float | None = None
+    interleaved: bool = False
+
+    def __post_init__(self) -> None:
+        check_activation(self.name, self.limit, self.alpha)
+
+    @property
+    def is_plain_swiglu(self) -> bool:
+        """`silu(gate) · up` over the concatenated halves: what the Triton kernels compute."""
+        return self.name == "swiglu" and not self.interleaved
+
+    def split(self, gate_up_S2I: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up views `[S, I]` of a gate/up GEMM output (no copy)."""
+        if self.interleaved:
+            return gate_up_S2I[:, 0::2], gate_up_S2I[:, 1::2]
+        inter = gate_up_S2I.shape[1] // 2
+        return gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
+
+    def forward(self, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+        return activation_forward(*self.split(gate_up_S2I), self.name, self.limit, self.alpha)
+
+    def backward(self, dh_SI: torch.Tensor, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+        """`d gate_up [S, 2I]` in the same column layout as `gate_up_S2I`."""
+        d_gate, d_up = activation_backward(dh_SI, *self.split(gate_up_S2I), self.name, self.limit, self.alpha)
+        d_gate_up = torch.empty_like(gate_up_S2I)
+        d_gate_view, d_up_view = self.split(d_gate_up)
+        d_gate_view.copy_(d_gate)
+        d_up_view.copy_(d_up)
+        return d_gate_up
