@@ -209,3 +209,30 @@ def test_use_experts_checks_before_compute(monkeypatch):
                                          num_attention_heads=2, intermediate_size=8))  # fmt: skip
     before = dense.config._experts_implementation
     assert hf_experts.use_experts(dense) is dense and dense.config._experts_implementation == before
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_expert_parallel_sentinel_contributes_zero(arch):
+    """An id equal to E (a token routed to another rank) adds nothing to the output and gets no
+    routing-weight gradient, as in transformers' own `batched_mm` backend (the oracle here)."""
+    from moe_tiny_models import NUM_EXPERTS, tiny_model
+    from transformers.integrations.moe import batched_mm_experts_forward
+
+    experts = tiny_model(arch).model.layers[0].mlp.experts
+    experts._is_expert_parallel = True
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(9, experts.gate_up_proj.shape[-1], generator=generator)
+    ids = torch.randint(0, NUM_EXPERTS, (9, 2), generator=generator)
+    ids[::3, 1] = NUM_EXPERTS  # sentinels, in the second slot of every third token
+    ids[4, :] = NUM_EXPERTS  # a token wholly on other ranks
+    weights = torch.rand(9, 2, generator=generator)
+    outputs, grads = [], []
+    for forward in (batched_mm_experts_forward, hf_experts.padd_experts_forward):
+        w = weights.clone().requires_grad_()
+        out = forward(experts, x, ids, w)
+        (g,) = torch.autograd.grad(out.square().sum(), w)
+        outputs.append(out.detach())
+        grads.append(g)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert outputs[1][4].abs().max() == 0 and (grads[1][ids == NUM_EXPERTS] == 0).all()

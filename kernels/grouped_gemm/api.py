@@ -3,8 +3,8 @@ with its input validation.
 
 `backend="auto"` and `"triton"` go through the `padd::moe_ffn` custom op (op.py), which runs the
 Triton kernels (triton.py) on CUDA and the PyTorch reference (reference.py) on CPU. The Triton
-kernels compute plain SwiGLU without biases; any other activation or a bias runs the reference
-under `"auto"` on every device (correct everywhere, fused on none but the CPU path).
+kernels fuse every activation and the interleaved gate/up layout, but not biases: a biased call
+runs the reference under `"auto"` on every device.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def moe_ffn(
             of the gate half then the up half.
         gate_up_bias: optional `[E, 2I]` bias of the gate/up projection (same row layout).
         down_bias: optional `[E, H]` bias of the down projection.
-        backend: "auto" (the custom op: Triton on CUDA for plain SwiGLU without biases, the
-            reference otherwise), "triton" (force the kernels; plain SwiGLU only; on CPU only
-            under `TRITON_INTERPRET=1`) or "reference" (the plain PyTorch function,
-            differentiated by autograd).
+        backend: "auto" (the custom op: Triton on CUDA unless there are biases, the reference
+            otherwise), "triton" (force the kernels; no biases; on CPU only under
+            `TRITON_INTERPRET=1`) or "reference" (the plain PyTorch function, differentiated
+            by autograd).
 
     Returns:
         `[T, H]` in x's dtype (the autocast dtype under `torch.autocast`). Differentiable in
@@ -73,11 +73,10 @@ def moe_ffn(
     x, gate_up_proj, down_proj = _autocast(x, gate_up_proj, down_proj)
     _check_moe_inputs(x, gate_up_proj, down_proj, routing)
     _check_biases(gate_up_bias, down_bias, gate_up_proj, x)
-    fused_by_triton = act.is_plain_swiglu and gate_up_bias is None and down_bias is None
+    fused_by_triton = gate_up_bias is None and down_bias is None
     if backend == "triton" and not fused_by_triton:
         raise NotImplementedError(
-            "backend='triton' computes plain SwiGLU without biases; use backend='auto' or 'reference' "
-            f"for activation={activation!r}, gate_up_interleaved={gate_up_interleaved}, biases"
+            "backend='triton' has no expert biases; use backend='auto' or 'reference' for a biased call"
         )
     biases = (gate_up_bias, down_bias)
     if backend == "reference":

@@ -62,13 +62,15 @@ def moe_ffn_op(
 
     The cache is what the backward reuses: the reference's sorted gate/up pre-activations
     `[S, 2I]` (fp32), or an empty `[0]` tensor for Triton, whose backward recomputes them.
-    Triton runs plain SwiGLU without biases only (`moe_ffn` never asks it for more).
+    Triton runs every activation but no biases (`moe_ffn` never asks it for them).
     """
     act = GatedActivation(activation, limit, alpha, interleaved)
     if use_triton:
         from .triton import moe_ffn_triton_forward  # optional dependency: not every platform has triton
 
-        out = moe_ffn_triton_forward(x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1)
+        out = moe_ffn_triton_forward(
+            x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, act
+        )
         return out, x.new_empty(0)
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
     routing = _routing(gate_up_proj.shape[0], *fields)
@@ -119,8 +121,9 @@ def moe_ffn_backward_op(
     if use_triton:
         from .triton import moe_ffn_triton_backward  # optional dependency
 
+        act = GatedActivation(activation, limit, alpha, interleaved)
         grads = moe_ffn_triton_backward(
-            grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs=needs
+            grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs, act
         )
         return *grads, x.new_empty(0), x.new_empty(0)
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)

@@ -1,7 +1,7 @@
 """Pure-PyTorch expert FFN with its hand-written backward: the CPU path and the kernels' oracle.
 
 Every gated activation of `activation.py` and optional per-expert biases are computed here; the
-Triton kernels compute plain SwiGLU without biases (`moe_ffn` picks this path for the rest).
+Triton kernels fuse the same activations but no biases (`moe_ffn` picks this path for those).
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
 rows are slots in `routing.sort_order` order (grouped by expert).

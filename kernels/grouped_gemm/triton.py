@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 
 from .._dispatch import interpreter_enabled
+from .activation import GatedActivation
+
+SWIGLU = GatedActivation()
 
 __all__ = ["moe_ffn_triton_backward", "moe_ffn_triton_forward"]
 
@@ -75,6 +78,74 @@ def _prune_to_problem(block_extents: dict[str, str]):
         return kept or [min(configs, key=lambda c: [c.kwargs[b] for b in block_extents])]
 
     return prune
+
+
+# `GatedActivation.name` -> the ACTIVATION code of the kernels' epilogues.
+_ACTIVATION_CODES = {"swiglu": 0, "swiglu_limit": 1, "swiglu_limit_post": 2, "gpt_oss": 3}
+# "No clamp" as a finite fp32 bound (a kernel argument cannot be None).
+_NO_LIMIT = 3.0e38
+
+
+def _activation_args(activation) -> dict:
+    """Kernel arguments of a `GatedActivation`: its code, bound, α and gate/up row layout."""
+    return {
+        "ACTIVATION": _ACTIVATION_CODES[activation.name],
+        "LIMIT": _NO_LIMIT if activation.limit is None else float(activation.limit),
+        "ALPHA": 1.0 if activation.alpha is None else float(activation.alpha),
+        "GATE_STEP": 2 if activation.interleaved else 1,
+    }
+
+
+@triton.jit
+def _gated_forward(g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
+    """h of the four gated activations (activation.py) on fp32 gate/up tiles."""
+    u_c = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+    if ACTIVATION == 0:
+        h = g * tl.sigmoid(g) * u
+    elif ACTIVATION == 1:
+        g_c = tl.minimum(g, LIMIT)
+        h = g_c * tl.sigmoid(g_c) * u_c
+    elif ACTIVATION == 2:
+        h = tl.minimum(g * tl.sigmoid(g), LIMIT) * u_c
+    else:
+        g_c = tl.minimum(g, LIMIT)
+        h = (u_c + 1.0) * (g_c * tl.sigmoid(g_c * ALPHA))
+    return h
+
+
+@triton.jit
+def _gated_backward(dh, g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
+    """`(h, d gate, d up)`; clamp masks inclusive of the bounds, as torch.clamp's gradient."""
+    u_c = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+    u_in = (u >= -LIMIT) & (u <= LIMIT)
+    if ACTIVATION == 0:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        h = act * u
+        d_gate = dh * u * sig * (1.0 + g * (1.0 - sig))
+        d_up = dh * act
+    elif ACTIVATION == 1:
+        g_c = tl.minimum(g, LIMIT)
+        sig = tl.sigmoid(g_c)
+        act = g_c * sig
+        h = act * u_c
+        d_gate = tl.where(g <= LIMIT, dh * u_c * sig * (1.0 + g_c * (1.0 - sig)), 0.0)
+        d_up = tl.where(u_in, dh * act, 0.0)
+    elif ACTIVATION == 2:
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        act = tl.minimum(silu, LIMIT)
+        h = act * u_c
+        d_gate = tl.where(silu <= LIMIT, dh * u_c * sig * (1.0 + g * (1.0 - sig)), 0.0)
+        d_up = tl.where(u_in, dh * act, 0.0)
+    else:
+        g_c = tl.minimum(g, LIMIT)
+        sig = tl.sigmoid(g_c * ALPHA)
+        glu = g_c * sig
+        h = (u_c + 1.0) * glu
+        d_gate = tl.where(g <= LIMIT, dh * (u_c + 1.0) * (sig + ALPHA * glu * (1.0 - sig)), 0.0)
+        d_up = tl.where(u_in, dh * glu, 0.0)
+    return h, d_gate, d_up
 
 
 @triton.jit
@@ -127,14 +198,23 @@ def _gate_up_swiglu_kernel(
     stride_wn,
     stride_wh,
     stride_hs,
+    LIMIT,
+    ALPHA,
+    UP_OFFSET,
     TOP_K: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATE_STEP: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """h[p, n] = silu(x[t_p] · Wg[e, n]) * (x[t_p] · Wu[e, n]) for sorted rows p of expert e."""
+    """h[p, n] = act(x[t_p] · Wg[e, n], x[t_p] · Wu[e, n]) for sorted rows p of expert e.
+
+    Gate row n of expert e is row `n·GATE_STEP` of `gate_up_proj[e]`, its up row `UP_OFFSET`
+    further: (1, I) for the gate half then the up half, (2, 1) for interleaved rows.
+    """
     pid_m, pid_n = _split_pid(I, BLOCK_N)
     expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -150,10 +230,10 @@ def _gate_up_swiglu_kernel(
     wg_ptrs = (
         w13_ptr
         + expert.to(tl.int64) * stride_we
-        + cols[None, :].to(tl.int64) * stride_wn
+        + (cols[None, :] * GATE_STEP).to(tl.int64) * stride_wn
         + ks[:, None] * stride_wh
     )
-    wu_ptrs = wg_ptrs + I * stride_wn
+    wu_ptrs = wg_ptrs + UP_OFFSET * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -167,7 +247,7 @@ def _gate_up_swiglu_kernel(
         x_ptrs += BLOCK_K * stride_xh
         wg_ptrs += BLOCK_K * stride_wh
         wu_ptrs += BLOCK_K * stride_wh
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h = _gated_forward(acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hs + cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -275,16 +355,22 @@ def _swiglu_backward_kernel(
     stride_di,
     stride_gs,
     stride_hs,
+    LIMIT,
+    ALPHA,
+    UP_OFFSET,
     TOP_K: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATE_STEP: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Recompute gate/up, push dy back through down and SwiGLU for sorted rows p of expert e.
+    """Recompute gate/up, push dy back through down and the activation for sorted rows p of
+    expert e (gate/up rows as in `_gate_up_swiglu_kernel`).
 
-    Writes d(gate|up) `[S, 2I]` and w·h `[S, I]` in sorted order, and the routing-weight gradient
+    Writes d(gate|up) `[S, 2I]` (in gate_up_proj's row layout) and w·h `[S, I]` in sorted order, and the routing-weight gradient
     partial `Σ_n (dy[t_p] · W2[e, :, n]) · h[p, n]` for this I-tile at `[pid_n, slot_p]`.
     """
     pid_m, pid_n = _split_pid(I, BLOCK_N)
@@ -303,10 +389,10 @@ def _swiglu_backward_kernel(
     wg_ptrs = (
         w13_ptr
         + expert.to(tl.int64) * stride_we
-        + cols[None, :].to(tl.int64) * stride_wn
+        + (cols[None, :] * GATE_STEP).to(tl.int64) * stride_wn
         + ks[:, None] * stride_wh
     )
-    wu_ptrs = wg_ptrs + I * stride_wn
+    wu_ptrs = wg_ptrs + UP_OFFSET * stride_wn
     w2_ptrs = (
         w2_ptr
         + expert.to(tl.int64) * stride_de
@@ -330,19 +416,15 @@ def _swiglu_backward_kernel(
         wg_ptrs += BLOCK_K * stride_wh
         wu_ptrs += BLOCK_K * stride_wh
         w2_ptrs += BLOCK_K * stride_dh2
-    sig = tl.sigmoid(acc_g)
-    act = acc_g * sig
-    h = act * acc_u
     weight = tl.load(weight_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(dweight_part_ptr + pid_n.to(tl.int64) * S + slots, tl.sum(acc_d * h, axis=1), mask=row_mask)
     dh = acc_d * weight[:, None]
-    d_gate = dh * acc_u * sig * (1.0 + acc_g * (1.0 - sig))
-    d_up = dh * act
+    h, d_gate, d_up = _gated_backward(dh, acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
+    tl.store(dweight_part_ptr + pid_n.to(tl.int64) * S + slots, tl.sum(acc_d * h, axis=1), mask=row_mask)
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows[:, None].to(tl.int64)
-    dgu_ptrs = dgu_ptr + rows64 * stride_gs + cols[None, :]
+    dgu_ptrs = dgu_ptr + rows64 * stride_gs + cols[None, :] * GATE_STEP
     tl.store(dgu_ptrs, d_gate.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptrs + I, d_up.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptrs + UP_OFFSET, d_up.to(dgu_ptr.dtype.element_ty), mask=mask)
     tl.store(
         hw_ptr + rows64 * stride_hs + cols[None, :],
         (h * weight[:, None]).to(hw_ptr.dtype.element_ty),
@@ -472,7 +554,7 @@ def _sum_slots(y_SH: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     return out_TH
 
 
-def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
+def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k, activation) -> torch.Tensor:
     """h in sorted order, `[S, I]` in x's dtype."""
     num_experts, two_inter, hidden = w13_E2IH.shape
     inter = two_inter // 2
@@ -493,9 +575,11 @@ def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k) -> torch.Tensor:
         x_TH.stride(1),
         *w13_E2IH.stride(),
         h_SI.stride(0),
+        UP_OFFSET=1 if activation.interleaved else inter,
         TOP_K=top_k,
         BLOCK_E=_block_e(num_experts),
         DOT_PRECISION=_dot_precision(x_TH.dtype),
+        **_activation_args(activation),
     )
     return h_SI
 
@@ -560,14 +644,15 @@ def moe_ffn_triton_forward(
     weights_TK: torch.Tensor,
     sort_order_S: torch.Tensor,
     expert_offsets_E1: torch.Tensor,
+    activation=SWIGLU,
 ) -> torch.Tensor:
-    """Forward of the routed SwiGLU experts from raw routing tensors; `[T, H]` in x's dtype."""
+    """Forward of the routed gated experts from raw routing tensors; `[T, H]` in x's dtype."""
     num_tokens, hidden = x_TH.shape
     top_k = weights_TK.shape[1]
     if num_tokens == 0:
         return x_TH.new_zeros(0, hidden)
     order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
-    h_SI = _gate_up_swiglu(x_TH, gate_up_proj_E2IH, order_S, offsets_E1, top_k)
+    h_SI = _gate_up_swiglu(x_TH, gate_up_proj_E2IH, order_S, offsets_E1, top_k, activation)
     # down_proj[e] is [H, I]; viewed as [I, H] it is the right-hand operand of h @ W2[e].T.
     y_SH = _scatter_grouped_mm(
         h_SI,
@@ -580,7 +665,7 @@ def moe_ffn_triton_forward(
     return _sum_slots(y_SH, num_tokens, top_k)
 
 
-def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets_E1):
+def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets_E1, activation):
     """`(d(gate|up) [S, 2I], w·h [S, I], d weights [T, K])` from the fused recompute kernel."""
     num_tokens, hidden = x_TH.shape
     num_experts, two_inter, _ = w13_E2IH.shape
@@ -597,7 +682,9 @@ def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets
         dgu_S2I, hw_SI, dweight_part_NS,
         num_experts, hidden, inter, num_slots, _rows_bucket(num_slots, num_experts),
         *x_TH.stride(), *dy_TH.stride(), *w13_E2IH.stride(), *w2_EHI.stride(), dgu_S2I.stride(0), hw_SI.stride(0),
+        UP_OFFSET=1 if activation.interleaved else inter,
         TOP_K=top_k, BLOCK_E=_block_e(num_experts), DOT_PRECISION=_dot_precision(x_TH.dtype),
+        **_activation_args(activation),
     )  # fmt: skip
     # Fixed-order sum of the per-I-tile partials: deterministic, no atomics.
     d_weights_TK = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
@@ -613,6 +700,7 @@ def moe_ffn_triton_backward(
     sort_order_S: torch.Tensor,
     expert_offsets_E1: torch.Tensor,
     needs: tuple[bool, bool, bool] = (True, True, True),
+    activation=SWIGLU,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dx [T,H], d gate_up_proj [E,2I,H], d down_proj [E,H,I], d weights [T,K])`.
 
@@ -630,7 +718,7 @@ def moe_ffn_triton_backward(
     order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
     dy_TH = grad_TH.to(x_TH.dtype)
     dgu_S2I, hw_SI, d_weights = _swiglu_backward(
-        dy_TH, x_TH, gate_up_proj_E2IH, down_proj_EHI, weights_TK, order_S, offsets_E1
+        dy_TH, x_TH, gate_up_proj_E2IH, down_proj_EHI, weights_TK, order_S, offsets_E1, activation
     )
     # Ordered so each [S, ·] buffer is freed once its last reader has run (lower peak memory).
     d_down = skipped()

@@ -157,8 +157,8 @@ def test_bad_activation_arguments_fail_before_compute():
         moe_ffn(*args, activation="swiglu_limit", limit=-1.0)
     with pytest.raises(ValueError, match=r"gate_up_bias must be \[5, 16\]"):
         moe_ffn(*args, gate_up_bias=b2.float())
-    with pytest.raises(NotImplementedError, match="plain SwiGLU"):
-        moe_ffn(*args, activation="swiglu_limit", limit=7.0, backend="triton")
+    with pytest.raises(NotImplementedError, match="no expert biases"):
+        moe_ffn(*args, activation="swiglu_limit", limit=7.0, gate_up_bias=b13.float(), backend="triton")
 
 
 def test_custom_op_schema_with_biases():
@@ -186,3 +186,25 @@ def test_custom_op_schema_with_biases():
     )
     torch.testing.assert_close(out, want)
     assert all(g.shape == t.shape for g, t in zip(grads, [*tensors, *biases], strict=True))
+
+
+@pytest.mark.parametrize(("name", "interleaved"), [(n, i) for n in ACTIVATIONS for i in (False, True)])
+def test_triton_activations_match_reference(name, interleaved):
+    """The kernels' epilogues (Triton's interpreter on CPU, fp32) against the reference, forward
+    and every gradient, with pre-activations past the clamp and an empty expert; a transposed
+    view of the weights (GPT-OSS stores `[E, H, 2I]`) goes in as it is."""
+    x, w13, w2, experts_TK, weights_TK, _, _ = make_case(ACTIVATIONS.index(name), False, T=21, H=16, I=8)
+    limit, alpha = _params(name)
+    w13_t = w13.float().transpose(1, 2).contiguous().transpose(1, 2)  # [E, 2I, H] view of [E, H, 2I]
+    results = []
+    for backend, gate_up in (("triton", w13_t), ("reference", w13.float())):
+        leaves = [t.float().detach().requires_grad_() for t in (x, gate_up, w2, weights_TK)]
+        routing = routing_from_topk(experts_TK, leaves[3], w13.shape[0])
+        kwargs = dict(activation=name, limit=limit, alpha=alpha, gate_up_interleaved=interleaved)
+        out = moe_ffn(*leaves[:3], routing, backend=backend, **kwargs)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    for label, g, g_ref in zip(["x", "gate_up_proj", "down_proj", "weights"], grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=label)
