@@ -79,13 +79,21 @@ def moe_ffn(
             "backend='triton' has no expert biases; use backend='auto' or 'reference' for a biased call"
         )
     biases = (gate_up_bias, down_bias)
+    options = dict(
+        activation=activation,
+        limit=limit,
+        alpha=alpha,
+        gate_up_interleaved=gate_up_interleaved,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+    )
     if backend == "reference":
-        return moe_ffn_reference(x, gate_up_proj, down_proj, routing, act, *biases)
+        return moe_ffn_reference(x, gate_up_proj, down_proj, routing, **options)
     resolved = resolve_backend(backend, x, gate_up_proj, down_proj)
     if not fused_by_triton:
         resolved = "reference"
     if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights, *biases):
-        return moe_ffn_reference(x, gate_up_proj, down_proj, routing, act, *biases)
+        return moe_ffn_reference(x, gate_up_proj, down_proj, routing, **options)
     return moe_ffn_op_from_routing(
         x,
         gate_up_proj,

@@ -31,7 +31,11 @@ def moe_ffn_reference(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     routing: Routing,
-    activation: GatedActivation = SWIGLU,
+    *,
+    activation: str = "swiglu",
+    limit: float | None = None,
+    alpha: float | None = None,
+    gate_up_interleaved: bool = False,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -42,7 +46,7 @@ def moe_ffn_reference(
         gate_up_proj: `[E, 2I, H]` (any strides: a transposed view is fine).
         down_proj: `[E, H, I]`.
         routing: the `Routing` of these T tokens.
-        activation: the gated activation (default `silu(gate) * up`).
+        activation, limit, alpha, gate_up_interleaved: the gated activation (`moe_ffn`).
         gate_up_bias: optional `[E, 2I]`, added to the gate/up GEMM output.
         down_bias: optional `[E, H]`, added to the down GEMM output (before the routing weight).
 
@@ -50,9 +54,8 @@ def moe_ffn_reference(
         `[T, H]` in `x.dtype`. Differentiable by autograd in x, the weights, the biases and
         `routing.weights`. Loops over experts with data-dependent slicing (a host sync).
     """
-    return moe_ffn_reference_forward(
-        x, gate_up_proj, down_proj, routing, activation, gate_up_bias, down_bias
-    )[0]
+    act = GatedActivation(activation, limit, alpha, gate_up_interleaved)
+    return moe_ffn_reference_forward(x, gate_up_proj, down_proj, routing, act, gate_up_bias, down_bias)[0]
 
 
 def _expert_of_sorted_slot(routing: Routing, order_S: torch.Tensor) -> torch.Tensor:
