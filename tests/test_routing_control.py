@@ -217,3 +217,39 @@ def test_errors(tmp_path):
         control.load_selection_bias(tmp_path)
     control.remove()
     bigger.remove()
+
+
+def _deepseek_v3():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, first_k_dense_replace=0, moe_intermediate_size=16,
+        n_shared_experts=1, routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_a_router_it_would_change_is_refused_at_setup():
+    """DeepSeek-V3's sigmoid, grouped, scaled router: softmax re-routing would change the model,
+    so RoutingControl refuses it (one line) instead of steering it."""
+    from padd.moe.routing_control import check_routers
+
+    model = _deepseek_v3()
+    with pytest.raises(ValueError, match=r"^RoutingControl re-routes by softmax top-k; model\.layers\.0\.mlp\.gate"):
+        RoutingControl(model)
+    with pytest.raises(ValueError, match="routes otherwise"):
+        check_routers(model)
+
+
+def test_a_pretrained_student_of_an_unsupported_family_fails_before_stage_one(monkeypatch):
+    from dense_tiny_models import tiny_teacher
+
+    import padd.decompress.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "cluster_teacher", lambda *a, **k: pytest.fail("clustering ran"))
+    with pytest.raises(ValueError, match="routes otherwise"):
+        pretrained.init_pretrained_student(_deepseek_v3(), tiny_teacher("llama"), [])

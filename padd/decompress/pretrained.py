@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from padd.moe.routing_control import check_routers
+
 from .convert import moe_blocks
 from .neurons import TeacherClusters, cluster_teacher, teacher_mlps
 from .stats import ClusterScoreHooks, unpack_batch
@@ -107,6 +109,7 @@ def init_pretrained_student(
     blocks = moe_blocks(student)
     if not blocks:
         raise ValueError(f"{type(student).__name__} has no transformers MoE block (`gate` + fused `experts`)")
+    check_routers(student)  # Stages II-IV steer its routers: refuse a family they would change, now
     num_experts = blocks[0].gate.weight.shape[0]
     d_ff = teacher_mlps(teacher)[0].gate_proj.weight.shape[0]
     if d_ff % num_experts:

@@ -6,8 +6,12 @@ a KV cache), E experts, K = top_k.
 
 The hooks sit on each sparse MoE block's router (`block.gate`, a `*TopKRouter` that returns
 `(router_logits [T, E], top_k_weights [T, K], top_k_index [T, K])`) and may replace its
-output. Only hooks are used: no transformers class is patched. Supported: Mixtral, Qwen3-MoE,
-OLMoE, Qwen2-MoE (its shared expert is not routed and is left alone).
+output. Only hooks are used: no transformers class is patched. Supported: every router whose own
+output is softmax top-k (renormalised or not), which `check_routers` verifies by running each
+router once at setup: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE (its shared expert is not routed and is
+left alone) and the rest listed in docs/families.md. Routers with sigmoid scores, a correction
+bias, group-limited top-k or a scaling factor (DeepSeek-V3 and its kin) are refused with one line:
+re-routing them by softmax would change the model.
 
 Modes:
 - "learned" (default): experts = top-k of `logits + selection_bias[l]` (Stage IV's
@@ -42,7 +46,7 @@ from padd.kernels import route
 
 from .router_groups import router_group_size
 
-__all__ = ["BIAS_FILENAME", "MODES", "RoutingControl", "find_moe_routers"]
+__all__ = ["BIAS_FILENAME", "MODES", "RoutingControl", "check_routers", "find_moe_routers"]
 
 BIAS_FILENAME = "padd_router_bias.safetensors"
 MODES = ("learned", "uniform")
@@ -66,6 +70,53 @@ def find_moe_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ):
             routers.append((f"{name}.gate" if name else "gate", gate))
     return routers
+
+
+def check_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`find_moe_routers(model)`, each checked to route as `RoutingControl` re-routes: its own
+    output on probe tokens equals softmax top-k of its logits (ids and weights). Raises
+    `ValueError` with one line naming the first router that does not."""
+    found = find_moe_routers(model)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers MoE router (a block with `gate` and "
+            "fused `experts`); supported: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE and docs/families.md"
+        )
+    for name, router in found:
+        _check_softmax_top_k(name, router)
+    return found
+
+
+@torch.no_grad()
+def _check_softmax_top_k(name: str, router: nn.Module) -> None:
+    weight = router.weight
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(32, weight.shape[1], generator=generator, dtype=torch.float32)
+    was_training = router.training
+    router.eval()  # Mixtral's jitter noise acts in training mode only
+    try:
+        out = router(probe.to(device=weight.device, dtype=weight.dtype))
+    finally:
+        router.train(was_training)
+    kind = f"{name} ({type(router).__name__})"
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise ValueError(f"RoutingControl steers routers returning (logits, weights, ids); {kind} does not")
+    logits, weights, ids = out
+    norm = bool(getattr(router, "norm_topk_prob", True))
+    ours = route(logits.reshape(-1, weight.shape[0]).float(), int(router.top_k), renormalize=norm)
+    theirs_ids, order = ids.reshape(ours.expert_ids.shape).long().sort(dim=-1)
+    ours_ids, our_order = ours.expert_ids.long().sort(dim=-1)
+    same = torch.equal(theirs_ids, ours_ids) and torch.allclose(
+        weights.reshape(order.shape).float().gather(1, order),
+        ours.weights.gather(1, our_order),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    if not same:
+        raise ValueError(
+            f"RoutingControl re-routes by softmax top-k; {kind} routes otherwise (sigmoid scores, a "
+            "correction bias, groups or a scaling factor), so steering it would change the model"
+        )
 
 
 class RoutingControl:
@@ -102,12 +153,7 @@ class RoutingControl:
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "learned", capture: bool = False) -> None:
-        found = find_moe_routers(model)
-        if not found:
-            raise ValueError(
-                f"{type(model).__name__} has no transformers MoE router (a block with `gate` and "
-                "fused `experts`); supported: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE"
-            )
+        found = check_routers(model)
         self.layer_names = [name for name, _ in found]
         self.routers = [router for _, router in found]
         first = self.routers[0]
