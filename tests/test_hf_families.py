@@ -52,12 +52,16 @@ def _build(family: Family) -> torch.nn.Module:
 
 
 def _outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)  # some families draw noise in their forward (diffusion_gemma): the same draw
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+def _relative(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) -> float:
+    """`max |got - want| / max(max |want|, floor)`: the floor keeps a gradient that is float noise
+    (a saturated router's, ~1e-8) from being judged against its own noise."""
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(floor))
 
 
 @pytest.fixture
@@ -91,19 +95,21 @@ def test_padd_experts_equal_eager(family, padd_calls):
     (want * grad).sum().backward()
     (got * grad).sum().backward()
     eager_params = dict(eager.named_parameters())
-    checked = 0
+    pairs = []
     for name, param in model.named_parameters():
         ref = eager_params[name].grad
-        if param.grad is None and ref is None:
-            continue
-        is_moe = ".experts." in name or ".gate." in name or "router" in name
-        if not is_moe:
+        if (param.grad is None and ref is None) or not any(
+            k in name for k in (".experts.", ".gate.", "router")
+        ):
             continue
         assert param.grad is not None and ref is not None, name
-        assert _relative(param.grad, ref) <= 1e-3, (
-            f"{name}: gradient differs by {_relative(param.grad, ref):.2e}"
-        )
-        checked += 1
+        pairs.append((name, param.grad, ref))
+    # Noise floor: 1e-4 of the largest expert/router gradient of the model.
+    floor = 1e-4 * max(float(ref.abs().max()) for _, _, ref in pairs) if pairs else 0.0
+    for name, got_grad, ref in pairs:
+        gap = _relative(got_grad, ref, floor)
+        assert gap <= 1e-3, f"{name}: gradient differs by {gap:.2e}"
+    checked = len(pairs)
     assert checked, "no expert gradient was compared"
 
 
@@ -117,10 +123,13 @@ def test_padd_generate_equals_eager(family, padd_calls):
     ids = input_ids(eager, seed=2)
     kwargs = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4)
     with torch.no_grad():
+        torch.manual_seed(0)
         want = eager.generate(ids, **kwargs)
+        torch.manual_seed(0)
         got = model.generate(ids, **kwargs)
     assert padd_calls
-    assert torch.equal(got, want)
+    sequences = lambda out: out if isinstance(out, torch.Tensor) else out.sequences
+    assert torch.equal(sequences(got), sequences(want))
 
 
 def _blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -155,11 +164,14 @@ def _routing_control_support(model: torch.nn.Module) -> str:
     try:
         check_routers(model)
     except ValueError as error:
-        return (
-            "no: sigmoid/grouped/scaled router"
-            if "routes otherwise" in str(error)
-            else "no: " + str(error)[:60]
-        )
+        message = str(error)
+        if "routes otherwise" in message:
+            return "refused: not softmax top-k"
+        if "has no transformers MoE router" in message:
+            return "refused: no `gate` router found"
+        if "does not run on them alone" in message:
+            return "refused: router needs more than hidden states"
+        return "refused"
     return "yes"
 
 

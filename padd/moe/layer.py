@@ -252,7 +252,7 @@ class MoE(nn.Module):
         weight = getattr(gate, "weight", None)
         if not hasattr(gate, "top_k") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(
-                f"{type(gate).__name__} is not a transformers top-k router (weight [E, H], top_k)"
+                f"{name}.gate ({type(gate).__name__}) is not a transformers top-k router (weight [E, H], top_k)"
             )
         plan = plan_experts(experts)
         layout = plan.layout
@@ -318,7 +318,14 @@ class MoE(nn.Module):
                 )
             if not verify or routed_experts_only or use_selection_bias:
                 return moe
-            error = _relative_gap(block, moe)
+            try:
+                error = _relative_gap(block, moe)
+            except (ValueError, RuntimeError) as mismatch:  # e.g. a correction bias not of size E
+                first_line = str(mismatch).splitlines()[0][:120]
+                raise NotImplementedError(
+                    f"padd.MoE.from_hf: {name} does not run as a padd.MoE "
+                    f"({type(mismatch).__name__}: {first_line})"
+                ) from None
             if error <= _VERIFY_TOLERANCE:
                 return moe
             errors.append(f"{candidate['score']}: {error:.1e}")
@@ -372,7 +379,13 @@ def _relative_gap(block: nn.Module, moe: MoE) -> float:
         for scale in (1.0, 8.0):
             x = torch.randn(2, 16, moe.hidden_size, generator=generator) * scale
             x = x.to(device=weight.device, dtype=weight.dtype)
-            want = block(x)
+            try:
+                want = block(x)
+            except Exception as error:  # a block that needs more than hidden states (token ids, ...)
+                raise NotImplementedError(
+                    f"padd.MoE.from_hf: {type(block).__name__}'s forward does not run on hidden states "
+                    f"alone ({type(error).__name__}), so padd cannot check it computes the same"
+                ) from None
             want = want[0] if isinstance(want, tuple) else want
             got = moe(x)
             worst = max(

@@ -94,11 +94,16 @@ def _check_softmax_top_k(name: str, router: nn.Module) -> None:
     probe = torch.randn(32, weight.shape[1], generator=generator, dtype=torch.float32)
     was_training = router.training
     router.eval()  # Mixtral's jitter noise acts in training mode only
+    kind = f"{name} ({type(router).__name__})"
     try:
         out = router(probe.to(device=weight.device, dtype=weight.dtype))
+    except Exception as error:  # e.g. a hash router that needs the token ids
+        raise ValueError(
+            f"RoutingControl steers routers of hidden states; {kind} does not run on them alone "
+            f"({type(error).__name__})"
+        ) from None
     finally:
         router.train(was_training)
-    kind = f"{name} ({type(router).__name__})"
     if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
         raise ValueError(f"RoutingControl steers routers returning (logits, weights, ids); {kind} does not")
     logits, weights, ids = out
