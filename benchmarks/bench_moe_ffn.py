@@ -61,7 +61,8 @@ from benchmarks.common import (
 
 SUITE = "moe_ffn"
 # (name, H, I, E, k) of each model's routed experts: hidden size, expert width
-# (moe_intermediate_size), routed experts, experts per token. From the project's kernel anchors (see benchmarks/README.md)
+# (moe_intermediate_size), routed experts, experts per token. From the project's kernel anchors
+# (see benchmarks/README.md)
 # section 2 and the models' config.json.
 MODELS = [
     ("mixtral-8x7b", 4096, 14336, 8, 2),

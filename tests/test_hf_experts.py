@@ -126,7 +126,8 @@ def test_unsupported_experts_module_raises():
         def _apply_gate(self, gate_up):
             return gate_up
 
-    with pytest.raises(NotImplementedError, match="padd cannot run QuantisedExperts: gate_up_proj is torch.int8"):
+    refusal = "padd cannot run QuantisedExperts: gate_up_proj is torch.int8"
+    with pytest.raises(NotImplementedError, match=refusal):
         hf_experts.padd_experts_forward(
             QuantisedExperts(), torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
         )
@@ -188,8 +189,9 @@ def test_program_loader_other_implementation(saved, padd_calls):
 def test_use_experts_checks_before_compute(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                           intermediate_size=8, num_local_experts=4, hidden_act="gelu")  # fmt: skip
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=8, num_local_experts=4,
+                           hidden_act="gelu")  # fmt: skip
     gelu = MixtralForCausalLM(copy.deepcopy(config))
     ids = torch.randint(3, VOCAB, (1, 5))
     want = gelu(ids).logits

@@ -239,7 +239,8 @@ def test_a_router_it_would_change_is_refused_at_setup():
     from padd.moe.routing_control import check_routers
 
     model = _deepseek_v3()
-    with pytest.raises(ValueError, match=r"^RoutingControl re-routes by softmax top-k; model\.layers\.0\.mlp\.gate"):
+    refusal = r"^RoutingControl re-routes by softmax top-k; model\.layers\.0\.mlp\.gate"
+    with pytest.raises(ValueError, match=refusal):
         RoutingControl(model)
     with pytest.raises(ValueError, match="routes otherwise"):
         check_routers(model)

@@ -252,7 +252,8 @@ class MoE(nn.Module):
         weight = getattr(gate, "weight", None)
         if not hasattr(gate, "top_k") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(
-                f"{name}.gate ({type(gate).__name__}) is not a transformers top-k router (weight [E, H], top_k)"
+                f"{name}.gate ({type(gate).__name__}) is not a transformers top-k router "
+                "(weight [E, H], top_k)"
             )
         plan = plan_experts(experts)
         layout = plan.layout
