@@ -321,6 +321,8 @@ class MoE(nn.Module):
                 return moe
             try:
                 error = _relative_gap(block, moe)
+            except NotImplementedError:  # already one line of its own
+                raise
             except (ValueError, RuntimeError) as mismatch:  # e.g. a correction bias not of size E
                 first_line = str(mismatch).splitlines()[0][:120]
                 raise NotImplementedError(
