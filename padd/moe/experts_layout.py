@@ -1,7 +1,8 @@
 """The check that a decompressed student's experts are in the layout decompression fills.
 
 Decompression (`padd.decompress.convert`) writes transformers' fused SwiGLU experts:
-`gate_up_proj [E, 2I, H]` (gate rows, then up rows) and `down_proj [E, H, I]`, silu, no biases, no norm after the experts, and every expert on this rank.
+`gate_up_proj [E, 2I, H]` (gate rows, then up rows) and `down_proj [E, H, I]`, silu, no biases,
+no norm after the experts, and every expert on this rank.
 transformers describes other layouts with flags on the experts module (`is_transposed`, ...);
 checking them, not the shapes alone, is what tells `[E, H, 2I]` from `[E, 2I, H]` when H = 2I.
 """
