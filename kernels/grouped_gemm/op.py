@@ -118,17 +118,16 @@ def moe_ffn_backward_op(
     tensor.
     """
     needs = (needs_dx, needs_d_gate_up, needs_d_down)
+    act = GatedActivation(activation, limit, alpha, interleaved)
     if use_triton:
         from .triton import moe_ffn_triton_backward  # optional dependency
 
-        act = GatedActivation(activation, limit, alpha, interleaved)
         grads = moe_ffn_triton_backward(
             grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs, act
         )
         return *grads, x.new_empty(0), x.new_empty(0)
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
     routing = _routing(gate_up_proj.shape[0], *fields)
-    act = GatedActivation(activation, limit, alpha, interleaved)
     with torch.autocast(x.device.type, enabled=False):
         grads = moe_ffn_reference_backward(
             grad, x, gate_up_proj, down_proj, routing, gate_up_cache, needs, act, gate_up_bias, down_bias

@@ -40,7 +40,9 @@ class MoE(nn.Module):
         routed_scaling_factor: multiplies the K weights after any renormalisation (DeepSeek-V3).
         n_group, topk_group: group-limited selection (DeepSeek-V3): experts form `n_group`
             groups, each scored by the sum of its two best (bias-added) scores; a token picks its
-            top-k among the `topk_group` best groups only. None: no groups.
+            top-k among the `topk_group` best groups only. None: no groups. With groups the
+            selection bias is added to the scores for either score function (DeepSeek-V3's
+            convention), not to the softmax logits as without them.
         shared_experts: an optional module run on every token and added to the output.
         shared_expert_gate: optional `Linear(H, 1)`; the shared output is scaled by its sigmoid.
 
@@ -289,36 +291,36 @@ class MoE(nn.Module):
             for score in (("sigmoid", "softmax") if correction is not None else ("softmax", "sigmoid"))
             for norm_choice in ((bool(norm),) if norm is not None else (True, False))
         ]
+        with torch.device("meta"):
+            moe = cls(
+                hidden_size=layout.hidden,
+                intermediate_size=layout.inter,
+                num_experts=layout.num_experts,
+                top_k=int(gate.top_k),
+                activation=act.name,
+                limit=act.limit,
+                alpha=act.alpha,
+                gate_up_interleaved=act.interleaved,
+                routed_scaling_factor=float(getattr(gate, "routed_scaling_factor", None) or 1.0),
+                n_group=n_group,
+                topk_group=topk_group,
+                **candidates[0],
+            )
+        moe.gate.weight = weight
+        moe.gate_up_proj = experts.gate_up_proj
+        moe.down_proj = experts.down_proj
+        moe.shared_experts, moe.shared_expert_gate = shared, shared_gate
+        if correction is not None:
+            moe.register_buffer("selection_bias", correction)
+        elif use_selection_bias:
+            moe.register_buffer(
+                "selection_bias", torch.zeros(layout.num_experts, dtype=torch.float32, device=weight.device)
+            )
+        if not verify or routed_experts_only or use_selection_bias:
+            return moe
         errors = []
-        for candidate in candidates:
-            with torch.device("meta"):
-                moe = cls(
-                    hidden_size=layout.hidden,
-                    intermediate_size=layout.inter,
-                    num_experts=layout.num_experts,
-                    top_k=int(gate.top_k),
-                    activation=act.name,
-                    limit=act.limit,
-                    alpha=act.alpha,
-                    gate_up_interleaved=act.interleaved,
-                    routed_scaling_factor=float(getattr(gate, "routed_scaling_factor", None) or 1.0),
-                    n_group=n_group,
-                    topk_group=topk_group,
-                    **candidate,
-                )
-            moe.gate.weight = weight
-            moe.gate_up_proj = experts.gate_up_proj
-            moe.down_proj = experts.down_proj
-            moe.shared_experts, moe.shared_expert_gate = shared, shared_gate
-            if correction is not None:
-                moe.register_buffer("selection_bias", correction)
-            elif use_selection_bias:
-                moe.register_buffer(
-                    "selection_bias",
-                    torch.zeros(layout.num_experts, dtype=torch.float32, device=weight.device),
-                )
-            if not verify or routed_experts_only or use_selection_bias:
-                return moe
+        for candidate in candidates:  # score and normalisation are plain attributes: try each
+            moe.score, moe.norm_topk_prob = candidate["score"], candidate["norm_topk_prob"]
             try:
                 error = _relative_gap(block, moe)
             except NotImplementedError:  # already one line of its own
