@@ -228,3 +228,26 @@ def test_config_and_input_errors():
         moe([[0.0] * 16])
     with pytest.raises(TypeError, match="not a transformers sparse MoE block"):
         MoE.from_hf(torch.nn.Linear(4, 4))
+
+
+def test_group_and_activation_errors_before_any_compute():
+    with pytest.raises(ValueError, match="n_group and topk_group go together"):
+        MoE(16, 8, 8, 2, n_group=4)
+    with pytest.raises(ValueError, match="n_group=3 must divide num_experts=8"):
+        MoE(16, 8, 8, 2, n_group=3, topk_group=1)
+    with pytest.raises(ValueError, match=r"topk_group=5 must lie in \[1, n_group=4\]"):
+        MoE(16, 8, 8, 2, n_group=4, topk_group=5)
+    with pytest.raises(ValueError, match="top_k=3 exceeds the experts of the topk_group=1 groups kept"):
+        MoE(16, 8, 8, 3, n_group=4, topk_group=1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MoE(16, 8, 8, 2, activation="relu2")
+
+
+def test_group_limited_routing_picks_only_from_the_best_groups():
+    """Hand-made logits: groups {0,1} {2,3} {4,5} {6,7}; with topk_group=1 a token whose single
+    best expert sits in a weak group must still route inside the strongest group."""
+    moe = MoE(4, 2, 8, 2, score="sigmoid", n_group=4, topk_group=1, routed_scaling_factor=2.0)
+    logits = torch.tensor([[0.0, 0.0, 3.0, 3.0, 0.0, 9.0, 0.0, 0.0]])  # group scores: 1.0, 1.9, 1.5, 1.0
+    routing = moe._route(logits)
+    assert sorted(routing.expert_ids[0].tolist()) == [2, 3]
+    torch.testing.assert_close(routing.weights, torch.full((1, 2), 1.0))  # renormalised, then × 2
