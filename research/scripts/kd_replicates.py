@@ -1,7 +1,7 @@
 """PADD against another method, two training trajectories each, on D_D and on the fresh wallet
 set: is a D_D gap the training or the problems D_D happens to hold?
 
-    python docs/experiments/scripts/kd_replicates.py [--against=METHOD | --upcycled] RUNS_ROOT SEED [SEED ...]
+    python research/scripts/kd_replicates.py [--against=METHOD | --upcycled] RUNS_ROOT SEED [SEED ...]
 
 METHOD is `no_stage2` (the default), `teacher_grpo` or `online_kd`.
 
@@ -18,7 +18,7 @@ student far below its teacher): PADD is `dsS/compare/no_stage1` and `upSa`, no S
 `training.method=no_stage2` and/or `training.params.seed=100`); fresh outcomes from
 `fresh_wallet_upcycled/`.
 D_D outcomes come from the runs' eval files, fresh wallet outcomes from
-`docs/experiments/fresh_wallet_ds/dsS.json` and `fresh_wallet_variants/` (the same 1,500
+`research/fresh_wallet_ds/dsS.json` and `fresh_wallet_variants/` (the same 1,500
 problems). A problem is "PADD only" when both PADD models solve it and both of the other
 method's miss it, "other only" for the reverse: problems the trajectories agree on, so the two
 counts measure what separates the methods rather than the noise of one run. Prints a markdown
@@ -29,12 +29,6 @@ import json
 import sys
 from pathlib import Path
 
-args = sys.argv[1:]
-upcycled = args[0] == "--upcycled"
-if upcycled:
-    args.pop(0)
-against = args.pop(0).split("=", 1)[1] if args[0].startswith("--against=") else "no_stage2"
-root, seeds = Path(args[0]), [int(s) for s in args[1:]]
 REPLICATE_DIR = {"teacher_grpo": "tg", "online_kd": "tok"}  # seed-100 run directory prefix
 fresh_dir = Path(__file__).resolve().parent.parent
 
@@ -48,7 +42,7 @@ def fresh(name: str, model: str, folder: str | None = None) -> str:
     return json.loads((fresh_dir / folder / f"{name}.json").read_text())[model]
 
 
-def upcycled_models(s: int) -> tuple[dict[str, str], dict[str, str]]:
+def upcycled_models(root: Path, s: int) -> tuple[dict[str, str], dict[str, str]]:
     """`--upcycled`: D_D and fresh outcomes of PADD and no Stage II from the no-Stage-I student."""
     # slot: (run, its eval file for D_D, the model's key in the fresh outcomes)
     runs = {
@@ -62,10 +56,10 @@ def upcycled_models(s: int) -> tuple[dict[str, str], dict[str, str]]:
     return d_d, new
 
 
-def models(s: int) -> tuple[dict[str, str], dict[str, str]]:
+def models(root: Path, s: int, against: str, upcycled: bool) -> tuple[dict[str, str], dict[str, str]]:
     """D_D and fresh outcomes of PADD (p, p2) and the other method (o, o2) on seed s."""
     if upcycled:
-        return upcycled_models(s)
+        return upcycled_models(root, s)
     d_d = {
         "p": outcomes(root / f"ds{s}" / "eval" / "padd.json"),
         "p2": outcomes(root / f"tp{s}a" / "eval" / "padd.json"),
@@ -97,12 +91,23 @@ def row(label: str, sets: dict[str, str], idx: list[int]) -> str:
     return f"| {label} | {len(idx)} | {cells} | {gap:+.1f} | {mine} / {theirs} |"
 
 
-HEAD = ("seed, set", "n", "PADD", "PADD, seed 100", against, f"{against}, seed 100")
-print("| " + " | ".join(HEAD) + f" | PADD − {against} | PADD only / {against} only |")
-print("|---|---|---|---|---|---|---|---|")
-for s in seeds:
-    problems = [json.loads(x) for x in (root / f"ds{s}" / "data" / "D_D.jsonl").read_text().splitlines()]
-    d_d, new = models(s)
-    print(row(f"{s}, D_D", d_d, list(range(len(problems)))))
-    print(row(f"{s}, D_D wallet", d_d, [i for i, p in enumerate(problems) if p["kind"] == "wallet"]))
-    print(row(f"{s}, fresh wallet", new, list(range(len(new["p"])))))
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    upcycled = args[0] == "--upcycled"
+    if upcycled:
+        args.pop(0)
+    against = args.pop(0).split("=", 1)[1] if args[0].startswith("--against=") else "no_stage2"
+    root, seeds = Path(args[0]), [int(s) for s in args[1:]]
+    head = ("seed, set", "n", "PADD", "PADD, seed 100", against, f"{against}, seed 100")
+    print("| " + " | ".join(head) + f" | PADD − {against} | PADD only / {against} only |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in seeds:
+        problems = [json.loads(x) for x in (root / f"ds{s}" / "data" / "D_D.jsonl").read_text().splitlines()]
+        d_d, new = models(root, s, against, upcycled)
+        print(row(f"{s}, D_D", d_d, list(range(len(problems)))))
+        print(row(f"{s}, D_D wallet", d_d, [i for i, p in enumerate(problems) if p["kind"] == "wallet"]))
+        print(row(f"{s}, fresh wallet", new, list(range(len(new["p"])))))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ expert in or out. For a tied-group student the k chosen logits are one group's (
 gap is to the next group. Printed beside the bias the student ended with (its
 `padd_router_bias.safetensors`).
 
-    python docs/experiments/scripts/selection_margins.py RUN_DIR [MODEL_DIR] [N]
+    python research/scripts/selection_margins.py RUN_DIR [MODEL_DIR] [N]
 
 MODEL_DIR defaults to RUN_DIR/train/final, N to 200.
 """
@@ -23,10 +23,11 @@ from padd.data.problem import format_prompt
 from padd.moe.routing_control import RoutingControl
 
 
-def main() -> None:
-    run = Path(sys.argv[1])
-    model_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else run / "train" / "final"
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    run = Path(argv[0])
+    model_dir = Path(argv[1]) if len(argv) > 1 else run / "train" / "final"
+    n = int(argv[2]) if len(argv) > 2 else 200
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(model_dir, experts_implementation="padd").eval()
