@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the report of each run directory from its files; with several "
                        "(e.g. one per seed) also print every run's accuracy and mean ± std.")  # fmt: skip
     p.add_argument("run_dir", nargs="+", help="run directory (several: one table over them)")
+    p.add_argument("--markdown", action="store_true", help="only print the seed table (run directories "
+                   "or saved report.json files, e.g. research/runs/*.json); write nothing")  # fmt: skip
     return parser
 
 
@@ -278,6 +280,9 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.markdown:  # the table of docs/results.md, from run directories or saved report.json files
+        print(render_seeds_markdown(args.run_dir))
+        return 0
     for run_dir in args.run_dir:
         write_report(run_dir)
         print(f"[padd] report: {Path(run_dir) / 'report.md'}")

@@ -166,13 +166,28 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+def _run_methods(run: str | Path) -> list[dict[str, Any]]:
+    """The method rows of a run directory (read from its eval files), or of a saved `report.json`
+    (a run's report kept without its directory, as under `research/runs/`)."""
+    path = Path(run)
+    if path.is_file():
+        return json.loads(path.read_text())["methods"]
+    return collect(path)["methods"]
+
+
+def run_label(run: str | Path) -> str:
+    """Column head of a run: the directory's name, or a report file's name without `.json`."""
+    path = Path(run)
+    return path.stem if path.is_file() else path.name
+
+
+def seeds_table(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Per method: accuracy of every run (seed) and mean ± std (population std over the runs),
     the means of the routing columns, and `paired`: problems won and lost against `PAIRED_AGAINST`
     summed over the runs where both have per-problem outcomes (None where none has), and
     `seed_diffs`: per such run, won minus lost. Methods missing from a run are left out of its
-    mean."""
-    per_run = [{r["method"]: r for r in collect(d)["methods"]} for d in run_dirs]
+    mean. Each run is a run directory or a saved `report.json`."""
+    per_run = [{r["method"]: r for r in _run_methods(d)} for d in run_dirs]
     names = list(dict.fromkeys(m for run in per_run for m in run))
     rows = []
     for name in names:
@@ -196,10 +211,11 @@ def seeds_table(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def render_seeds_markdown(run_dirs: list[str | Path]) -> str:
-    """Markdown table of `seeds_table`: one column per run, then mean ± std."""
+def render_seeds_markdown(run_dirs: Sequence[str | Path]) -> str:
+    """Markdown table of `seeds_table`: one column per run, then mean ± std (the format of the
+    seed tables in `docs/results.md`, which `padd report --markdown` prints)."""
     rows = seeds_table(run_dirs)
-    heads = [Path(d).name for d in run_dirs]
+    heads = [run_label(d) for d in run_dirs]
     lines = [
         "| method | "
         + " | ".join(heads)
