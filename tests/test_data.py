@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from padd.data.gsm8k import load_gsm8k, parse_final_answer
-from padd.data.jsonl import DataError, load_jsonl
+from padd.data.gsm8k import parse_final_answer
+from padd.data.jsonl import DataError, load_gsm8k, load_jsonl
 from padd.data.problem import format_example
 from padd.data.splits import load_splits, make_splits, save_splits
 from padd.data.synthetic import KINDS, generate_problems, iter_problems

@@ -1,7 +1,8 @@
 """The layering rules: kernels know nothing of PADD. A module under `kernels/` may import
-`padd.kernels` (itself) but no other `padd.*` module; the stages never import Triton. The program
-(`padd/pipeline/*.py`, `padd/cli.py`) has no import cycle, counting imports inside functions, and
-nothing below it imports it."""
+`padd.kernels` (itself) but no other `padd.*` module; the stages never import Triton. No module of
+the package (`padd/**`, and `kernels/**` installed as `padd.kernels`) is part of an import cycle,
+counting imports inside functions; nothing below the program (`padd/pipeline/*.py`,
+`padd/cli.py`) imports it."""
 
 import ast
 from pathlib import Path
@@ -50,19 +51,22 @@ def test_the_check_sees_a_violation(tmp_path):
     ]
 
 
-# ---- no import cycle in the program (padd/pipeline/*.py and padd/cli.py) -----------------------
+# ---- no import cycle anywhere in the package ----------------------------------------------------
 
 PROGRAM = ("padd/pipeline", "padd/cli.py")
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
     parts = path.relative_to(root).with_suffix("").parts
+    if parts[0] == "kernels":  # the folder `kernels/` is installed as `padd.kernels` (pyproject)
+        parts = ("padd", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imported_modules(path: Path, known: set[str], root: Path = ROOT) -> set[str]:
     """The modules of `known` that `path` imports anywhere (top level, in functions, under
-    `if TYPE_CHECKING`): `from padd.pipeline import run` names the module `padd.pipeline.run`."""
+    `if TYPE_CHECKING`): `from padd.pipeline import run` names the module `padd.pipeline.run`,
+    `from padd.moe import MoE` the package `padd.moe`."""
     module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
@@ -74,7 +78,9 @@ def _imported_modules(path: Path, known: set[str], root: Path = ROOT) -> set[str
             if node.level:  # relative: resolved against this module's package
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            # `from pkg import sub` imports the module `pkg.sub` (its package only as every module
+            # imports its parents); `from pkg import name` needs `pkg` itself, its `__init__`.
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
         for name in names:
@@ -119,10 +125,19 @@ def _program_files() -> list[Path]:
     return [p for entry in PROGRAM for p in sorted((ROOT / entry).glob("*.py")) or [ROOT / entry]]
 
 
-def test_program_modules_import_each_other_without_a_cycle():
-    graph = import_graph(_program_files())
-    assert "padd.pipeline.run" in graph and "padd.cli" in graph
-    assert "padd.pipeline.run_dir" in graph["padd.pipeline.run"]  # the graph sees real edges
+def _package_files() -> list[Path]:
+    """Every module of the installed package: `padd/**` and `kernels/**` (as `padd.kernels`)."""
+    return sorted((ROOT / "padd").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
+
+
+def test_package_modules_import_each_other_without_a_cycle():
+    graph = import_graph(_package_files())
+    assert {"padd", "padd.cli", "padd.kernels", "padd.kernels.routing", "padd.data.jsonl"} <= set(graph)
+    # the graph sees real edges: top level, inside a function, relative, and into `padd.kernels`
+    assert "padd.pipeline.run_dir" in graph["padd.pipeline.run"]
+    assert "padd.data.gsm8k" in graph["padd.data.jsonl"]
+    assert "padd.moe.routers" in graph["padd.moe.router_groups"]
+    assert "padd.kernels" in graph["padd.moe.routing_control"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -159,3 +174,19 @@ def test_the_cycle_check_sees_a_cycle(tmp_path):
     (pkg / "c.py").write_text("from . import a\n")
     cycle = find_cycle(import_graph(files, tmp_path))
     assert cycle == ["padd.pipeline.a", "padd.pipeline.b", "padd.pipeline.c", "padd.pipeline.a"]
+
+
+def test_the_cycle_check_tells_a_submodule_from_a_package_attribute(tmp_path):
+    """`from . import sub` in a package's module is an edge to `sub` alone (the package is its
+    parent, imported first anyway); `from package import name` is an edge to the package."""
+    pkg = tmp_path / "padd" / "moe"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .layer import MoE\n")
+    (pkg / "layer.py").write_text("from . import ops\nMoE = 1\n")
+    (pkg / "ops.py").write_text("")
+    files = sorted(pkg.glob("*.py"))
+    assert import_graph(files, tmp_path)["padd.moe.layer"] == {"padd.moe.ops"}
+    assert find_cycle(import_graph(files, tmp_path)) is None
+    (pkg / "ops.py").write_text("def f():\n    from padd.moe import MoE\n")
+    cycle = find_cycle(import_graph(files, tmp_path))
+    assert cycle == ["padd.moe", "padd.moe.layer", "padd.moe.ops", "padd.moe"]

@@ -1,11 +1,12 @@
-"""GSM8K's format: a worked solution whose last line is `#### <final answer>`."""
+"""GSM8K's answer format: a worked solution whose last line is `#### <final answer>`.
+
+Only the format lives here; `padd.data.jsonl.load_gsm8k` reads GSM8K files (jsonl imports this
+module, never the other way round).
+"""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
-from padd.data.problem import Problem
 
 _FINAL = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
@@ -25,10 +26,3 @@ def parse_final_answer(text: str) -> str | None:
     if "." in raw:  # "2.50" → "2.5", "3.0" → "3"
         raw = raw.rstrip("0").rstrip(".")
     return str(int(raw)) if re.fullmatch(r"-?\d+", raw) else raw
-
-
-def load_gsm8k(path: str | Path, limit: int = 0) -> list[Problem]:
-    """GSM8K JSONL (`question`, `answer` with `#### N`), e.g. the official `train.jsonl`."""
-    from padd.data.jsonl import load_jsonl
-
-    return load_jsonl(path, limit=limit, question_field="question", answer_field="answer")

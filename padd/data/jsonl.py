@@ -68,6 +68,11 @@ def load_jsonl(path: str | Path, limit: int = 0, **fields: Any) -> list[Problem]
     return out
 
 
+def load_gsm8k(path: str | Path, limit: int = 0) -> list[Problem]:
+    """GSM8K JSONL (`question`, `answer` with `#### N`), e.g. the official `train.jsonl`."""
+    return load_jsonl(path, limit=limit, question_field="question", answer_field="answer")
+
+
 def load_hf_disk(path: str | Path, split: str | None = None, limit: int = 0, **fields: Any) -> list[Problem]:
     """Problems from `datasets.load_from_disk(path)` (a Dataset, or a DatasetDict with `split`)."""
     try:

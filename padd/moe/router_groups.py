@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .routers import find_moe_routers
+
 __all__ = ["GROUP_SIZE_KEY", "TiedRouterGroups", "group_mean", "router_group_size"]
 
 GROUP_SIZE_KEY = "padd_router_group_size"
@@ -44,8 +46,6 @@ class TiedRouterGroups:
 
     def __init__(self, model: nn.Module, group_size: int | None = None) -> None:
         self.group_size = router_group_size(model) if group_size is None else group_size
-        from .routing_control import find_moe_routers
-
         self.routers = [r for _, r in find_moe_routers(model)]
         self._handles = []
         if self.group_size > 1:

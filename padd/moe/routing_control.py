@@ -45,31 +45,12 @@ from torch import nn
 from padd.kernels import route
 
 from .router_groups import router_group_size
+from .routers import find_moe_routers
 
 __all__ = ["BIAS_FILENAME", "MODES", "RoutingControl", "check_routers", "find_moe_routers"]
 
 BIAS_FILENAME = "padd_router_bias.safetensors"
 MODES = ("learned", "uniform")
-
-
-def find_moe_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The `(name, router)` of every transformers sparse MoE block of `model`, in layer order.
-
-    A sparse MoE block is a module with a `gate` router (carrying `top_k`, `num_experts` and a
-    `[E, H]` `weight`) and fused `experts` (`gate_up_proj`). Registration order of
-    `named_modules()` follows the decoder layers' `ModuleList`, hence layer order.
-    """
-    routers = []
-    for name, module in model.named_modules():
-        gate = getattr(module, "gate", None)
-        experts = getattr(module, "experts", None)
-        if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
-            continue
-        if all(hasattr(gate, a) for a in ("top_k", "num_experts", "weight")) and hasattr(
-            experts, "gate_up_proj"
-        ):
-            routers.append((f"{name}.gate" if name else "gate", gate))
-    return routers
 
 
 def check_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
