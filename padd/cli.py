@@ -33,13 +33,13 @@ from padd.config import (
     read_config_source,
 )
 from padd.data.jsonl import DataError
-from padd.pipeline.checkpoint import GracefulInterrupt, Interrupted, atomic_write_json
 from padd.pipeline.evaluate import evaluate_model
 from padd.pipeline.inputs import RunInputs, load_model, preflight
 from padd.pipeline.report import render_seeds_markdown, write_report
 from padd.pipeline.run import Pipeline, run_train
 from padd.pipeline.run_dir import RunDir
 from padd.pipeline.stage1 import build_student
+from padd.training.checkpointing import GracefulInterrupt, Interrupted, atomic_write_json
 
 
 class ModelPathError(Exception):

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 from padd.config import PADDRunConfig
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir, seed_everything
 from padd.pipeline.distributed import DistContext
 from padd.pipeline.evaluate import evaluate_model
 from padd.pipeline.inputs import RunInputs
@@ -30,6 +29,7 @@ from padd.pipeline.report import write_report
 from padd.pipeline.run_dir import CompareDir, RunDir
 from padd.pipeline.stage1 import build_student, supervised_warmup_dense
 from padd.pipeline.train import train_student
+from padd.training.checkpointing import GracefulInterrupt, atomic_dir, seed_everything
 
 
 def run_compare(

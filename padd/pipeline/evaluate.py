@@ -18,11 +18,11 @@ from padd.config import PADDRunConfig
 from padd.data.problem import Problem
 from padd.moe.routing_control import RoutingControl
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import atomic_write_json
 from padd.pipeline.distributed import SINGLE_PROCESS, DistContext
 from padd.pipeline.inputs import TeacherLoader, load_model
 from padd.pipeline.run_dir import RunDir
 from padd.pipeline.teacher import encode_sft_batch
+from padd.training.checkpointing import atomic_write_json
 from padd.training.evaluation import batch_of, evaluate_batches, num_batches, summarise
 
 

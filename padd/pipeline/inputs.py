@@ -19,10 +19,10 @@ from padd.data.synthetic import generate_problems
 from padd.data.tokenizer import build_char_tokenizer, load_tokenizer, tokenizers_match
 from padd.decompress.architectures import DecompressionError, check_teacher_config
 from padd.moe.hf_experts import experts_implementations, use_experts
-from padd.pipeline.checkpoint import atomic_dir
 from padd.pipeline.methods import DENSE_SFT_METHOD, STAGE1_ABLATIONS, training_config
 from padd.pipeline.run_dir import RunDir
 from padd.pipeline.teacher import teacher_cache_key
+from padd.training.checkpointing import atomic_dir
 
 # Loads the run's teacher afresh (in eval mode, on the run's device) each time it is called.
 TeacherLoader = Callable[[], PreTrainedModel]

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from padd.pipeline.checkpoint import atomic_write_json, atomic_write_text
 from padd.pipeline.metrics import read_metrics
 from padd.pipeline.run_dir import STEPS, RunDir
+from padd.training.checkpointing import atomic_write_json, atomic_write_text
 
 ROUTING_KEYS = ("nmi", "load_cv", "routing_entropy", "kl_to_teacher")
 STEP_ORDER = {s: i for i, s in enumerate(STEPS)}

@@ -28,7 +28,6 @@ from transformers.utils import logging as hf_logging
 from padd.config import PADDRunConfig
 from padd.data.splits import save_splits
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import GracefulInterrupt, Interrupted, seed_everything
 from padd.pipeline.compare import run_compare
 from padd.pipeline.evaluate import evaluate_run
 from padd.pipeline.inputs import RunInputs, preflight
@@ -38,6 +37,7 @@ from padd.pipeline.run_dir import STEPS, RunDir, RunDirError, read_done
 from padd.pipeline.stage1 import build_student
 from padd.pipeline.teacher import ensure_teacher
 from padd.pipeline.train import train_student
+from padd.training.checkpointing import GracefulInterrupt, Interrupted, seed_everything
 
 __all__ = ["STEPS", "Pipeline", "RunDirError", "make_cuda_deterministic", "read_done", "run_train"]
 

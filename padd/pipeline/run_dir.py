@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from padd.config import ConfigError, PADDRunConfig, config_from_dict, dump_config
-from padd.pipeline.checkpoint import atomic_write_json, atomic_write_text
+from padd.training.checkpointing import atomic_write_json, atomic_write_text
 
 # The steps of `padd train`, in order; each leaves `done/<step>.json` when it finishes.
 STEPS = ("teacher", "data", "stage1", "train", "eval", "report")

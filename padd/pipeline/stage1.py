@@ -17,9 +17,9 @@ from padd.config import PADDRunConfig
 from padd.data.problem import Problem
 from padd.moe.hf_experts import use_experts
 from padd.moe.routing_control import RoutingControl
-from padd.pipeline.checkpoint import GracefulInterrupt, atomic_dir
 from padd.pipeline.inputs import load_model
 from padd.pipeline.teacher import encode_sft_batch
+from padd.training.checkpointing import GracefulInterrupt, atomic_dir
 
 
 def lm_batches(

@@ -26,7 +26,7 @@ from padd.data.problem import Problem, format_example, format_prompt
 from padd.data.splits import make_splits
 from padd.data.synthetic import iter_problems
 from padd.data.tokenizer import DEFAULT_ALPHABET
-from padd.pipeline.checkpoint import (
+from padd.training.checkpointing import (
     CheckpointDir,
     GracefulInterrupt,
     atomic_dir,

@@ -22,17 +22,17 @@ from padd.decompress.sequence_targets import SequenceRouterTargets
 from padd.moe.router_groups import TiedRouterGroups
 from padd.moe.routing_control import RoutingControl
 from padd.pipeline import distributed as pdist
-from padd.pipeline.checkpoint import (
+from padd.pipeline.inputs import TeacherLoader, load_model
+from padd.pipeline.methods import DENSE_TEACHER_METHOD, run_router_weight, training_config
+from padd.pipeline.metrics import MetricsLogger
+from padd.pipeline.run_dir import TrainDir
+from padd.training.checkpointing import (
     CheckpointDir,
     GracefulInterrupt,
     Interrupted,
     atomic_dir,
     atomic_write_json,
 )
-from padd.pipeline.inputs import TeacherLoader, load_model
-from padd.pipeline.methods import DENSE_TEACHER_METHOD, run_router_weight, training_config
-from padd.pipeline.metrics import MetricsLogger
-from padd.pipeline.run_dir import TrainDir
 from padd.training.prompts import prompt_batches
 from padd.training.trainer import PADDTrainer, frozen_reference
 

@@ -1,19 +1,26 @@
-"""Trainer checkpoints: the typed state a bit-identical resume needs, written atomically and read
-back into the live model.
+"""Checkpoints and resume: everything padd writes so that an interrupted run continues where it
+stopped, bit for bit.
 
-A checkpoint folder holds
-- the student as a transformers model folder (`config.json`, `model.safetensors`). By default the
-  tensors keep the live model's own names and layout (`save_original_format=False`), so a resume
-  copies them into the existing model one tensor at a time, with no second model in memory;
-  `from_pretrained` loads such a folder as well. `hf_layout=True` writes transformers' original
-  on-disk layout instead (e.g. Mixtral's per-expert `w1/w2/w3`, what other tools expect), which
-  only transformers' loader maps back: resuming from it builds a temporary second model;
-- `padd_router_bias.safetensors`, the selection bias (for `RoutingControl.load_selection_bias` on
-  a model loaded elsewhere);
-- `padd_trainer_state.pt`, a `TrainerState` plus the weights' layout. A file without that key was
-  written before the layout was recorded, always in transformers' layout, and still resumes.
-
-Also here: the RNG helpers every loop of padd seeds and restores with, and `atomic_dir`.
+- Atomic files and folders: each is written under a temporary name in the same directory and
+  moved into place with `os.replace` (atomic on POSIX), so a reader or a resumed run sees the old
+  version or the new one, never a half-written one (`atomic_write_text`, `atomic_write_json`,
+  `atomic_torch_save`, `atomic_dir`).
+- `CheckpointDir`: `root/step_000123/` folders plus a `root/latest` pointer, for every loop.
+- Graceful interruption: SIGINT/SIGTERM only set a flag (`GracefulInterrupt`); the loop finishes
+  its step, checkpoints it and raises `Interrupted`, so a resumed run loses nothing.
+- RNG: `seed_everything`, and `rng_state`/`set_rng_state` so a resume draws the same numbers.
+- The trainer's checkpoint folder (`write_checkpoint`, `read_checkpoint`):
+  - the student as a transformers model folder (`config.json`, `model.safetensors`). By default
+    the tensors keep the live model's own names and layout (`save_original_format=False`), so a
+    resume copies them into the existing model one tensor at a time, with no second model in
+    memory; `from_pretrained` loads such a folder as well. `hf_layout=True` writes transformers'
+    original on-disk layout instead (e.g. Mixtral's per-expert `w1/w2/w3`, what other tools
+    expect), which only transformers' loader maps back: resuming from it builds a temporary
+    second model;
+  - `padd_router_bias.safetensors`, the selection bias (for `RoutingControl.load_selection_bias`
+    on a model loaded elsewhere);
+  - `padd_trainer_state.pt`, a `TrainerState` plus the weights' layout. A file without that key
+    was written before the layout was recorded, always in transformers' layout, and still resumes.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +45,18 @@ from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 __all__ = [
+    "LATEST",
     "TRAINER_STATE_FILE",
     "Checkpoint",
+    "CheckpointDir",
+    "GracefulInterrupt",
+    "Interrupted",
     "StateIO",
     "TrainerState",
     "atomic_dir",
+    "atomic_torch_save",
+    "atomic_write_json",
+    "atomic_write_text",
     "read_checkpoint",
     "rng_state",
     "seed_everything",
@@ -48,12 +64,13 @@ __all__ = [
     "write_checkpoint",
 ]
 
+LATEST = "latest"  # CheckpointDir's pointer file
 TRAINER_STATE_FILE = "padd_trainer_state.pt"
 _LAYOUT_KEY = "weights_layout"
 LIVE, HF = "live", "transformers"  # how the student's tensors are stored
 
 
-# -- RNG -------------------------------------------------------------------------------------
+# -- RNG ------------------------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +99,40 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# -- atomic folders --------------------------------------------------------------------------
+# -- atomic files and folders ---------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_dir(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -110,7 +160,83 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     return final
 
 
-# -- state -----------------------------------------------------------------------------------
+# -- step folders ---------------------------------------------------------------------------------
+
+
+class CheckpointDir:
+    """`root/step_000123/` folders plus a `root/latest` pointer, written atomically.
+
+    `keep` bounds disk use: older step folders are deleted after a new one is in place.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        path = atomic_dir(self.root / f"step_{step:06d}", write)
+        atomic_write_text(self.root / LATEST, path.name + "\n")
+        self._prune()
+        return path
+
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for p in steps[: max(0, len(steps) - self.keep)]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# -- graceful interruption ------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """Raised by a loop after it checkpointed in response to SIGINT/SIGTERM."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint written")
+        self.signum = signum
+
+
+class GracefulInterrupt:
+    """Context manager: SIGINT/SIGTERM set `requested`; a second signal aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: the user insists
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def check(self) -> None:
+        """Raise `Interrupted` if a signal arrived (call right after a checkpoint was written)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+# -- the trainer's state --------------------------------------------------------------------------
 
 
 @dataclass
@@ -196,7 +322,7 @@ class StateIO:
         optimizer.load_state_dict(state)
 
 
-# -- folders ---------------------------------------------------------------------------------
+# -- the trainer's checkpoint folder --------------------------------------------------------------
 
 
 def write_checkpoint(
@@ -282,4 +408,4 @@ def _stored_weights(directory: str | os.PathLike, model: Any) -> Iterator[_Store
         for name in names:
             f = stack.enter_context(safe_open(directory / name, framework="pt"))
             files.update(dict.fromkeys(f.keys(), f))
-        yield _StoredWeights(files, getattr(model, "all_tied_weights_keys", None) or {})
+        yield _StoredWeights(files, model.all_tied_weights_keys)  # set by every PreTrainedModel
