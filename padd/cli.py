@@ -1,12 +1,13 @@
 """The `padd` command (also `python -m padd`).
 
     padd train CONFIG [--compare] [--force] [key.sub=value ...]
+    padd config CONFIG [key.sub=value ...] | padd config --reference
     padd eval CONFIG|RUN_DIR [--model DIR] [--out FILE] [key.sub=value ...]
     padd convert CONFIG --out DIR [key.sub=value ...]
     padd flops TEACHER_DIR [STUDENT_DIR] [--seq-len N]
     padd report RUN_DIR [RUN_DIR ...]
 
-CONFIG is a preset name (`tiny`, `micro`, ...) or a path to a YAML file; `padd eval` also takes a
+CONFIG is a preset name (`small`, `tiny`, ...) or a path to a YAML file; `padd eval` also takes a
 run directory (its `config.yaml`). Errors in the config, the data or a model directory are one line
 on stderr and exit status 2.
 """
@@ -32,6 +33,7 @@ from padd.config import (
     preset_names,
     read_config_source,
 )
+from padd.config_docs import annotated_yaml, reference_markdown
 from padd.data.jsonl import DataError
 from padd.pipeline.evaluate import evaluate_model
 from padd.pipeline.inputs import RunInputs, load_model, preflight
@@ -77,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--compare", action="store_true", help="also run the baselines/ablations into one table")
     p.add_argument("--force", action="store_true", help="restart a run directory made by a different config")
+
+    p = sub.add_parser("config", help="print a resolved config, one doc line per key",
+                       description="Print the config a preset or YAML file resolves to (defaults, base "
+                       "chain and overrides applied), as YAML with a one-line doc per key; the output "
+                       "loads back as a config. --reference prints docs/config.md instead.")  # fmt: skip
+    p.add_argument(
+        "config", nargs="?", help=f"preset name ({', '.join(preset_names())}) or path to a YAML file"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. training.steps=50"
+    )
+    p.add_argument(
+        "--reference", action="store_true", help="print every key's default and doc (docs/config.md)"
+    )
 
     p = sub.add_parser("eval", help="held-out accuracy of a model", description="Greedy pass@1 of a model "
                        "on the run's held-out split D_D (default: the run's trained student). Reads the "
@@ -204,6 +220,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        if args.config or args.overrides:
+            raise ConfigError("--reference", "takes no config: it prints every key's default")
+        print(reference_markdown(), end="")
+        return 0
+    if not args.config:
+        raise ConfigError("", "name a preset or a YAML file (or pass --reference)")
+    print(annotated_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = _eval_config(args.config, args.overrides)
     RunDir(cfg.run.dir).check_eval_config(cfg)
@@ -305,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours are tqdm on long work
     commands = {
         "train": _cmd_train,
+        "config": _cmd_config,
         "eval": _cmd_eval,
         "convert": _cmd_convert,
         "flops": _cmd_flops,

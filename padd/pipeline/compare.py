@@ -5,16 +5,16 @@ preset) start from the run's Stage-I student. `teacher_grpo` trains the dense te
 the same loop, steps, learning rate and data (the paper's "Teacher (GRPO)" row); `teacher_sft`
 gives the dense teacher the Stage I warmup's data and schedule (LM on D_B) and nothing else, the
 control for how much of a student's gain is that data. Stage-I
-ablations build their own student: `no_stage1` (no clustering, no router fit, no warmup: sparse
-upcycling with a random router), `cluster_init` (the earlier importance-filled construction, not
-function-preserving), `upcycle` (sparse upcycling, warmed up) and `random_split` (random neuron
-split), each then trained with the run's method. Results land in `compare/<method>/` and in the
-report.
+ablations (`padd.config.STAGE1_ABLATIONS`) build their own student: `no_stage1` (no clustering,
+no router fit, no warmup: sparse upcycling with a random router), `cluster_init` (the earlier
+importance-filled construction, not function-preserving), `upcycle` (sparse upcycling, warmed up)
+and `random_split` (random neuron split), each then trained with the run's method. These
+constructions are not user settings (`student.init` is `exact` or `cluster`): they lost.
+Results land in `compare/<method>/` and in the report.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -58,15 +58,13 @@ def run_compare(
         if method in STAGE1_ABLATIONS:
             train_method = cfg.training.method
             stage1_dir = out.stage1
-            change = STAGE1_ABLATIONS[method]
-            s1 = dataclasses.replace(cfg.stage1, skip=change.get("skip", cfg.stage1.skip))
-            st = dataclasses.replace(cfg.student, init=change.get("init", cfg.student.init))
-            sub = dataclasses.replace(cfg, stage1=s1, student=st)
+            ablation = STAGE1_ABLATIONS[method]
             if ctx.is_main and not stage1_dir.exists():
                 with GracefulInterrupt() as interrupt:
                     build_student(
-                        sub, inputs.load_teacher(), inputs.tokenizer, inputs.split("A"), inputs.split("B"),
+                        cfg, inputs.load_teacher(), inputs.tokenizer, inputs.split("A"), inputs.split("B"),
                         stage1_dir, interrupt, metrics.log,
+                        warmup_experts=ablation.warmup, init=ablation.init,
                     )  # fmt: skip
             pdist.barrier(ctx)  # every rank loads that student next
         with GracefulInterrupt() as interrupt:

@@ -19,7 +19,6 @@ from padd.data.synthetic import generate_problems
 from padd.data.tokenizer import build_char_tokenizer, load_tokenizer, tokenizers_match
 from padd.decompress.architectures import DecompressionError, check_teacher_config
 from padd.moe.hf_experts import experts_implementations, use_experts
-from padd.pipeline.methods import DENSE_SFT_METHOD, STAGE1_ABLATIONS, training_config
 from padd.pipeline.run_dir import RunDir
 from padd.pipeline.teacher import teacher_cache_key
 from padd.training.checkpointing import atomic_dir
@@ -68,7 +67,6 @@ def preflight(cfg: PADDRunConfig) -> None:
             import datasets  # noqa: F401
         except ImportError:
             raise ConfigError("data.source", "'hf_disk' needs the `datasets` package") from None
-    _check_training(cfg)
     _check_experts_implementation(cfg)
     if cfg.teacher.source == "pretrained":
         if not (Path(cfg.teacher.path) / "config.json").is_file():
@@ -79,21 +77,6 @@ def preflight(cfg: PADDRunConfig) -> None:
         if not (Path(cfg.student.path) / "config.json").is_file():
             raise ConfigError("student.path", f"no config.json in {cfg.student.path} (not an HF model dir)")
         _check_tokenizers(cfg)
-
-
-def _check_training(cfg: PADDRunConfig) -> None:
-    # The Stages II–IV settings are `padd.training`'s own dataclass: build it now, not mid-run.
-    # (`training.params` keys and types are checked by the config itself.)
-    not_presets = {*STAGE1_ABLATIONS, DENSE_SFT_METHOD}
-    methods = [cfg.training.method] + [m for m in cfg.compare.methods if m not in not_presets]
-    for i, method in enumerate(methods):
-        key = "training.method" if i == 0 else "compare.methods"
-        try:
-            training_config(method, cfg.training.params, cfg.run.seed)
-        except ValueError as e:
-            msg = str(e)
-            bad = next((k for k in cfg.training.params if f"PADDConfig.{k}=" in msg), None)
-            raise ConfigError(f"training.params.{bad}" if bad else key, msg) from None
 
 
 def _check_experts_implementation(cfg: PADDRunConfig) -> None:

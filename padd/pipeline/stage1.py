@@ -49,8 +49,12 @@ def build_student(
     log: Callable[[dict[str, Any]], None],
     *,
     warmup_experts: bool = True,
+    init: str | None = None,
 ) -> dict[str, Any]:
     """Stage I end to end (`warmup_experts=False`: decompression only); returns timings.
+
+    `init` is the construction (default `student.init`); `--compare`'s Stage-I ablations pass
+    theirs (`padd.config.STAGE1_ABLATIONS`).
 
     The student directory holds the HF model and tokenizer, the selection bias and, for a
     tied-group student (`student.init=exact`), the teacher's sequence clusters its router is
@@ -58,17 +62,22 @@ def build_student(
     """
     s1, st, rt = cfg.stage1, cfg.student, cfg.router
     max_len = cfg.teacher.max_len
-    info: dict[str, Any] = {"init": st.init}
+    init = init or st.init
+    info: dict[str, Any] = {"init": init}
     t0 = time.perf_counter()
     stats_batches = list(lm_batches(d_a, tokenizer, s1.batch_size, max_len, s1.stats_batches))
-    stats = dec.collect_stats(teacher, stats_batches, num_experts=st.num_experts, seed=cfg.run.seed, xi=s1.xi)
+    stats = dec.collect_stats(
+        teacher, stats_batches, num_experts=st.num_experts, seed=cfg.run.seed, xi=s1.neuron_xi
+    )
     info["stats_s"] = time.perf_counter() - t0
     interrupt.check()
     t0 = time.perf_counter()
     targets = None
     if st.source == "pretrained":
         student = load_model(st.path, cfg.teacher.dtype, cfg.run.experts_implementation)
-        fitted = dec.init_pretrained_student(student, teacher, stats_batches, xi=s1.xi, seed=cfg.run.seed)
+        fitted = dec.init_pretrained_student(
+            student, teacher, stats_batches, xi=s1.neuron_xi, seed=cfg.run.seed
+        )
         clusters = fitted.clusters
         info["router_fit_r2"] = fitted.r2
     else:
@@ -77,13 +86,12 @@ def build_student(
             st.num_experts,
             st.top_k,
             stats,
-            init=st.init,
+            init=init,
             seed=cfg.run.seed,
-            router_scale=st.router_scale,
         )
         use_experts(student, cfg.run.experts_implementation)
         clusters = stats.clusters
-        if st.init == "exact":
+        if init == "exact":
             groups = st.num_experts // st.top_k
             targets = dec.fit_sequence_targets(
                 teacher, stats_batches, groups, st.top_k, xi=rt.xi, seed=cfg.run.seed
@@ -92,7 +100,7 @@ def build_student(
     info["construct_s"] = time.perf_counter() - t0
     info["experts_implementation"] = student.config._experts_implementation
     interrupt.check()
-    if s1.skip or s1.warmup_steps == 0 or not warmup_experts:
+    if s1.warmup_steps == 0 or not warmup_experts:
         info["warmup"] = "skipped"
     else:
         t0 = time.perf_counter()
@@ -103,9 +111,9 @@ def build_student(
             None if targets is not None else clusters,
             steps=s1.warmup_steps,
             lr=s1.warmup_lr,
-            alpha=s1.alpha,
-            beta=s1.beta,
-            xi=s1.xi,
+            alpha=s1.kd_weight,
+            beta=s1.init_weight,
+            xi=s1.neuron_xi,
             router_targets=targets,
             routing=s1.warmup_routing,
             log=lambda rec: log({**rec, "stage": "stage1_warmup", "step": int(rec["step"])}),

@@ -101,7 +101,7 @@ def train_student(
             ckpts.save(step, lambda d: trainer.write_checkpoint(d, state))
         pdist.barrier(ctx)
 
-    # Dynamic sampling draws rollouts for more prompts than the update keeps (PADDConfig).
+    # Dynamic sampling draws rollouts for more prompts than the update keeps (LoopParams).
     batches = prompt_batches(d_c, tcfg.prompts_per_step * pcfg.dynamic_sampling, cfg.run.seed, start)
     bar = tqdm(
         total=tcfg.steps, initial=start, desc=stage_name, disable=not (cfg.run.progress and ctx.is_main)

@@ -33,17 +33,10 @@ __all__ = [
 SCALE_REWARDS = ("group", "batch", "none")
 TEMPERATURE_FORMS = ("corrected", "paper")
 DRIFT_ON = ("negative", "all", "none")
-# Which rollouts Stage II distils on: every one (the method), only the poor paths (A < 0), all
-# but the poor paths (A ≥ 0), those of prompts the teacher answers right itself (greedy), or the
-# poor paths of those prompts (where a right teacher can correct its student), or the rest of them.
-KD_ON = (
-    "all",
-    "negative",
-    "non_negative",
-    "teacher_correct",
-    "teacher_correct_negative",
-    "teacher_correct_non_negative",
-)
+# Which rollouts Stage II distils on: every one (the method as printed), or those of the prompts
+# the teacher answers right itself, greedily (the tuned default: the verifier says where a teacher
+# is worth distilling).
+KD_ON = ("all", "teacher_correct")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

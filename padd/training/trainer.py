@@ -330,7 +330,7 @@ class PADDTrainer:
             feats = prompt_mean(out.last_hidden_state[:, :P], batch.attention_mask_BS[:, :P])
             route_target_BE = self.router_targets.expert_log_targets(feats)
         if cfg.kd_temperature_mode == "adaptive":
-            t_eff_B = advantage_temperature(adv_B, cfg.tau, cfg.rho, cfg.kappa, cfg.temperature_form)
+            t_eff_B = advantage_temperature(adv_B, cfg.tau, cfg.rho, cfg.kappa)
         else:
             t_eff_B = torch.full_like(adv_B, cfg.tau)
         return hidden_BRH, t_eff_B, route_target_BE
@@ -346,19 +346,10 @@ class PADDTrainer:
 
     def _kd_rows(self, adv_B: torch.Tensor, problems: Sequence[Problem]) -> torch.Tensor:
         """The rollouts L_KD averages over (bool [B]), as `kd_on` names them."""
-        # `kd_on` is an optional prompt gate ("teacher_correct") then an optional sign filter.
-        sign = self.config.kd_on
-        rows = torch.ones_like(adv_B, dtype=torch.bool)
-        if sign.startswith("teacher_correct"):
-            rows = (
-                self._teacher_solves(problems).to(adv_B.device).repeat_interleave(self.config.num_generations)
-            )
-            sign = sign.removeprefix("teacher_correct").removeprefix("_")
-        if sign == "negative":
-            return rows & (adv_B < 0)
-        if sign == "non_negative":
-            return rows & (adv_B >= 0)
-        return rows
+        if self.config.kd_on == "teacher_correct":
+            solves = self._teacher_solves(problems).to(adv_B.device)
+            return solves.repeat_interleave(self.config.num_generations)
+        return torch.ones_like(adv_B, dtype=torch.bool)
 
     @torch.no_grad()
     def _teacher_solves(self, problems: Sequence[Problem]) -> torch.Tensor:
@@ -377,11 +368,11 @@ class PADDTrainer:
         """L_KD = mean over response tokens of D(p*_T ‖ p_S), teacher at T_eff of its sequence."""
         cfg = self.config
         keep = mask_BR.bool()
-        if not keep.any():  # e.g. `kd_on="negative"` and no poor path in this batch
+        if not keep.any():  # e.g. `kd_on="teacher_correct"` and the teacher solves none
             return student_logits_BRV.new_zeros(())
         temp_N = t_eff_B[:, None].expand_as(mask_BR)[keep]
         t_head = self.teacher.get_output_embeddings()
-        loss_kwargs = dict(divergence=cfg.kd_divergence, temperature=temp_N, beta=cfg.kd_jsd_beta)
+        loss_kwargs = dict(divergence=cfg.kd_divergence, temperature=temp_N, beta=cfg.kd_jsd_mix)
         fused = self._fused_kd(student_hidden_BRH.device)
         if fused is not None:  # neither [N, V] teacher logits nor the KD intermediates are built
             s_head = self.student.get_output_embeddings()
@@ -567,7 +558,6 @@ class PADDTrainer:
             eta=cfg.bias_eta,
             gamma=cfg.bias_gamma,
             lam_ema=cfg.bias_lam_ema,
-            sign_form=cfg.bias_sign_form,
         )
 
     # -- state (the format and the files: `checkpointing`) ----------------------------------
