@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["train", "eval", "convert", "flops", "report"]
+MICRO = str(ROOT / "tests" / "fixtures" / "micro.yaml")  # the test-only smoke config
+SUBCOMMANDS = ["train", "config", "eval", "convert", "flops", "report"]
 
 
 class Result:
@@ -56,14 +57,16 @@ def test_help_of_every_subcommand_via_python_m_padd():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["micro", "teacher.lr=-1"], "teacher.lr: must be > 0"),
-        (["micro", "teacher.bogus=1"], "teacher.bogus: unknown key"),
-        (["micro", "training.params.bogus=1"], "training.params.bogus: unknown key"),
-        (["micro", "training.params.epsilon=2"], "training.params.epsilon"),
-        (["micro", "training.method=nope"], "training.method"),
-        (["micro", "data.source=jsonl", "data.path=/no/such.jsonl"], "data.path: data path not found"),
+        ([MICRO, "teacher.lr=-1"], "teacher.lr: must be > 0"),
+        ([MICRO, "teacher.bogus=1"], "teacher.bogus: unknown key"),
+        ([MICRO, "training.params.bogus=1"], "training.params.bogus: unknown key"),
+        ([MICRO, "training.params.epsilon=2"], "training.params.epsilon"),
+        ([MICRO, "training.method=nope"], "training.method"),
+        ([MICRO, "training.params.kd_on=negative"], "training.params.kd_on: must be one of"),
+        ([MICRO, "compare.methods=[nope]"], "compare.methods[0]: unknown method"),
+        ([MICRO, "data.source=jsonl", "data.path=/no/such.jsonl"], "data.path: data path not found"),
         (
-            ["micro", "teacher.source=pretrained", "teacher.path=/no/model"],
+            [MICRO, "teacher.source=pretrained", "teacher.path=/no/model"],
             "teacher.path: teacher model not found",
         ),
         (["no-such-preset"], "unknown preset"),
@@ -76,13 +79,26 @@ def test_config_errors_before_compute(tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing was created, let alone computed
 
 
+def test_padd_config_prints_the_resolved_config_with_a_doc_per_key():
+    out = padd("config", "tiny", "training.steps=7")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "  steps: 7" in [ln.split("#")[0].rstrip() for ln in lines]
+    assert any(ln.startswith("    kd_on: teacher_correct") and "# " in ln for ln in lines)
+    assert all("# " in ln for ln in lines if ln.strip())
+    ref = padd("config", "--reference")
+    assert ref.returncode == 0 and ref.stdout.startswith("# Configuration reference")
+    bad = padd("config", "tiny", "stage1.beta=1")  # a renamed key: stage1.init_weight
+    assert bad.returncode == 2 and "stage1.beta: unknown key" in bad.stderr
+
+
 def test_unsupported_teacher_architecture(tmp_path):
     from transformers import GPT2Config
 
     model = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(model)
     out = padd(
-        "train", "micro", "teacher.source=pretrained", f"teacher.path={model}", f"run.dir={tmp_path}/run"
+        "train", MICRO, "teacher.source=pretrained", f"teacher.path={model}", f"run.dir={tmp_path}/run"
     )
     assert out.returncode == 2
     assert "teacher.path: cannot decompress this teacher" in out.stderr
@@ -102,7 +118,7 @@ def test_differing_tokenizers_rejected(tmp_path):
     (student / "config.json").write_text('{"model_type": "mixtral"}')
     build_char_tokenizer("0123456789 ").save_pretrained(student)
     out = padd(
-        "train", "micro", "teacher.source=pretrained", f"teacher.path={teacher}", "tokenizer.kind=pretrained",
+        "train", MICRO, "teacher.source=pretrained", f"teacher.path={teacher}", "tokenizer.kind=pretrained",
         "student.source=pretrained", f"student.path={student}", f"run.dir={tmp_path}/run",
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
@@ -134,7 +150,7 @@ def test_invalid_jsonl_is_a_data_error(tmp_path):
     data = _jsonl(tmp_path / "data.jsonl", ["a", "b"])
     data.write_text(data.read_text() + "{not json\n")
     for cmd in (["train"], ["convert", "--out", str(tmp_path / "student")]):
-        out = padd(*cmd, "micro", "data.source=jsonl", f"data.path={data}", f"run.dir={tmp_path}/run")
+        out = padd(*cmd, MICRO, "data.source=jsonl", f"data.path={data}", f"run.dir={tmp_path}/run")
         assert f"{data}:3: invalid JSON" in _one_line_error(out, "data")
     assert not (tmp_path / "run").exists() and not (tmp_path / "student").exists()
 
@@ -142,7 +158,7 @@ def test_invalid_jsonl_is_a_data_error(tmp_path):
 def test_missing_field_is_a_data_error(tmp_path):
     data = _jsonl(tmp_path / "data.jsonl", ["a", "b", "c", "d"])
     out = padd(
-        "train", "micro", "data.source=jsonl", f"data.path={data}", "data.question_field=prompt",
+        "train", MICRO, "data.source=jsonl", f"data.path={data}", "data.question_field=prompt",
         f"run.dir={tmp_path}/run",
     )  # fmt: skip
     assert f"{data}:1: missing field 'prompt'" in _one_line_error(out, "data")
@@ -152,7 +168,7 @@ def test_too_few_problems_is_a_data_error(tmp_path):
     # Four records, three distinct questions: caught before the teacher is trained, not after.
     data = _jsonl(tmp_path / "data.jsonl", ["a", "b", "a", "c"])
     out = padd(
-        "train", "micro", "data.source=jsonl", f"data.path={data}",
+        "train", MICRO, "data.source=jsonl", f"data.path={data}",
         f"run.dir={tmp_path}/run", f"run.cache_dir={tmp_path}/cache",
     )  # fmt: skip
     line = _one_line_error(out, "data")
@@ -183,7 +199,7 @@ MODEL_MESSAGES = {
 def test_broken_teacher_dir_is_a_model_error(tmp_path, case):
     model = _model_dirs(tmp_path)[case]
     out = padd(
-        "train", "micro", "teacher.source=pretrained", f"teacher.path={model}", f"run.dir={tmp_path}/run"
+        "train", MICRO, "teacher.source=pretrained", f"teacher.path={model}", f"run.dir={tmp_path}/run"
     )
     line = _one_line_error(out, "model")
     assert "teacher.path" in line and MODEL_MESSAGES[case] in line and str(model) in line
@@ -191,7 +207,7 @@ def test_broken_teacher_dir_is_a_model_error(tmp_path, case):
 
 
 def test_missing_teacher_dir_is_a_config_error(tmp_path):
-    out = padd("train", "micro", "teacher.source=pretrained", f"teacher.path={tmp_path}/nope")
+    out = padd("train", MICRO, "teacher.source=pretrained", f"teacher.path={tmp_path}/nope")
     assert f"teacher.path: teacher model not found: {tmp_path}/nope" in _one_line_error(out, "config")
 
 
@@ -201,14 +217,14 @@ def test_broken_model_dirs_of_eval_and_flops(tmp_path, case):
     out = padd("flops", str(model))
     line = _one_line_error(out, "model")
     assert line.startswith("padd: model error: TEACHER_DIR: ") and MODEL_MESSAGES[case] in line
-    out = padd("eval", "micro", "--model", str(model), f"run.dir={tmp_path}/run")
+    out = padd("eval", MICRO, "--model", str(model), f"run.dir={tmp_path}/run")
     line = _one_line_error(out, "model")
     assert line.startswith("padd: model error: --model: ") and MODEL_MESSAGES[case] in line
     assert not (tmp_path / "run").exists()
 
 
 def test_eval_without_a_trained_student(tmp_path):
-    out = padd("eval", "micro", f"run.dir={tmp_path}/run")
+    out = padd("eval", MICRO, f"run.dir={tmp_path}/run")
     assert f"no trained student at {tmp_path}/run/train/final" in _one_line_error(out, "model")
     assert not (tmp_path / "run").exists()  # `padd eval` creates no run directory
 
@@ -218,10 +234,10 @@ def test_eval_without_a_trained_student(tmp_path):
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    """One complete `padd train micro` run (~40 s), shared by the eval tests below."""
+    """One complete `padd train tests/fixtures/micro.yaml` run (~40 s), shared by the eval tests below."""
     base = tmp_path_factory.mktemp("cli_eval")
     run = base / "run"
-    cmd = [sys.executable, "-m", "padd", "train", "micro", f"run.dir={run}", f"run.cache_dir={base}/cache"]
+    cmd = [sys.executable, "-m", "padd", "train", MICRO, f"run.dir={run}", f"run.cache_dir={base}/cache"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return run
@@ -244,7 +260,7 @@ def test_eval_override_leaves_the_run_untouched(micro_run, tmp_path):
     result = tmp_path / "out" / "eval.json"
     # Both spellings: the preset plus the run's directory, and the run directory itself.
     for args in (
-        ["micro", f"run.dir={micro_run}", "eval.num_problems=3", "eval.max_new_tokens=8"],
+        [MICRO, f"run.dir={micro_run}", "eval.num_problems=3", "eval.max_new_tokens=8"],
         [str(micro_run), "eval.num_problems=3", "eval.max_new_tokens=8", "--out", str(result)],
     ):
         out = padd("eval", *args)

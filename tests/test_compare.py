@@ -1,5 +1,5 @@
-"""`padd train micro --compare` with the dense "Teacher (GRPO)" and "Teacher (SFT on D_B)" rows and
-the no-Stage-I ablation."""
+"""`padd train tests/fixtures/micro.yaml --compare` with the dense "Teacher (GRPO)" and "Teacher
+(SFT on D_B)" rows and the no-Stage-I ablation."""
 
 import json
 import subprocess
@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "tests" / "fixtures" / "micro.yaml")  # the test-only smoke config
 
 
 def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     run = tmp_path / "run"
     methods = "compare.methods=[teacher_grpo,no_stage1,teacher_sft]"
-    cmd = [sys.executable, "-m", "padd", "train", "micro", "--compare", f"run.dir={run}",
+    cmd = [sys.executable, "-m", "padd", "train", MICRO, "--compare", f"run.dir={run}",
            f"run.cache_dir={tmp_path / 'cache'}", methods]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -40,8 +41,9 @@ def test_a_run_tuning_padd_keeps_the_baselines_standard():
     """`training.params` tune the shared loop (learning rate, scales) for every method, but cannot
     change what defines a baseline or ablation: its preset's switches win."""
     from padd.pipeline.methods import training_config
+    from padd.training.config import LoopParams
 
-    params = {"kd_on": "teacher_correct", "drift_on": "all", "use_kd": True, "learning_rate": 3e-5}
+    params = LoopParams(kd_on="teacher_correct", drift_on="all", use_kd=True, learning_rate=3e-5)
     padd = training_config("padd", params, seed=4, router_weight=0.1)
     assert (padd.kd_on, padd.drift_on, padd.learning_rate, padd.seed, padd.router_weight) == (
         "teacher_correct",
@@ -62,3 +64,20 @@ def test_a_run_tuning_padd_keeps_the_baselines_standard():
     assert training_config("vanilla_grpo", params, seed=4).drift_on == "none"
     no3 = training_config("no_stage3", params, seed=4)
     assert no3.drift_on == "none" and no3.kd_on == "teacher_correct"  # only Stage III is removed
+
+
+def test_lost_stage1_constructions_are_compare_rows_not_settings():
+    """`upcycle` and `random_split` lost to the exact Stage I: a run cannot choose them
+    (`student.init`), `--compare` still builds them as rows."""
+    import pytest
+
+    from padd.config import ConfigError, load_config
+    from padd.pipeline.methods import STAGE1_ABLATIONS
+
+    assert {a.init for a in STAGE1_ABLATIONS.values()} == {"upcycle", "cluster", "random_split"}
+    assert STAGE1_ABLATIONS["no_stage1"].warmup is False
+    cfg = load_config(MICRO, ["compare.methods=[no_stage1,upcycle,random_split,cluster_init]"])
+    assert cfg.compare.methods[-1] == "cluster_init"
+    with pytest.raises(ConfigError) as err:
+        load_config(MICRO, ["student.init=random_split"])
+    assert err.value.key == "student.init"

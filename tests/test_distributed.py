@@ -21,13 +21,14 @@ from padd.pipeline.evaluate import evaluate_model
 from padd.pipeline.inputs import RunInputs
 
 ROOT = Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "tests" / "fixtures" / "micro.yaml")  # the test-only smoke config
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_hold_the_same_stage4_bias(tmp_path, strategy):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "padd", "train", "micro", f"run.dir={tmp_path}/run", f"run.cache_dir={tmp_path}/cache",
+        "-m", "padd", "train", MICRO, f"run.dir={tmp_path}/run", f"run.cache_dir={tmp_path}/cache",
         "distributed.backend=gloo", f"distributed.strategy={strategy}", "training.steps=4",
         "training.prompts_per_step=4", "eval.batch_size=4",
         # Dynamic sampling (m = 2): each rank draws rollouts for 2 slots of m prompts a step.
@@ -104,7 +105,7 @@ FSDP_BETA = [
 def _torchrun(run_dir: Path, cache: Path) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "padd", "train", "micro", f"run.dir={run_dir}", f"run.cache_dir={cache}", *FSDP_BETA,
+        "-m", "padd", "train", MICRO, f"run.dir={run_dir}", f"run.cache_dir={cache}", *FSDP_BETA,
     ]  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,6 +15,8 @@ import torch.multiprocessing as mp
 from padd.config import load_config
 from padd.pipeline import distributed as pdist
 from padd.pipeline.run import Pipeline
+
+MICRO = str(Path(__file__).resolve().parent / "fixtures" / "micro.yaml")  # the test-only smoke config
 
 
 def _worker(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
@@ -31,7 +34,7 @@ def _worker(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
             "main_rank_flag(rank == 1)": pdist.main_rank_flag(rank == 1, ctx),
             "any_rank(rank == 1)": pdist.any_rank(rank == 1, ctx),
         }
-        cfg = load_config("micro", [f"run.dir={run_dir}", f"run.cache_dir={run_dir}/cache"])
+        cfg = load_config(MICRO, [f"run.dir={run_dir}", f"run.cache_dir={run_dir}/cache"])
         pipeline = Pipeline(cfg, ctx=ctx, log=lambda msg: None)
         ran = []
         if rank == 1:

@@ -1,5 +1,5 @@
-"""`padd train micro` through every stage, every artifact; a real SIGTERM mid-training, then a
-resume that ends with exactly the metrics of an uninterrupted run."""
+"""`padd train tests/fixtures/micro.yaml` through every stage, every artifact; a real SIGTERM
+mid-training, then a resume that ends with exactly the metrics of an uninterrupted run."""
 
 import json
 import signal
@@ -11,6 +11,7 @@ import pytest
 from pipeline_runs import sigterm_once_training_starts, train_records
 
 ROOT = Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "tests" / "fixtures" / "micro.yaml")  # the test-only smoke config
 # A few more steps than the preset so the signal reliably lands mid-training.
 OVERRIDES = ["training.steps=10", "training.checkpoint_every=3"]
 
@@ -21,7 +22,7 @@ def _cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
         "-m",
         "padd",
         "train",
-        "micro",
+        MICRO,
         f"run.dir={run_dir}",
         f"run.cache_dir={cache}",
         *OVERRIDES,
@@ -143,6 +144,6 @@ def test_report_flops_and_convert_subcommands(reference, capsys, tmp_path):
     flops = json.loads(capsys.readouterr().out)
     assert flops["student"]["params"] > flops["teacher"]["params"]
     assert flops["student"]["active_params"] < flops["student"]["params"]
-    args = ["micro", f"run.dir={run}", f"run.cache_dir={reference / 'cache'}", *OVERRIDES]
+    args = [MICRO, f"run.dir={run}", f"run.cache_dir={reference / 'cache'}", *OVERRIDES]
     assert main(["convert", *args, "--out", str(tmp_path / "student")]) == 0
     assert (tmp_path / "student" / "model.safetensors").is_file()

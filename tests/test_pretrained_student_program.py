@@ -39,7 +39,7 @@ def _save_models(root: Path) -> tuple[Path, Path]:
 
 def test_pretrained_moe_student_through_padd_train(tmp_path):
     teacher_dir, student_dir = _save_models(tmp_path)
-    micro = yaml.safe_load((ROOT / "padd" / "configs" / "micro.yaml").read_text())
+    micro = yaml.safe_load((ROOT / "tests" / "fixtures" / "micro.yaml").read_text())
     micro["tokenizer"] = {"kind": "pretrained", "path": str(teacher_dir)}
     micro["teacher"] = {"source": "pretrained", "path": str(teacher_dir), "max_len": 96}
     micro["student"] = {"source": "pretrained", "path": str(student_dir), "num_experts": 4, "top_k": 2}

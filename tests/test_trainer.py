@@ -87,7 +87,9 @@ def tiny_student(seed: int = 0) -> MixtralForCausalLM:
 
 
 def small_config(name: str = "padd", **overrides) -> PADDConfig:
-    base = dict(num_generations=4, max_new_tokens=8, learning_rate=1e-2)
+    # The loop's unit tests drive the printed Stage II on every prompt they pass (the tuned
+    # defaults gate L_KD on the teacher's greedy answers and update on 1 prompt in 4).
+    base = dict(num_generations=4, max_new_tokens=8, learning_rate=1e-2, kd_on="all", dynamic_sampling=1)
     return preset(name, **{**base, **overrides})
 
 
@@ -236,38 +238,10 @@ def _step_with_kd_inputs(trainer, problems, student_at_start, teacher):
     return metrics, seen, s_logits, t_logits
 
 
-@pytest.mark.parametrize("kd_on", ["negative", "non_negative"])
-def test_kd_on_distils_only_the_rollouts_it_names(kd_on):
-    """`kd_on="negative"` ("non_negative"): the logged L_KD (at θ_old) is the reference KD loss over
-    the response tokens of rows with A < 0 (A ≥ 0) only, and differs from KD over every row."""
-    from padd.kernels import kd_loss_reference
-
-    student, teacher = tiny_student(), tiny_teacher()
-    student_at_start = copy.deepcopy(student)
-    trainer = PADDTrainer(
-        student, teacher, char_tokenizer(), small_config(seed=5, kd_on=kd_on), reward_fn=digit_count
-    )
-    m, seen, s_logits, t_logits = _step_with_kd_inputs(trainer, PROBLEMS, student_at_start, teacher)
-    batch, adv = seen["batch"], seen["adv"]
-    assert (adv < 0).any() and (adv >= 0).any()
-    temp_BR = seen["t_eff"][:, None].expand_as(batch.response_mask_BR)
-
-    def kd_over(rows_B):
-        keep = batch.response_mask_BR.bool() & rows_B[:, None]
-        return float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp_BR[keep]))
-
-    rows = adv < 0 if kd_on == "negative" else adv >= 0
-    assert m["kd_loss"] == pytest.approx(kd_over(rows), rel=1e-4)
-    assert abs(kd_over(rows) - kd_over(torch.ones_like(adv, dtype=torch.bool))) > 1e-3
-
-
-@pytest.mark.parametrize(
-    "kd_on", ["teacher_correct", "teacher_correct_negative", "teacher_correct_non_negative"]
-)
-def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves(kd_on):
+def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves():
     """`kd_on="teacher_correct"`: L_KD covers the rollouts of the prompts whose greedy teacher
-    answer is right (re-derived here from the teacher's own greedy output), and no other;
-    `"teacher_correct_negative"`: only those rollouts with A < 0; `"..._non_negative"`: A ≥ 0."""
+    answer is right (re-derived here from the teacher's own greedy output), and no other."""
+    kd_on = "teacher_correct"
     from padd.kernels import kd_loss_reference
 
     from padd.training.rewards import extract_answer, is_correct
@@ -292,12 +266,6 @@ def test_kd_on_teacher_correct_distils_only_prompts_the_teacher_solves(kd_on):
     keep[G:] = False  # rows are prompt-major: the first G rows are the solved prompt's
     rows = torch.zeros(len(keep), dtype=torch.bool)
     rows[:G] = True
-    if kd_on != "teacher_correct":
-        negative = seen["adv"].cpu() < 0
-        assert 0 < int(negative[:G].sum()) < G  # a real subset of the solved prompt's rollouts
-        sign = negative if kd_on == "teacher_correct_negative" else ~negative
-        rows &= sign
-        keep &= sign[:, None].to(keep.device)
     temp = seen["t_eff"][:, None].expand_as(keep)
     expected = float(kd_loss_reference(s_logits[keep], t_logits[keep], temperature=temp[keep]))
     assert m["kd_rows"] == pytest.approx(float(rows.float().mean()))
@@ -361,13 +329,11 @@ def _load_cv(student, control, tok) -> float:
     return load_cv(expert_counts(selected, control.num_experts, enc["attention_mask"].reshape(-1)))
 
 
-@pytest.mark.parametrize(("sign_form", "eta", "factor"), [(True, 0.2, 0.4), (False, 0.5, 0.65)])
-def test_stage4_lowers_the_load_cv_of_an_imbalanced_router(sign_form, eta, factor):
+def test_stage4_lowers_the_load_cv_of_an_imbalanced_router():
+    eta, factor = 0.5, 0.65
     student, tok = _skewed_student(), char_tokenizer()
     # Only the bias moves: no KD, a negligible learning rate, no advantage term.
-    cfg = small_config(
-        "no_stage2", learning_rate=1e-6, bias_eta=eta, bias_sign_form=sign_form, bias_gamma=0.0
-    )
+    cfg = small_config("no_stage2", learning_rate=1e-6, bias_eta=eta, bias_gamma=0.0)
     trainer = PADDTrainer(student, None, tok, cfg)
     cv_before = _load_cv(student, trainer.control, tok)
     assert cv_before > 0.8
@@ -415,14 +381,6 @@ def test_config_validation_names_the_bad_key():
     assert preset("vanilla_grpo").drift_on == "none" and preset("no_stage3").drift_on == "none"
     assert preset("rspo").drift_on == "all" and preset("padd").drift_on == "negative"
     assert preset("online_kd").kd_temperature_mode == "fixed"
-
-
-def test_the_merged_use_drift_switch_names_its_replacement():
-    with pytest.raises(ValueError, match=r"PADDConfig\.use_drift=False: replaced by drift_on"):
-        PADDConfig(use_drift=False)
-    with pytest.raises(ValueError, match="replaced by drift_on"):
-        PADDConfig.from_dict({"use_drift": True})
-    assert "use_drift" not in PADDConfig().to_dict()  # not a setting: not in fingerprints
 
 
 def test_drift_on_none_switches_stage3_off():
