@@ -3,16 +3,17 @@
 Modules: `rewards` (answer extraction, verifiable rewards), `objectives` (the RL/KD math as free
 functions), `rollout` (sampling and the scoring forward), `prompts` (which prompts each step
 sees), `metrics` (routing statistics), `evaluation` (pass@1, expert–subdomain NMI), `config`
-(`PADDConfig` and baseline presets), `trainer` (`PADDTrainer`), `checkpointing` (its typed state,
-checkpoint folders, RNG), `teacher_grpo` (optional GRPO on the dense teacher).
+(`LoopParams`, `PADDConfig` and baseline presets), `trainer` (`PADDTrainer`), `checkpointing`
+(its typed state, checkpoint folders, RNG), `teacher_grpo` (optional GRPO on the dense teacher).
 """
 
-from .config import PRESETS, PADDConfig, preset
+from .config import PRESETS, LoopParams, PADDConfig, preset
 from .evaluation import evaluate, normalized_mutual_information
 from .rewards import answer_reward, extract_answer, format_reward, normalize_number, reward
 from .trainer import PADDTrainer, frozen_reference
 
 __all__ = [
+    "LoopParams",
     "PADDConfig",
     "PADDTrainer",
     "PRESETS",

@@ -19,8 +19,9 @@ __all__ = ["teacher_grpo_config", "train_teacher_grpo"]
 
 
 def teacher_grpo_config(**overrides) -> PADDConfig:
-    """`vanilla_grpo` settings for a dense model (`num_iterations=1`: no router drift to refine)."""
-    return preset("vanilla_grpo", **{"num_iterations": 1, **overrides})
+    """`vanilla_grpo` settings for a dense model (`num_iterations=1`: no router drift to refine;
+    `dynamic_sampling=1`: `train_teacher_grpo` updates on every prompt it draws)."""
+    return preset("vanilla_grpo", **{"num_iterations": 1, "dynamic_sampling": 1, **overrides})
 
 
 def train_teacher_grpo(
