@@ -144,14 +144,6 @@ def average_gradients_before_step(optimizer: torch.optim.Optimizer, ctx: DistCon
     return optimizer.register_step_pre_hook(hook)
 
 
-def broadcast_parameters(model: torch.nn.Module, ctx: DistContext) -> None:
-    """Start every rank from rank 0's weights."""
-    if ctx.enabled:
-        with torch.no_grad():
-            for p in model.parameters():
-                dist.broadcast(p.data, src=0)
-
-
 def should_shard(model: torch.nn.Module, strategy: str, ctx: DistContext) -> bool:
     """FSDP2 when asked, or under "auto" when weights + Adam state would exceed 40% of the GPU."""
     if not ctx.enabled or strategy == "ddp":

@@ -173,31 +173,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     return atomic_dir(path, write)
 
 
-@torch.no_grad()
-def greedy_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy completions of the prompts (left-padded batches)."""
-    model.eval()
-    out: list[str] = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [format_prompt(q) for q in questions[i : i + batch_size]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
 def teacher_cache_key(cfg: PADDRunConfig) -> str:
     """Fingerprint of everything the trained teacher depends on."""
     t = asdict(cfg.teacher)

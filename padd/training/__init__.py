@@ -4,7 +4,7 @@ Modules: `rewards` (answer extraction, verifiable rewards), `objectives` (the RL
 functions), `rollout` (sampling and the scoring forward), `prompts` (which prompts each step
 sees), `metrics` (routing statistics), `evaluation` (pass@1, expert–subdomain NMI), `config`
 (`LoopParams`, `PADDConfig` and baseline presets), `trainer` (`PADDTrainer`), `checkpointing`
-(its typed state, checkpoint folders, RNG), `teacher_grpo` (optional GRPO on the dense teacher).
+(atomic files, checkpoint folders, its typed state, RNG, graceful interruption).
 """
 
 from .config import PRESETS, LoopParams, PADDConfig, preset

@@ -1,5 +1,5 @@
 """Which prompts each training step sees: the one prompt sampler of Stages II–IV (the pipeline's
-student training and `train_teacher_grpo`)."""
+training of a student, or of the dense teacher for `teacher_grpo`)."""
 
 from __future__ import annotations
 
