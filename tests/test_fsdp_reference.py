@@ -23,9 +23,14 @@ def _train_save_resume(rank: int, ckpt_dir: str, out_file: str) -> None:
     reference = apply_fsdp2(frozen_reference(student))
     apply_fsdp2(student)
     trainer = PADDTrainer(
-        student, None, char_tokenizer(), small_config("no_stage2", beta=0.1), control, reference=reference
+        student,
+        None,
+        char_tokenizer(),
+        small_config("no_stage2", beta=0.1),
+        control,
+        reference=reference,
+        state_io=ShardedStateIO(),
     )
-    trainer.state_io = ShardedStateIO()
     trainer.step(PROBLEMS[:2])
     with torch.no_grad():
         ref_logits = trainer.reference(input_ids=IDS).logits

@@ -4,6 +4,7 @@ checkpoint writes it) and scattered back restores every rank's shards and optimi
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,9 +12,20 @@ import torch.multiprocessing as mp
 from padd.pipeline.distributed import ShardedStateIO, apply_fsdp2, full_tensor, shutdown
 
 
+class _Stack(torch.nn.Module):
+    """The smallest model `apply_fsdp2` shards: a `layers` ModuleList, one FSDP unit each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](torch.relu(self.layers[0](x)))
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return _Stack()
 
 
 def _step(model, optimizer, seed):
@@ -74,3 +86,12 @@ def test_gather_then_scatter_restores_a_sharded_model_and_its_optimiser(tmp_path
     _step(model, optimizer, seed=3)
     for name, p in model.named_parameters():
         torch.testing.assert_close(result["resumed"][name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_without_decoder_layers_is_refused_not_left_unsharded():
+    with pytest.raises(ValueError, match="has none"):
+        apply_fsdp2(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)))
+    empty = torch.nn.Module()
+    empty.layers = torch.nn.ModuleList()
+    with pytest.raises(ValueError, match="has none"):  # an empty stack would shard nothing either
+        apply_fsdp2(empty)

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from padd.training.checkpointing import StateIO
+
 T = TypeVar("T")
 
 
@@ -157,18 +159,29 @@ def should_shard(model: torch.nn.Module, strategy: str, ctx: DistContext) -> boo
 
 
 def apply_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: shard every decoder layer, then the root (the module keeps its class and `generate`)."""
+    """FSDP2: shard every decoder layer, then the root (the module keeps its class and `generate`).
+
+    The decoder layers are `model.model.layers` (a transformers causal LM) or `model.layers`.
+    Raises `ValueError` for a model without them: sharding its root alone would gather every
+    weight at once in each forward, which is the memory FSDP is asked to save.
+    """
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"apply_fsdp2 shards per decoder layer, and {type(model).__name__} has none "
+            "(no non-empty `model.layers` or `layers` ModuleList); use distributed.strategy=ddp"
+        )
     # FSDP is imported only by a sharded run: it is slow to import and absent from some torch builds.
     from torch.distributed.fsdp import fully_shard
 
-    inner = getattr(model, "model", model)
-    for layer in getattr(inner, "layers", []):
+    for layer in layers:
         fully_shard(layer)
     # The trainer also calls the backbone and the LM head on their own (hidden states for the
     # fused KD loss), so each gets its own unit: a unit's weights are gathered in its own forward.
     if inner is not model:
         fully_shard(inner)
-    head = getattr(model, "lm_head", None)
+    head = getattr(model, "lm_head", None)  # absent from a bare backbone
     if head is not None:
         fully_shard(head)
     fully_shard(model)
@@ -181,7 +194,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class ShardedStateIO:
+class ShardedStateIO(StateIO):
     """The trainer's `state_io` under FSDP2: full (unsharded) states on CPU for checkpoints,
     sharded back like the live parameters on resume. Gathering is a collective: every rank
     calls it (rank 0 writes what it returns)."""

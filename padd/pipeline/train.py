@@ -79,10 +79,16 @@ def train_student(
             reference = pdist.apply_fsdp2(frozen_reference(student))
         pdist.apply_fsdp2(student)
     trainer = PADDTrainer(
-        student, teacher, tokenizer, pcfg, control, router_targets=targets, reference=reference
+        student,
+        teacher,
+        tokenizer,
+        pcfg,
+        control,
+        router_targets=targets,
+        reference=reference,
+        # sharded: checkpoints gather full states on rank 0; resume scatters them back
+        state_io=pdist.ShardedStateIO() if sharded else None,
     )
-    if sharded:  # checkpoints gather full states on rank 0; resume scatters them back
-        trainer.state_io = pdist.ShardedStateIO()
     if not sharded:  # FSDP2 reduce-scatters gradients itself
         pdist.average_gradients_before_step(trainer.optimizer, ctx)
 

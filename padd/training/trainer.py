@@ -161,6 +161,8 @@ class PADDTrainer:
             every real token of the rollouts, `p_T` from the teacher's reading of the prompt.
         reference: the frozen reference policy for `config.beta > 0` (`frozen_reference`);
             default a copy of the student as given. Pass one when the student is sharded.
+        state_io: how checkpoints read and write model and optimiser state (default plain
+            `state_dict`, `StateIO()`); a sharded run passes one that gathers and scatters.
 
     Example:
         >>> trainer = PADDTrainer(student, teacher, tokenizer, preset("padd", num_generations=4))
@@ -180,6 +182,7 @@ class PADDTrainer:
         reward_fn: Callable[[str, Problem], float] | None = None,
         router_targets: SequenceRouterTargets | None = None,
         reference: torch.nn.Module | None = None,
+        state_io: StateIO | None = None,
     ) -> None:
         self.config = config if config is not None else PADDConfig()
         cfg = self.config
@@ -212,7 +215,7 @@ class PADDTrainer:
                 raise ValueError("PADDConfig.use_kd=True or router_weight > 0 needs a teacher model")
             teacher.eval().requires_grad_(False)
         student.eval()  # see module doc: no dropout, ratio exactly 1 at θ_old
-        self.state_io = StateIO()  # the pipeline swaps in a sharded one under FSDP2
+        self.state_io = state_io if state_io is not None else StateIO()
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(
             params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
@@ -336,13 +339,10 @@ class PADDTrainer:
         return hidden_BRH, t_eff_B, route_target_BE
 
     def _fused_kd(self, device: torch.device):
-        """`padd.kernels.fused_linear_kd_loss` when configured and present, else None."""
-        fn = getattr(kernels, "fused_linear_kd_loss", None)
-        if fn is None or self.config.kd_fused is False:
+        """`padd.kernels.fused_linear_kd_loss` when configured (`kd_fused`), else None."""
+        if self.config.kd_fused is False or (self.config.kd_fused == "auto" and device.type != "cuda"):
             return None
-        if self.config.kd_fused == "auto" and device.type != "cuda":
-            return None
-        return fn
+        return kernels.fused_linear_kd_loss
 
     def _kd_rows(self, adv_B: torch.Tensor, problems: Sequence[Problem]) -> torch.Tensor:
         """The rollouts L_KD averages over (bool [B]), as `kd_on` names them."""
