@@ -154,7 +154,7 @@ class _countable:
 
     def __enter__(self):
         self.attn = self.config._attn_implementation
-        self.experts = getattr(self.config, "_experts_implementation", None)
+        self.experts = self.config._experts_implementation  # every transformers 5 config has it
         self.model.set_attn_implementation("eager")
         keep = ("eager", "batched_mm") if self._on_meta() else ("padd", "eager", "batched_mm")
         if self.experts is not None and self.experts not in keep:
