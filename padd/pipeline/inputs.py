@@ -20,6 +20,7 @@ from padd.data.tokenizer import build_char_tokenizer, load_tokenizer, tokenizers
 from padd.decompress.architectures import DecompressionError, check_teacher_config
 from padd.moe.hf_experts import experts_implementations, use_experts
 from padd.pipeline.run_dir import RunDir
+from padd.pipeline.shipped_teacher import SHIPPED_TEACHER_DIR, check_shipped_teacher
 from padd.pipeline.teacher import teacher_cache_key
 from padd.training.checkpointing import atomic_dir
 
@@ -68,6 +69,8 @@ def preflight(cfg: PADDRunConfig) -> None:
         except ImportError:
             raise ConfigError("data.source", "'hf_disk' needs the `datasets` package") from None
     _check_experts_implementation(cfg)
+    if cfg.teacher.source == "shipped":
+        check_shipped_teacher(cfg)
     if cfg.teacher.source == "pretrained":
         if not (Path(cfg.teacher.path) / "config.json").is_file():
             raise ConfigError("teacher.path", f"no config.json in {cfg.teacher.path} (not an HF model dir)")
@@ -207,6 +210,8 @@ class RunInputs:
                 return Path(recorded)
         if self.cfg.teacher.source == "pretrained":
             return Path(self.cfg.teacher.path)
+        if self.cfg.teacher.source == "shipped":
+            return SHIPPED_TEACHER_DIR
         return Path(self.cfg.run.cache_dir) / "teachers" / teacher_cache_key(self.cfg)
 
     def load_teacher(self) -> PreTrainedModel:
