@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import resolve_backend
+from .._dispatch import cpu_eager, resolve_backend
 from . import op as _op  # noqa: F401  (registers the torch.library ops called below)
 from .fused_linear import default_chunk_size
 from .reference import DIVERGENCES, REDUCTIONS, as_rows_N, row_weights_N
@@ -120,6 +120,13 @@ def kd_loss(
     )  # fmt: skip
     resolved = resolve_backend(backend, student_logits, teacher_logits)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if cpu_eager(resolved, student_logits, teacher_logits, tau_t_N, tau_s_N, w_N):
+        # The same reference and backward as the op, without its dispatch cost (see KdLossCPU).
+        loss_N = _op.KdLossCPU.apply(
+            student_logits, teacher_logits, tau_t_N, tau_s_N, w_N, divergence, float(beta), compute_grad,
+            check_nan,
+        )  # fmt: skip
+        return loss_N if reduction == "none" else loss_N.sum()
     loss_N, _ = torch.ops.padd.kd_loss(
         student_logits, teacher_logits, tau_t_N, tau_s_N, w_N, divergence, float(beta), compute_grad,
         check_nan, resolved,
@@ -194,12 +201,16 @@ def fused_linear_kd_loss(
     )
     # reduction="none" has a per-row upstream gradient: its backward recomputes instead.
     compute_grad = wants_grad and reduction != "none"
-    loss_N, *_ = torch.ops.padd.fused_linear_kd_loss(
+    args = (
         student_hidden.contiguous(), student_head_weight.contiguous(), student_head_bias,
         teacher_args["teacher_logits"], teacher_args["teacher_hidden"], teacher_args["teacher_head_weight"],
         teacher_args["teacher_head_bias"], teacher_args["teacher_ids"], teacher_args["teacher_logprobs"],
         tau_t_N, tau_s_N, w_N, divergence, float(beta), int(chunk_size), compute_grad, check_nan, resolved,
     )  # fmt: skip
+    if cpu_eager(resolved, *(a for a in args if isinstance(a, torch.Tensor))):
+        loss_N = _op.FusedLinearKdLossCPU.apply(*args)  # the op's code without its dispatch cost
+    else:
+        loss_N, *_ = torch.ops.padd.fused_linear_kd_loss(*args)
     return loss_N if reduction == "none" else loss_N.sum()
 
 

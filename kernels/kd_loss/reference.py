@@ -204,23 +204,142 @@ def kd_loss_and_grad_reference(
     The same contract and closed-form gradient as the Triton kernel (no autograd, so it also
     runs inside a custom op): the gradient of sum_rows w * div for an upstream gradient of 1,
     d/dz_S = w / tau_S * (r - q sum(r)). Tests check it against autograd of `kd_rows_reference`.
+
+    On CPU, forward_kl, reverse_kl and jsd take `_fast_rows` (the CPU path users run: it must
+    not be slower than eager `log_softmax` + `kl_div` + autograd), with the guarded formulas
+    below only for the rows that need them (-inf logits, NaN inputs); elsewhere (and for the
+    skews) every row takes the guarded formulas.
     """
     with torch.no_grad():
+        if student_logits_NV.device.type == "cpu" and divergence in _FAST_DIVERGENCES:
+            return _kd_loss_and_grad_cpu(
+                student_logits_NV, teacher_logits_NV, tau_t_N, tau_s_N, w_N, divergence, beta, compute_grad
+            )
         log_q_NV = torch.log_softmax(student_logits_NV.float() / tau_s_N[:, None], dim=-1)
         log_p_NV = torch.log_softmax(teacher_logits_NV.float() / tau_t_N[:, None], dim=-1)
         loss_N = weighted_rows_N(divergence_rows_N(log_q_NV, log_p_NV, divergence, beta), w_N)
         if not compute_grad:
             return loss_N, None
-        r_NV = r_terms_NV(log_q_NV, log_p_NV, divergence, beta)
-        grad_NV = r_NV - log_q_NV.exp() * r_NV.sum(-1, keepdim=True)
+        grad_NV = _guarded_grad_NV(log_q_NV, log_p_NV, divergence, beta)
         scale_N = torch.where(w_N != 0, w_N / tau_s_N, torch.zeros_like(w_N))
         grad_NV = torch.where(scale_N[:, None] != 0, grad_NV * scale_N[:, None], torch.zeros_like(grad_NV))
     return loss_N, grad_NV.to(student_logits_NV.dtype)
 
 
+def _guarded_grad_NV(log_q_NV: torch.Tensor, log_p_NV: torch.Tensor, divergence: str, beta: float):
+    """Unscaled gradient `r - q sum(r)` with every 0 log 0 guard."""
+    r_NV = r_terms_NV(log_q_NV, log_p_NV, divergence, beta)
+    return r_NV - log_q_NV.exp() * r_NV.sum(-1, keepdim=True)
+
+
+_FAST_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _constant_rows(x_N: torch.Tensor) -> float | None:
+    """The value of a stride-0 CPU row tensor (a float argument expanded by `as_rows_N`), else
+    None. Reading it costs nothing on CPU, and a float temperature then skips its `[N, V]`
+    division (tau = 1) or divides by a number."""
+    if x_N.device.type != "cpu" or x_N.dim() != 1 or x_N.numel() == 0 or x_N.stride(0) != 0:
+        return None
+    return float(x_N[0])
+
+
+def _log_softmax_rows_NV(z_NV: torch.Tensor, tau_N: torch.Tensor) -> torch.Tensor:
+    """fp32 `log_softmax(z / tau)`, rows of `z` over `tau_N` `[N]`."""
+    z_NV = z_NV.float()
+    tau = _constant_rows(tau_N)
+    if tau is None:
+        z_NV = z_NV / tau_N[:, None]
+    elif tau != 1.0:
+        z_NV = z_NV / tau
+    return torch.log_softmax(z_NV, dim=-1)
+
+
+def _fast_rows(
+    log_q_NV: torch.Tensor, log_p_NV: torch.Tensor, divergence: str, beta: float, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unweighted per-row divergence `[N]` and unscaled gradient `[N, V]` (`r - q sum(r)`, see
+    `r_terms_NV`; for jsd without its `1 - beta` factor), overwriting both log-prob buffers.
+
+    The fewest `[N, V]` passes the math allows (each one is memory-bound on CPU), and no 0 log 0
+    guards: a term whose left-hand probability is 0 at a -inf log-probability is NaN here, so
+    its row's divergence is NaN (as is the row of any NaN gradient entry) and the caller
+    recomputes that row with the guarded formulas. The mixture M of jsd is formed in
+    probability space (one `lerp` pass instead of `log_mix_NV`'s dozen).
+    """
+    if divergence == "forward_kl":  # KL(p || q): r = -p, so grad = q sum(p) - p
+        p_NV = log_p_NV.exp()
+        div_N = log_p_NV.sub_(log_q_NV).mul_(p_NV).sum(-1)
+        if not compute_grad:
+            return div_N, None
+        return div_N, log_q_NV.exp_().mul_(p_NV.sum(-1, keepdim=True)).sub_(p_NV)
+    if divergence == "reverse_kl":  # KL(q || p): r = q (log q - log p), sum(r) = div
+        q_NV = log_q_NV.exp()
+        r_NV = log_q_NV.sub_(log_p_NV).mul_(q_NV)
+        div_N = r_NV.sum(-1)
+        if not compute_grad:
+            return div_N, None
+        return div_N, r_NV.addcmul_(q_NV, div_N[:, None], value=-1.0)
+    # jsd: beta KL(p || M) + (1 - beta) KL(q || M); r = (1 - beta) q (log q - log M)
+    p_NV, q_NV = log_p_NV.exp(), log_q_NV.exp()
+    log_m_NV = torch.lerp(q_NV, p_NV, beta).log_()  # M = beta p + (1 - beta) q
+    kl_pm_N = log_p_NV.sub_(log_m_NV).mul_(p_NV).sum(-1)
+    rq_NV = log_q_NV.sub_(log_m_NV).mul_(q_NV)
+    kl_qm_N = rq_NV.sum(-1)
+    div_N = beta * kl_pm_N + (1.0 - beta) * kl_qm_N
+    if not compute_grad:
+        return div_N, None
+    return div_N, rq_NV.addcmul_(q_NV, kl_qm_N[:, None], value=-1.0)
+
+
+def _kd_loss_and_grad_cpu(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor,
+    tau_t_N: torch.Tensor,
+    tau_s_N: torch.Tensor,
+    w_N: torch.Tensor,
+    divergence: str,
+    beta: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`kd_loss_and_grad_reference` on CPU: `_fast_rows`, then the guarded formulas for the
+    rows whose divergence came out NaN (found with an `[N]` check: no host sync on CPU)."""
+    log_q_NV = _log_softmax_rows_NV(student_logits_NV, tau_s_N)
+    log_p_NV = _log_softmax_rows_NV(teacher_logits_NV, tau_t_N)
+    div_N, grad_NV = _fast_rows(log_q_NV, log_p_NV, divergence, beta, compute_grad)
+    redo_grad_RV = None
+    if bool(torch.isnan(div_N).any()):
+        redo_R = torch.isnan(div_N).nonzero().squeeze(1)
+        log_q_RV = _log_softmax_rows_NV(student_logits_NV[redo_R], tau_s_N[redo_R])
+        log_p_RV = _log_softmax_rows_NV(teacher_logits_NV[redo_R], tau_t_N[redo_R])
+        div_N[redo_R] = divergence_rows_N(log_q_RV, log_p_RV, divergence, beta)
+        if compute_grad:
+            redo_grad_RV = _guarded_grad_NV(log_q_RV, log_p_RV, divergence, beta)
+    # Few small ops: at small N x V each one's dispatch costs as much as an [N, V] pass.
+    keep_N = w_N != 0
+    loss_N = torch.where(keep_N, w_N * div_N, 0.0)  # a dropped row is 0 even where div is inf
+    if not compute_grad:
+        return loss_N, None
+    tau_s = _constant_rows(tau_s_N)
+    scale_N = w_N if tau_s == 1.0 else torch.where(keep_N, w_N / tau_s_N, 0.0)
+    if divergence == "jsd":
+        scale_N = scale_N * (1.0 - beta)
+    grad_NV.mul_(scale_N[:, None])
+    if redo_grad_RV is not None:
+        grad_NV[redo_R] = redo_grad_RV * torch.where(keep_N, w_N / tau_s_N, 0.0)[redo_R, None]
+    if not bool(keep_N.all()):  # a dropped row's gradient is exactly 0, even where it is NaN
+        grad_NV[~keep_N] = 0.0
+    return loss_N, grad_NV.to(student_logits_NV.dtype)
+
+
 def scale_rows_reference_(grad_NV: torch.Tensor, grad_output_N: torch.Tensor) -> None:
     """In place `grad_NV *= grad_output_N[:, None]`: the backward of `kd_loss_and_grad_reference`'s
-    gradient for a per-row upstream gradient (`grad_output_N` `[N]`, possibly stride 0)."""
+    gradient for a per-row upstream gradient (`grad_output_N` `[N]`, possibly stride 0).
+
+    On CPU an upstream gradient of exactly 1 everywhere (`loss.backward()` of a mean or sum)
+    skips the `[N, V]` pass: checking N values costs nothing there."""
+    if grad_NV.device.type == "cpu" and bool((grad_output_N == 1).all()):
+        return
     grad_NV.mul_(grad_output_N.reshape(-1, 1).to(grad_NV.dtype))
 
 
