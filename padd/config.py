@@ -166,7 +166,7 @@ class StudentConfig:
     top_k: int = setting(2, "k, experts per token")
     init: Literal["exact", "cluster"] = setting(
         "exact",
-        "'exact': tied groups of k experts, the teacher for any router; 'cluster': an ablation",
+        "'exact': tied groups of k experts, the teacher for any router; 'cluster': as printed",
     )
 
     def __post_init__(self) -> None:
