@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import decode as padd_decode
+
 __all__ = [
     "RolloutBatch",
     "forward_with_routing",
@@ -115,30 +117,48 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 64,
+    use_padd_decode: bool = True,
 ) -> RolloutBatch:
-    """Sample `num_generations` responses per prompt in one batched `generate` call (KV cache)."""
+    """Sample `num_generations` responses per prompt in one batched decode (KV cache): padd's
+    loop (`padd.training.decode`, the same tokens as transformers' `generate`) where it applies,
+    else `model.generate`; `use_padd_decode=False` forces the latter."""
     device = next(model.parameters()).device
     if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    input_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, 0)
-    attn = enc["attention_mask"].to(device).repeat_interleave(num_generations, 0)
+    prompt_ids, prompt_attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    input_ids = prompt_ids.repeat_interleave(num_generations, 0)
+    attn = prompt_attn.repeat_interleave(num_generations, 0)
     eos = _eos_ids(model, tokenizer)
     kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, use_cache=True)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:  # explicit greedy: override sampling defaults a checkpoint's generation_config may carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attn,
-        pad_token_id=_pad_id(tokenizer),
-        eos_token_id=eos or None,
-        # Sharded: a rank whose sequences all ended keeps stepping until every rank is done,
-        # or the others would wait forever in the next layer's all-gather.
-        synced_gpus=is_sharded(model),
-        **kwargs,
-    )
+    # Sharded: a rank whose sequences all ended keeps stepping until every rank is done, or the
+    # others would wait forever in the next layer's all-gather: transformers' `synced_gpus` does it.
+    sharded = is_sharded(model)
+    if use_padd_decode and not sharded and padd_decode.supported(model, **kwargs):
+        # The same tokens as `model.generate` (see `padd.training.decode`), without its per-row
+        # prefill of repeated prompts and its per-token copies of the KV cache.
+        out = padd_decode.decode(
+            model,
+            prompt_ids,
+            prompt_attn,
+            repeats=num_generations,
+            pad_token_id=_pad_id(tokenizer),
+            eos_token_id=eos,
+            **kwargs,
+        )
+    else:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            pad_token_id=_pad_id(tokenizer),
+            eos_token_id=eos or None,
+            synced_gpus=sharded,
+            **kwargs,
+        )
     P = input_ids.shape[1]
     responses = out[:, P:]
     mask_BR = response_mask(responses, eos)
