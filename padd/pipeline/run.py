@@ -34,6 +34,7 @@ from padd.pipeline.inputs import RunInputs, preflight
 from padd.pipeline.metrics import MetricsLogger
 from padd.pipeline.report import write_report
 from padd.pipeline.run_dir import STEPS, RunDir, RunDirError, read_done
+from padd.pipeline.run_lock import RunDirBusy, RunDirLock
 from padd.pipeline.stage1 import build_student
 from padd.pipeline.teacher import ensure_teacher
 from padd.pipeline.train import train_student
@@ -53,8 +54,9 @@ def make_cuda_deterministic() -> None:
 class Pipeline:
     """One `padd train` run; `run()` executes the steps that are not done yet.
 
-    Creating it checks the inputs (`preflight`) and prepares the run directory: a directory made
-    by a different config is refused (or, with `force`, wiped). To read a run without writing it,
+    Creating it checks the inputs (`preflight`), locks the run directory (`RunDirBusy` while
+    another run has it; `close()` frees it) and prepares it: a directory made by a different
+    config is refused (or, with `force`, wiped). To read a run without writing it,
     use `RunInputs.read_only` instead.
     """
 
@@ -71,18 +73,39 @@ class Pipeline:
         self.say: Callable[[str], None] = log if self.ctx.is_main else (lambda msg: None)
         preflight(cfg)  # every file-level check before compute
         self.run_dir = RunDir(cfg.run.dir)
+        self.lock = self._lock_run_dir()
+        try:
+            if self.ctx.is_main:
+                self.run_dir.prepare(cfg, force=force)
+            pdist.barrier(self.ctx)
+            hf_logging.disable_progress_bar()  # per-file load/save bars drown ours
+            if cfg.run.num_threads:
+                torch.set_num_threads(cfg.run.num_threads)
+            if cfg.run.deterministic and self.ctx.device.type == "cuda":
+                make_cuda_deterministic()
+            self.metrics = MetricsLogger(
+                self.run_dir.metrics, tensorboard=cfg.run.tensorboard, enabled=self.ctx.is_main
+            )
+            self.inputs = RunInputs(
+                cfg, self.run_dir, device=self.ctx.device, save_tokenizer=self.ctx.is_main
+            )
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> RunDirLock:
+        """Rank 0 takes the run directory's lock for the whole job (its ranks are one writer);
+        when it cannot, every rank stops."""
+        lock = RunDirLock(self.run_dir.root)
+        busy: RunDirBusy | None = None
         if self.ctx.is_main:
-            self.run_dir.prepare(cfg, force=force)
-        pdist.barrier(self.ctx)
-        hf_logging.disable_progress_bar()  # per-file load/save bars drown ours
-        if cfg.run.num_threads:
-            torch.set_num_threads(cfg.run.num_threads)
-        if cfg.run.deterministic and self.ctx.device.type == "cuda":
-            make_cuda_deterministic()
-        self.metrics = MetricsLogger(
-            self.run_dir.metrics, tensorboard=cfg.run.tensorboard, enabled=self.ctx.is_main
-        )
-        self.inputs = RunInputs(cfg, self.run_dir, device=self.ctx.device, save_tokenizer=self.ctx.is_main)
+            try:
+                lock.acquire()
+            except RunDirBusy as error:
+                busy = error
+        if not pdist.main_rank_flag(busy is None, self.ctx):
+            raise busy or RunDirError("run.dir", f"{self.run_dir.root} is in use by another padd run")
+        return lock
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -131,8 +154,12 @@ class Pipeline:
         return self.run_dir.root
 
     def close(self) -> None:
-        """Close the metrics log (after `run()` and any `compare()`, which log into it too)."""
-        self.metrics.close()
+        """Close the metrics log and free the run directory (after `run()` and any `compare()`,
+        which log into it too)."""
+        try:
+            self.metrics.close()
+        finally:
+            self.lock.release()
 
     def step_teacher(self) -> dict[str, Any]:
         path = self.inputs.teacher_path()

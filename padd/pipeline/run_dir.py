@@ -1,11 +1,11 @@
 """One run directory: where each artifact of a run lives, the `done/<step>.json` markers that make a
 run resumable, and the check that a directory was made by the same configuration.
 
-Layout: `config.yaml` (resolved) + `fingerprint`, `metrics.jsonl`, `tokenizer/`, `data/`,
-`stage1/student/`, `train/ckpt/`, `train/final/`, `train/ranks/rank<r>/`, `eval/*.json`,
-`compare/<method>/` (the same training layout, plus `stage1/` and `eval.json`), `report.md`,
-`report.json`, `plots/*.png`, `done/<step>.json` and `partial/<step>.json` (wall time of a step's
-interrupted attempts).
+Layout: `lock` (held by the run's one writer: `padd.pipeline.run_lock`), `config.yaml` (resolved)
++ `fingerprint`, `metrics.jsonl`, `tokenizer/`, `data/`, `stage1/student/`, `train/ckpt/`,
+`train/final/`, `train/ranks/rank<r>/`, `eval/*.json`, `compare/<method>/` (the same training
+layout, plus `stage1/` and `eval.json`), `report.md`, `report.json`, `plots/*.png`,
+`done/<step>.json` and `partial/<step>.json` (wall time of a step's interrupted attempts).
 
 Nothing here writes unless asked to (`prepare`, `mark_done`, `save_partial`): `padd eval` opens a
 run with `RunDir` alone and leaves it untouched.
@@ -24,6 +24,9 @@ import yaml
 
 from padd.config import ConfigError, PADDRunConfig, config_from_dict, dump_config
 from padd.training.checkpointing import atomic_write_json, atomic_write_text
+
+# The file a run directory's one writer locks (`padd.pipeline.run_lock`).
+LOCK_FILE = "lock"
 
 # The steps of `padd train`, in order; each leaves `done/<step>.json` when it finishes.
 STEPS = ("teacher", "data", "stage1", "train", "eval", "report")
@@ -177,7 +180,7 @@ class RunDir:
     def prepare(self, cfg: PADDRunConfig, *, force: bool = False) -> None:
         """Create the run dir, or check that an existing one was made by the same config; then
         (re)write its `config.yaml` and `fingerprint`. With `force`, a run dir from a different
-        config is wiped and restarted."""
+        config is wiped and restarted (all but its `lock`, which the caller holds)."""
         old = self.recorded_fingerprint()
         if old is not None and old != cfg.fingerprint():
             if not force:
@@ -186,7 +189,13 @@ class RunDir:
                     f"{self.root} was made by a different config (fingerprint {old} != "
                     f"{cfg.fingerprint()}); use --force to restart it, or set run.dir=...",
                 )
-            shutil.rmtree(self.root)
+            for entry in self.root.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_yaml, dump_config(cfg))
         atomic_write_text(self.fingerprint, cfg.fingerprint() + "\n")
