@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import call_reference_directly, resolve_backend
+from .._dispatch import call_reference_directly, cpu_eager, resolve_backend
 from ..routing.metadata import Routing
 from .activation import GatedActivation
-from .op import moe_ffn_op_from_routing
+from .op import MoeFfnCPU, moe_ffn_op_from_routing
 from .reference import moe_ffn_reference
 
 __all__ = ["moe_ffn"]
@@ -94,6 +94,9 @@ def moe_ffn(
         resolved = "reference"
     if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights, *biases):
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing, **options)
+    if cpu_eager(resolved, x, gate_up_proj, down_proj, routing.weights, *biases):
+        # The ops' reference forward and backward without their dispatch (see MoeFfnCPU).
+        return MoeFfnCPU.apply(x, gate_up_proj, down_proj, routing.weights, routing, act, *biases)
     return moe_ffn_op_from_routing(
         x,
         gate_up_proj,

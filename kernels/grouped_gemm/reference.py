@@ -78,8 +78,8 @@ def moe_ffn_reference_forward(
     inter = down_proj.shape[2]
     order_S = routing.sort_order.long()
     x_sorted_SH = x.float().index_select(0, order_S // top_k)
-    counts = routing.tokens_per_expert.tolist()
-    if not any(counts):
+    groups = _Groups(routing, x_sorted_SH, gate_up_proj, down_proj)
+    if groups.empty:
         empty = x_sorted_SH.new_zeros(0, 2 * inter)
         return x.new_zeros(num_tokens, hidden), empty
     expert_S = (
@@ -88,30 +88,92 @@ def moe_ffn_reference_forward(
         else None
     )
     if torch.is_grad_enabled():  # autograd records slices and cat, not writes into a buffer
-        gate_up_S2I = _grouped_linear(x_sorted_SH, gate_up_proj, counts)
+        gate_up_S2I = groups.linear(x_sorted_SH, gate_up_proj)
         if gate_up_bias is not None:
             gate_up_S2I = gate_up_S2I + gate_up_bias.float().index_select(0, expert_S)
         h_SI = activation.forward(gate_up_S2I)
-        y_sorted_SH = _grouped_linear(h_SI, down_proj, counts)
+        y_sorted_SH = groups.linear(h_SI, down_proj)
         if down_bias is not None:
             y_sorted_SH = y_sorted_SH + down_bias.float().index_select(0, expert_S)
     else:  # inside the custom op, or under no_grad (generation): no per-expert copies
-        gate_up_S2I = x_sorted_SH.new_empty(x_sorted_SH.shape[0], 2 * inter)
-        _grouped_mm_into(x_sorted_SH, gate_up_proj, gate_up_S2I, counts)
+        gate_up_S2I = groups.linear(x_sorted_SH, gate_up_proj)
         if gate_up_bias is not None:
             gate_up_S2I.add_(gate_up_bias.float().index_select(0, expert_S))
         if activation.is_plain_swiglu:
             h_SI = F.silu(gate_up_S2I[:, :inter]).mul_(gate_up_S2I[:, inter:])
         else:
             h_SI = activation.forward(gate_up_S2I)
-        y_sorted_SH = torch.empty_like(x_sorted_SH)
-        _grouped_mm_into(h_SI, down_proj, y_sorted_SH, counts)
+        y_sorted_SH = groups.linear(h_SI, down_proj)
         if down_bias is not None:
             y_sorted_SH.add_(down_bias.float().index_select(0, expert_S))
     # Back to slot order, weight, and sum each token's K slots: deterministic, no atomics.
     y_SH = y_sorted_SH.index_select(0, routing.inverse_order.long())
     y_TKH = y_SH.view(num_tokens, top_k, hidden) * routing.weights.float().unsqueeze(-1)
     return y_TKH.sum(dim=1).to(x.dtype), gate_up_S2I
+
+
+class _Groups:
+    """The expert groups of the sorted slots, and the grouped GEMMs over them.
+
+    On CPU, `torch._grouped_mm` runs every expert's GEMM in one call (no Python loop over experts,
+    no host sync for the group sizes; differentiable by autograd), bit for bit the per-expert
+    `mm`s. It needs 16-byte aligned strides and base pointers (fp32 H and I multiples of 4);
+    otherwise, and off CPU, the GEMMs loop over experts with `torch.mm` views as before. At the
+    default student's shapes (E = 8, a few hundred slots) the loop's Python costs as much as its
+    GEMMs, and at E = 32 several times more.
+    """
+
+    def __init__(self, routing: Routing, a_SK: torch.Tensor, *weights_E: torch.Tensor):
+        self.routing, self.ends_E, self._counts = routing, None, None
+        if _grouped_mm_fits(a_SK, *weights_E):
+            self.ends_E = routing.expert_offsets[1:].to(torch.int32)
+            self.empty = a_SK.shape[0] == 0
+        else:
+            self.empty = not any(self.counts)
+
+    @property
+    def counts(self) -> list[int]:
+        """Slots per expert, on the host (a sync on GPU)."""
+        if self._counts is None:
+            self._counts = self.routing.tokens_per_expert.tolist()
+        return self._counts
+
+    def linear(self, a_SK: torch.Tensor, w_ENK: torch.Tensor) -> torch.Tensor:
+        """`a[rows of e] @ w[e].T` for each expert's block of sorted rows, `[S, N]` fp32."""
+        if self.ends_E is not None:
+            return torch._grouped_mm(a_SK, w_ENK.float().transpose(1, 2), offs=self.ends_E)
+        if torch.is_grad_enabled():
+            return _grouped_linear(a_SK, w_ENK, self.counts)
+        out_SN = a_SK.new_empty(a_SK.shape[0], w_ENK.shape[1])
+        _grouped_mm_into(a_SK, w_ENK, out_SN, self.counts)
+        return out_SN
+
+    def outer(self, a_SN: torch.Tensor, b_SK: torch.Tensor) -> torch.Tensor:
+        """`out[e] = a[rows of e].T @ b[rows of e]`, `[E, N, K]` fp32 (zero for an empty expert)."""
+        if self.ends_E is not None:
+            return torch._grouped_mm(a_SN.t(), b_SK, offs=self.ends_E)
+        return _per_expert_outer(a_SN, b_SK, self.counts)
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm_fits(a_SK: torch.Tensor, *weights_E: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these GEMMs: CPU tensors, H and I multiples of 4 (the
+    fp32 operands' strides are then 16-byte multiples, as it requires) and weights whose
+    strides and base pointers are 16-byte aligned (a transposed view is fine). Not under a
+    dispatch mode: FlopCounterMode has no formula for `_grouped_mm` (it counts the `mm`s)."""
+    if not _HAS_GROUPED_MM or a_SK.device.type != "cpu" or a_SK.shape[1] % 4:
+        return False
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    for w in weights_E:
+        if w.shape[1] % 4 or w.shape[2] % 4 or w.data_ptr() % 16:
+            return False
+        if any(size > 1 and stride != 1 and (stride * w.element_size()) % 16 for size, stride in
+               zip(w.shape, w.stride())):  # fmt: skip
+            return False
+    return True
 
 
 def _grouped_linear(a_SK: torch.Tensor, w_ENK: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -190,17 +252,15 @@ def moe_ffn_reference_backward(
     x_SH = x.float().index_select(0, tokens_S)
     dy_SH = grad.float().index_select(0, tokens_S)
     w_S1 = routing.weights.float().reshape(-1).index_select(0, order_S).unsqueeze(1)
-    counts = routing.tokens_per_expert.tolist()
+    groups = _Groups(routing, x_SH, gate_up_proj, down_proj)
     has_bias = gate_up_bias is not None or down_bias is not None
     expert_S = _expert_of_sorted_slot(routing, order_S) if has_bias else None
     if gate_up_S2I is None or gate_up_S2I.shape[0] != x_SH.shape[0]:
-        gate_up_S2I = x_SH.new_empty(x_SH.shape[0], 2 * inter)
-        _grouped_mm_into(x_SH, gate_up_proj, gate_up_S2I, counts)
+        gate_up_S2I = groups.linear(x_SH, gate_up_proj)
         if gate_up_bias is not None:
             gate_up_S2I.add_(gate_up_bias.float().index_select(0, expert_S))
 
-    dh_unweighted_SI = x_SH.new_empty(x_SH.shape[0], inter)
-    _grouped_mm_into(dy_SH, down_proj.transpose(1, 2), dh_unweighted_SI, counts)
+    dh_unweighted_SI = groups.linear(dy_SH, down_proj.transpose(1, 2))
     if activation.is_plain_swiglu:
         gate_SI, up_SI = gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
         silu_SI = F.silu(gate_SI)
@@ -225,17 +285,16 @@ def moe_ffn_reference_backward(
     if needs_d_down or down_bias is not None:
         dy_weighted_SH = dy_SH.mul_(w_S1)
         if needs_d_down:
-            d_down = _per_expert_outer(dy_weighted_SH, h_SI, counts).to(down_proj.dtype)
+            d_down = groups.outer(dy_weighted_SH, h_SI).to(down_proj.dtype)
         if down_bias is not None:
-            d_down_bias = _per_expert_sum(dy_weighted_SH, counts).to(down_bias.dtype)
+            d_down_bias = _per_expert_sum(dy_weighted_SH, groups.counts).to(down_bias.dtype)
     if needs_d_gate_up:
-        d_gate_up = _per_expert_outer(d_gate_up_S2I, x_SH, counts).to(gate_up_proj.dtype)
+        d_gate_up = groups.outer(d_gate_up_S2I, x_SH).to(gate_up_proj.dtype)
     if gate_up_bias is not None:
-        d_gate_up_bias = _per_expert_sum(d_gate_up_S2I, counts).to(gate_up_bias.dtype)
+        d_gate_up_bias = _per_expert_sum(d_gate_up_S2I, groups.counts).to(gate_up_bias.dtype)
     inverse_S = routing.inverse_order.long()
     if needs_dx:
-        dx_SH = torch.empty_like(x_SH)
-        _grouped_mm_into(d_gate_up_S2I, gate_up_proj.transpose(1, 2), dx_SH, counts)
+        dx_SH = groups.linear(d_gate_up_S2I, gate_up_proj.transpose(1, 2))
         dx_TH = dx_SH.index_select(0, inverse_S).view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
     dw_TK = dw_S.index_select(0, inverse_S).view(num_tokens, top_k).to(routing.weights.dtype)
     return dx_TH, d_gate_up, d_down, dw_TK, d_gate_up_bias, d_down_bias
