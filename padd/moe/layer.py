@@ -4,11 +4,14 @@ Shape legend: T tokens (all leading dims flattened), H hidden, I expert width, E
 K = top_k.
 
 Parameters use transformers' fused-experts layout so HF weights are shared, never copied:
-`gate.weight [E, H]`, `gate_up_proj [E, 2I, H]` (gate rows, then up rows), `down_proj [E, H, I]`.
+`gate.weight [E, H]`, `gate_up_proj [E, 2I, H]` (gate rows, then up rows), `down_proj [E, H, I]`;
+with `transposed=True` transformers' `is_transposed` layout (`[E, H, 2I]` / `[E, I, H]`, GPT-OSS,
+Aria), and with `expert_bias=True` the biases `gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -20,6 +23,8 @@ from padd.kernels.grouped_gemm.activation import GatedActivation
 __all__ = ["MoE"]
 
 _SCORES = ("softmax", "sigmoid")
+_BIAS_PLACES = ("logits", "scores")
+_GROUP_SCORES = ("top2_sum", "max")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -32,17 +37,32 @@ class MoE(nn.Module):
         num_experts: E.
         top_k: K experts per token, 1 <= K <= E.
         score: "softmax" or "sigmoid" router scores.
-        norm_topk_prob: renormalise the K weights to sum to 1.
-        use_selection_bias: hold a `selection_bias [E]` fp32 buffer added to the logits for
-            top-k *selection only* (auxiliary-loss-free balancing; weights stay unbiased).
+        norm_topk_prob: renormalise the K weights to sum to 1 (a softmax taken over the K selected
+            logits only, as GPT-OSS, Granite-MoE or Aria compute it, is exactly this).
+        use_selection_bias: hold a `selection_bias [E]` fp32 buffer added for top-k *selection
+            only* (auxiliary-loss-free balancing; weights stay unbiased).
+        selection_bias_on: where the selection bias is added: "logits" or "scores" (the
+            softmax probabilities or sigmoid scores). None: the usual convention, the logits for
+            softmax without groups and the scores otherwise (DeepSeek-V3). Ernie-4.5 and
+            LongCat add it to softmax probabilities, Kolibri to sigmoid logits.
+        router_bias: the router is `Linear(H, E)` with a bias (GPT-OSS), added to the logits.
+        router_logit_softcap: c > 0: logits become `c · tanh(logits / c)` before scoring
+            (Laguna's `router_logit_softcapping`). None: no cap.
         activation, limit, alpha, gate_up_interleaved: the experts' gated activation, as
-            `padd.kernels.moe_ffn` takes them (default SwiGLU).
+            `padd.kernels.moe_ffn` takes them (default SwiGLU; "gpt_oss" with interleaved gate/up
+            rows for GPT-OSS).
+        transposed: store the expert weights as transformers' `is_transposed` experts do,
+            `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]` (GPT-OSS, Aria); the kernels
+            read them through transposed views, never a copy.
+        expert_bias: hold `gate_up_proj_bias [E, 2I]` (same row layout as the gate/up rows) and
+            `down_proj_bias [E, H]`, added after each projection (GPT-OSS).
         routed_scaling_factor: multiplies the K weights after any renormalisation (DeepSeek-V3).
-        n_group, topk_group: group-limited selection (DeepSeek-V3): experts form `n_group`
-            groups, each scored by the sum of its two best (bias-added) scores; a token picks its
-            top-k among the `topk_group` best groups only. None: no groups. With groups the
-            selection bias is added to the scores for either score function (DeepSeek-V3's
-            convention), not to the softmax logits as without them.
+        n_group, topk_group: group-limited selection: experts form `n_group` groups of
+            consecutive ids, each scored by `group_score`; a token picks its top-k among the
+            `topk_group` best groups only. None: no groups.
+        group_score: how a group is scored from its experts' (bias-added) selection keys:
+            "top2_sum" (the sum of its two best, DeepSeek-V3's `noaux_tc`) or "max" (DeepSeek-V2's
+            `group_limited_greedy`).
         shared_experts: an optional module run on every token and added to the output.
         shared_expert_gate: optional `Linear(H, 1)`; the shared output is scaled by its sigmoid.
 
@@ -66,13 +86,19 @@ class MoE(nn.Module):
         norm_topk_prob: bool = True,
         use_selection_bias: bool = False,
         *,
+        selection_bias_on: str | None = None,
+        router_bias: bool = False,
+        router_logit_softcap: float | None = None,
         activation: str = "swiglu",
         limit: float | None = None,
         alpha: float | None = None,
         gate_up_interleaved: bool = False,
+        transposed: bool = False,
+        expert_bias: bool = False,
         routed_scaling_factor: float = 1.0,
         n_group: int | None = None,
         topk_group: int | None = None,
+        group_score: str = "top2_sum",
         shared_experts: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
         device: torch.device | str | None = None,
@@ -81,23 +107,42 @@ class MoE(nn.Module):
         super().__init__()
         _check_config(hidden_size, intermediate_size, num_experts, top_k, score)
         _check_groups(num_experts, top_k, n_group, topk_group)
+        _check_routing_options(
+            selection_bias_on, router_logit_softcap, group_score, n_group, routed_scaling_factor
+        )
+        for flag, value in (
+            ("router_bias", router_bias),
+            ("transposed", transposed),
+            ("expert_bias", expert_bias),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
         self.top_k = top_k
         self.score = score
         self.norm_topk_prob = bool(norm_topk_prob)
+        self.selection_bias_on = selection_bias_on
+        self.router_logit_softcap = None if router_logit_softcap is None else float(router_logit_softcap)
         self.activation = GatedActivation(activation, limit, alpha, gate_up_interleaved)
+        self.transposed = transposed
         self.routed_scaling_factor = float(routed_scaling_factor)
-        self.n_group, self.topk_group = n_group, topk_group
+        self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.shared_experts = shared_experts
         self.shared_expert_gate = shared_expert_gate
         factory = {"device": device, "dtype": dtype}
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory)
-        )
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
+        E, H, I = num_experts, hidden_size, intermediate_size
+        gate_up_shape, down_shape = ((E, H, 2 * I), (E, I, H)) if transposed else ((E, 2 * I, H), (E, H, I))
+        self.gate_up_proj = nn.Parameter(torch.empty(gate_up_shape, **factory))
+        self.down_proj = nn.Parameter(torch.empty(down_shape, **factory))
+        if expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I, **factory))
+            self.down_proj_bias = nn.Parameter(torch.empty(E, H, **factory))
+        else:
+            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter("down_proj_bias", None)
         bias_E = torch.zeros(num_experts, dtype=torch.float32, device=device) if use_selection_bias else None
         self.register_buffer("selection_bias", bias_E)
         self.last_router_logits: torch.Tensor | None = None
@@ -109,7 +154,8 @@ class MoE(nn.Module):
         return self.selection_bias is not None
 
     def reset_parameters(self) -> None:
-        """nn.Linear-style init: uniform(±1/sqrt(fan_in)) for the router and both projections."""
+        """nn.Linear-style init: uniform(±1/sqrt(fan_in)) for the router and both projections;
+        expert biases start at zero."""
         if self.gate_up_proj.is_meta:
             return
         self.gate.reset_parameters()
@@ -117,6 +163,15 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.gate_up_proj.uniform_(-bound_in, bound_in)
             self.down_proj.uniform_(-bound_mid, bound_mid)
+            for bias in (self.gate_up_proj_bias, self.down_proj_bias):
+                if bias is not None:
+                    bias.zero_()
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(gate_up [E, 2I, H], down [E, H, I])` as `moe_ffn` takes them (views when transposed)."""
+        if self.transposed:
+            return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+        return self.gate_up_proj, self.down_proj
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[..., H]` -> `[..., H]` in the input's dtype."""
@@ -125,15 +180,18 @@ class MoE(nn.Module):
         logits_TE = self.gate(x_TH)
         routing = self._route(logits_TE)
         act = self.activation
+        gate_up, down = self.expert_weights()
         y_TH = moe_ffn(
             x_TH,
-            self.gate_up_proj,
-            self.down_proj,
+            gate_up,
+            down,
             routing,
             activation=act.name,
             limit=act.limit,
             alpha=act.alpha,
             gate_up_interleaved=act.interleaved,
+            gate_up_bias=self.gate_up_proj_bias,
+            down_bias=self.down_proj_bias,
         )
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
@@ -144,8 +202,15 @@ class MoE(nn.Module):
         self.last_routing = routing
         return y_TH.reshape(hidden_states.shape)
 
+    def _bias_on_logits(self) -> bool:
+        if self.selection_bias_on is not None:
+            return self.selection_bias_on == "logits"
+        return self.score == "softmax" and self.n_group is None
+
     def _route(self, logits_TE: torch.Tensor) -> Routing:
-        if self.n_group is None:
+        # `route` (the custom op) selects on logits + bias for softmax and scores + bias for sigmoid.
+        conventional = self.selection_bias is None or self._bias_on_logits() == (self.score == "softmax")
+        if self.n_group is None and self.router_logit_softcap is None and conventional:
             routing = route(
                 logits_TE,
                 self.top_k,
@@ -155,24 +220,34 @@ class MoE(nn.Module):
                 return_scores=True,
             )
         else:
-            routing = self._route_in_groups(logits_TE)
+            routing = self._route_in_torch(logits_TE)
         if self.routed_scaling_factor != 1.0:
             routing.weights = routing.weights * self.routed_scaling_factor
         return routing
 
-    def _route_in_groups(self, logits_TE: torch.Tensor) -> Routing:
-        """DeepSeek-V3's group-limited top-k, in plain torch: pick among the best groups only."""
+    def _route_in_torch(self, logits_TE: torch.Tensor) -> Routing:
+        """Soft cap, bias on the logits or the scores, group-limited top-k, in plain torch."""
         logits_TE = logits_TE.float()
+        if self.router_logit_softcap is not None:
+            cap = self.router_logit_softcap
+            logits_TE = torch.tanh(logits_TE / cap) * cap
         scores_TE = logits_TE.softmax(-1) if self.score == "softmax" else logits_TE.sigmoid()
-        choice_TE = scores_TE.detach()
+        on_logits = self._bias_on_logits()
+        choice_TE = (logits_TE if on_logits else scores_TE).detach()
         if self.selection_bias is not None:
-            choice_TE = choice_TE + self.selection_bias
-        tokens = choice_TE.shape[0]
-        group_scores_TG = choice_TE.view(tokens, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
-        best_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
-        group_mask_TG = torch.zeros_like(group_scores_TG).scatter_(1, best_groups_TG, 1)
-        expert_mask_TE = group_mask_TG.repeat_interleave(self.num_experts // self.n_group, dim=1)
-        ids_TK = choice_TE.masked_fill(expert_mask_TE == 0, 0.0).topk(self.top_k, dim=-1, sorted=False)[1]
+            choice_TE = choice_TE + self.selection_bias.float()
+        if self.n_group is not None:
+            tokens = choice_TE.shape[0]
+            grouped_TGN = choice_TE.view(tokens, self.n_group, -1)
+            if self.group_score == "max":
+                group_scores_TG = grouped_TGN.amax(dim=-1)
+            else:
+                group_scores_TG = grouped_TGN.topk(min(2, grouped_TGN.shape[-1]), dim=-1)[0].sum(dim=-1)
+            best_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
+            keep_TE = keep_TG.repeat_interleave(self.num_experts // self.n_group, dim=1)
+            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+        ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False)[1]
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
@@ -223,140 +298,253 @@ class MoE(nn.Module):
     ) -> MoE:
         """Wrap a transformers sparse MoE block, sharing its Parameters and buffers (no copy).
 
-        The block needs a top-k router `block.gate` (`weight [E, H]`, `top_k`) and experts
-        `block.experts` that padd runs fused in its own layout (`[E, 2I, H]` / `[E, H, I]`, any
-        activation of `moe_ffn`, no biases). Its routing is read from the router's attributes
-        (`e_score_correction_bias`, `routed_scaling_factor`, `n_group` / `topk_group`,
-        `norm_topk_prob`) and the score function, softmax or sigmoid, is the one whose output
-        equals the block's. Shared experts (`shared_experts` or `shared_expert`, with an
-        optional `shared_expert_gate`) are held as they are and added to every token.
+        The block needs a linear top-k router (`block.gate` or `block.router`, holding a
+        `[E, H]` weight itself or in its one `Linear` child, an optional `[E]` bias, and
+        `top_k`) and experts `block.experts` that padd runs fused: any activation of `moe_ffn`,
+        transformers' plain or transposed layout, with or without biases. The routing is read
+        from the router's and the block's attributes (a correction bias `e_score_correction_bias`
+        or `expert_bias`, `routed_scaling_factor` / `router_scaling_factor` / `route_scale`,
+        `n_group` / `topk_group` / `topk_method`, `norm_topk_prob`,
+        `router_logit_softcapping`); the score function (softmax or sigmoid), the normalisation
+        when no attribute says, and where the correction bias is added (logits or scores) are
+        the ones whose output equals the block's. Shared experts (`shared_experts`,
+        `shared_expert` or `shared_mlp`, with an optional `shared_expert_gate`) are held as they
+        are and added to every token.
+
+        Refused, with one line naming the block: a forward that takes more than hidden states
+        (token ids, state from another layer), a router that is not linear or scores other
+        slots than the E experts (zero-computation or shared-expert slots), experts padd runs
+        only through its general path (no gate, a soft cap, a norm after each expert) or
+        sharded across ranks, a block with modules padd has no place for (a norm after the
+        block, latent projections), and any block whose output padd does not reproduce.
 
         Args:
             block: the transformers block (e.g. `model.model.layers[i].mlp`).
             routed_experts_only: leave the shared experts out (the result then differs from
-                the block by exactly their output); verification is skipped.
+                the block by exactly their output); verified with them, then dropped.
             use_selection_bias: add a fresh zero `selection_bias [E]` buffer, for a block
                 without a correction bias (Stage IV, `RoutingControl`).
             verify: run the block and the result on probe tokens (eval mode) and refuse unless
-                they agree to 1e-4 of the output's scale. Leave it on: it is what makes "exact or
-                refused" hold for routers padd has not seen.
+                they agree to 1e-4 of the output's scale, with the block's correction bias as it
+                is and perturbed (so that where it is added is checked too). Leave it on: it is
+                what makes "exact or refused" hold for routers padd has not seen.
 
         Raises:
             TypeError: not a sparse MoE block; NotImplementedError: one line saying what padd
-            does not compute (layout, activation, routing).
+            does not compute (layout, activation, routing); ValueError: `use_selection_bias` on a
+            block that has a correction bias.
         """
-        from .experts_plan import plan_experts  # the experts plan needs nothing of this module
+        from .experts_plan import is_experts_module, plan_experts  # needs nothing of this module
 
         name = type(block).__name__
-        gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-        if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
-            raise TypeError(f"{name} is not a transformers sparse MoE block (needs .gate and .experts)")
-        weight = getattr(gate, "weight", None)
-        if not hasattr(gate, "top_k") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        experts = getattr(block, "experts", None)
+        router_name, router = _find_router(block)
+        if router is None or not isinstance(experts, nn.Module) or not is_experts_module(experts):
             raise TypeError(
-                f"{name}.gate ({type(gate).__name__}) is not a transformers top-k router "
-                "(weight [E, H], top_k)"
+                f"{name} is not a transformers sparse MoE block (needs a `gate` or `router` and "
+                "@use_experts_implementation `experts`)"
             )
-        plan = plan_experts(experts)
+
+        def refuse(what: str) -> NotImplementedError:
+            return NotImplementedError(f"padd.MoE.from_hf: {name}: {what}")
+
+        extra_inputs = _extra_forward_inputs(block)
+        if extra_inputs:
+            raise refuse(
+                f"its forward takes more than hidden states ({', '.join(extra_inputs)}); padd routes "
+                "on hidden states alone"
+            )
+        try:
+            plan = plan_experts(experts)
+        except NotImplementedError as error:
+            raise refuse(str(error)) from None
         layout = plan.layout
-        unsupported = [
-            why
-            for why, bad in (
-                (f"its experts run padd's general path ({plan.why})", not plan.fused),
-                ("its experts are stored transposed", layout.is_transposed),
-                ("its experts have biases", layout.has_bias),
-                ("its experts are sharded across ranks", layout.expert_parallel),
-            )
-            if bad
-        ]
-        if unsupported:
-            raise NotImplementedError(
-                f"padd.MoE.from_hf: {name}: {'; '.join(unsupported)}; run the model with "
+        if not plan.fused:
+            raise refuse(
+                f"its experts run padd's general path ({plan.why}); run the model with "
                 'experts_implementation="padd" instead'
             )
+        if layout.expert_parallel:
+            raise refuse("its experts are sharded across ranks")
+        num_experts = layout.num_experts
+        linear = _router_linear(router, layout.hidden)
+        if linear is None:
+            raise refuse(
+                f"its router {router_name} ({type(router).__name__}) is not linear (no [E, H] weight "
+                "of its own or in one Linear child)"
+            )
+        weight, router_bias = linear
+        if weight.shape[0] != num_experts:
+            raise refuse(
+                f"its router scores {weight.shape[0]} slots for {num_experts} experts "
+                "(zero-computation or shared-expert slots)"
+            )
+        top_k = _int_attr(router, block, ("top_k",))
+        if top_k is None or not 1 <= top_k <= num_experts:
+            raise refuse(f"its router {router_name} has no top_k in [1, {num_experts}]")
         shared, shared_gate = _shared_parts(block)
-        if shared is not None and routed_experts_only:
-            shared = shared_gate = None
-        correction = getattr(gate, "e_score_correction_bias", None)
-        if correction is not None and use_selection_bias:
-            raise ValueError(f"{name} has a correction bias already: it is the selection bias")
-        n_group = _int_attr(gate, block, ("n_group", "num_group"))
-        topk_group = _int_attr(gate, block, ("topk_group",))
-        if n_group is not None and (n_group <= 1 or topk_group is None or topk_group >= n_group):
-            n_group = topk_group = None  # one group, or every group kept: plain top-k
-        norm = getattr(gate, "norm_topk_prob", getattr(block, "norm_topk_prob", None))
-        act = plan.activation
-        candidates = [
-            dict(score=score, norm_topk_prob=norm_choice)
-            for score in (("sigmoid", "softmax") if correction is not None else ("softmax", "sigmoid"))
-            for norm_choice in ((bool(norm),) if norm is not None else (True, False))
+        owned = {router_name, "experts"} | {
+            n for n, m in block.named_children() if m is shared or m is shared_gate
+        }
+        strangers = [
+            n
+            for n, m in block.named_children()
+            if n not in owned and any(True for _ in m.parameters()) | any(True for _ in m.buffers())
         ]
+        if strangers:
+            raise refuse(f"padd.MoE has no place for its {', '.join(strangers)}")
+        correction = _correction_bias(router, block)
+        if correction is not None and correction.numel() != num_experts:
+            raise refuse(f"its correction bias has {correction.numel()} entries for {num_experts} experts")
+        if correction is not None:
+            correction = correction.view(num_experts)
+            if use_selection_bias:
+                raise ValueError(f"{name} has a correction bias already: it is the selection bias")
+        topk_method = _first_attr((router, block), ("topk_method",), str)
+        n_group = _int_attr(router, block, ("n_group", "num_group"))
+        topk_group = _int_attr(router, block, ("topk_group",))
+        if topk_method == "greedy" or (
+            n_group is not None and (n_group <= 1 or topk_group is None or topk_group >= n_group)
+        ):
+            n_group = topk_group = None  # plain top-k, one group, or every group kept
+        group_score = "max" if topk_method == "group_limited_greedy" else "top2_sum"
+        scale = 1.0
+        for owner in (router, block):  # a router scales its weights, or a block its routed output
+            value = _first_attr((owner,), _SCALE_NAMES, float)
+            scale *= 1.0 if value is None else value
+        softcap = _first_attr((router, block), ("router_logit_softcapping",), float)
+        norm = getattr(router, "norm_topk_prob", getattr(block, "norm_topk_prob", None))
+        act = plan.activation
+        scores = ("sigmoid", "softmax") if correction is not None else ("softmax", "sigmoid")
+        candidates = [
+            dict(score=score, norm_topk_prob=norm_choice, selection_bias_on=place)
+            for score in scores
+            for norm_choice in ((bool(norm),) if isinstance(norm, bool) else (True, False))
+            for place in (
+                (("scores", "logits") if score == "sigmoid" or n_group is not None else ("logits", "scores"))
+                if correction is not None and n_group is None
+                else (None,)
+            )
+        ]
+        gate_up_bias, down_bias = layout.biases(experts)
         with torch.device("meta"):
             moe = cls(
                 hidden_size=layout.hidden,
                 intermediate_size=layout.inter,
-                num_experts=layout.num_experts,
-                top_k=int(gate.top_k),
+                num_experts=num_experts,
+                top_k=top_k,
+                router_bias=router_bias is not None,
+                router_logit_softcap=softcap if softcap is not None and softcap > 0 else None,
                 activation=act.name,
                 limit=act.limit,
                 alpha=act.alpha,
                 gate_up_interleaved=act.interleaved,
-                routed_scaling_factor=float(getattr(gate, "routed_scaling_factor", None) or 1.0),
+                transposed=layout.is_transposed,
+                expert_bias=gate_up_bias is not None,
+                routed_scaling_factor=scale,
                 n_group=n_group,
                 topk_group=topk_group,
+                group_score=group_score,
                 **candidates[0],
             )
         moe.gate.weight = weight
+        if router_bias is not None:
+            moe.gate.bias = router_bias
         moe.gate_up_proj = experts.gate_up_proj
         moe.down_proj = experts.down_proj
+        if gate_up_bias is not None:
+            moe.gate_up_proj_bias, moe.down_proj_bias = gate_up_bias, down_bias
         moe.shared_experts, moe.shared_expert_gate = shared, shared_gate
         if correction is not None:
             moe.register_buffer("selection_bias", correction)
-        elif use_selection_bias:
+        if verify:
+            _choose_verified(block, moe, candidates, refuse)
+        if routed_experts_only:
+            moe.shared_experts = moe.shared_expert_gate = None
+        if use_selection_bias:
             moe.register_buffer(
-                "selection_bias", torch.zeros(layout.num_experts, dtype=torch.float32, device=weight.device)
+                "selection_bias", torch.zeros(num_experts, dtype=torch.float32, device=weight.device)
             )
-        if not verify or routed_experts_only or use_selection_bias:
-            return moe
-        errors = []
-        for candidate in candidates:  # score and normalisation are plain attributes: try each
-            moe.score, moe.norm_topk_prob = candidate["score"], candidate["norm_topk_prob"]
-            try:
-                error = _relative_gap(block, moe)
-            except NotImplementedError:  # already one line of its own
-                raise
-            except (ValueError, RuntimeError) as mismatch:  # e.g. a correction bias not of size E
-                first_line = str(mismatch).splitlines()[0][:120]
-                raise NotImplementedError(
-                    f"padd.MoE.from_hf: {name} does not run as a padd.MoE "
-                    f"({type(mismatch).__name__}: {first_line})"
-                ) from None
-            if error <= _VERIFY_TOLERANCE:
-                return moe
-            errors.append(f"{candidate['score']}: {error:.1e}")
-        raise NotImplementedError(
-            f"padd.MoE.from_hf: {name}'s output differs from every routing padd computes "
-            f"(relative gap {', '.join(errors)}); its router or block forward is not one padd knows"
-        )
+        return moe
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"norm_topk_prob={self.norm_topk_prob}, use_selection_bias={self.use_selection_bias}, "
-            f"activation={self.activation.name!r}"
+            f"activation={self.activation.name!r}, transposed={self.transposed}, "
+            f"expert_bias={self.gate_up_proj_bias is not None}"
         )
 
 
 _VERIFY_TOLERANCE = 1e-4
+_ROUTER_NAMES = ("gate", "router")
+_SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
+_CORRECTION_NAMES = ("e_score_correction_bias", "expert_bias")
+_SCALE_NAMES = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+
+
+def _find_router(block: nn.Module) -> tuple[str, nn.Module | None]:
+    for attr in _ROUTER_NAMES:
+        router = getattr(block, attr, None)
+        if isinstance(router, nn.Module):
+            return attr, router
+    return _ROUTER_NAMES[0], None
+
+
+def _router_linear(router: nn.Module, hidden: int) -> tuple[nn.Parameter, nn.Parameter | None] | None:
+    """`(weight [R, H], bias [R] or None)` of a linear router: its own, or its one Linear child's."""
+    owners = [router]
+    if not isinstance(getattr(router, "weight", None), nn.Parameter):
+        owners = [m for m in router.children() if isinstance(m, nn.Linear)]
+    if len(owners) != 1:
+        return None
+    weight, bias = getattr(owners[0], "weight", None), getattr(owners[0], "bias", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or weight.shape[1] != hidden:
+        return None
+    bias_ok = isinstance(bias, nn.Parameter) and tuple(bias.shape) == (weight.shape[0],)
+    return weight, (bias if bias_ok else None)
+
+
+def _correction_bias(router: nn.Module, block: nn.Module) -> torch.Tensor | None:
+    """A selection-only bias on the router, the block, or a parameter-only child of the router
+    (Ernie-4.5's `moe_statics`)."""
+    owners = [router, block, *(m for m in router.children() if not isinstance(m, nn.Linear))]
+    for owner in owners:
+        for attr in _CORRECTION_NAMES:
+            value = getattr(owner, attr, None)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+    return None
+
+
+def _first_attr(owners: tuple, names: tuple[str, ...], kind: type) -> float | str | None:
+    for owner in owners:
+        for attr in names:
+            value = getattr(owner, attr, None)
+            if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if kind is str and isinstance(value, str):
+                return value
+    return None
+
+
+def _extra_forward_inputs(block: nn.Module) -> list[str]:
+    """Parameters of `block.forward` after the hidden states (ignoring `*args` / `**kwargs`)."""
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    positional = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in params[1:] if p.kind not in positional]
 
 
 def _shared_parts(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
-    gate = getattr(block, "shared_expert_gate", None)
-    return (shared if isinstance(shared, nn.Module) else None), (
-        gate if isinstance(gate, nn.Module) else None
+    shared = next(
+        (m for m in (getattr(block, n, None) for n in _SHARED_NAMES) if isinstance(m, nn.Module)), None
     )
+    gate = getattr(block, "shared_expert_gate", None)
+    return shared, (gate if isinstance(gate, nn.Module) else None)
 
 
 def _int_attr(gate: nn.Module, block: nn.Module, names: tuple[str, ...]) -> int | None:
@@ -368,14 +556,53 @@ def _int_attr(gate: nn.Module, block: nn.Module, names: tuple[str, ...]) -> int 
     return None
 
 
+def _choose_verified(block: nn.Module, moe: MoE, candidates: list[dict], refuse) -> None:
+    """Set on `moe` the first routing candidate whose output equals the block's, or raise."""
+    errors = []
+    for candidate in candidates:  # score, normalisation and bias place are plain attributes
+        moe.score = candidate["score"]
+        moe.norm_topk_prob = candidate["norm_topk_prob"]
+        moe.selection_bias_on = candidate["selection_bias_on"]
+        try:
+            error = _relative_gap(block, moe)
+            if error <= _VERIFY_TOLERANCE and moe.selection_bias is not None:
+                error = max(error, _gap_with_perturbed_bias(block, moe))
+        except NotImplementedError as why:  # already one line of its own
+            raise refuse(str(why)) from None
+        except (ValueError, RuntimeError, TypeError) as mismatch:
+            first_line = (str(mismatch).splitlines() or [""])[0][:120]
+            raise refuse(f"it does not run as a padd.MoE ({type(mismatch).__name__}: {first_line})") from None
+        if error <= _VERIFY_TOLERANCE:
+            return
+        place = f"/{candidate['selection_bias_on']}" if candidate["selection_bias_on"] else ""
+        errors.append(f"{candidate['score']}{place}: {error:.1e}")
+    raise refuse(
+        f"its output differs from every routing padd computes (relative gap {', '.join(errors)}); "
+        "its router or block forward is not one padd knows"
+    )
+
+
+@torch.no_grad()
+def _gap_with_perturbed_bias(block: nn.Module, moe: MoE) -> float:
+    """`_relative_gap` with the shared correction bias moved by N(0, 0.1²) (restored after), so
+    that a bias of zeros (a fresh checkpoint) cannot hide where the block adds it."""
+    bias = moe.selection_bias
+    saved = bias.clone()
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    try:
+        noise = torch.randn(bias.shape, generator=generator) * 0.1
+        bias.add_(noise.to(device=bias.device, dtype=bias.dtype))
+        return _relative_gap(block, moe)
+    finally:
+        bias.copy_(saved)
+
+
 @torch.no_grad()
 def _relative_gap(block: nn.Module, moe: MoE) -> float:
     """`max |block(x) - moe(x)| / max |block(x)|` over probe tokens at two scales, in eval mode."""
     weight = moe.gate_up_proj
     if weight.is_meta:
-        raise NotImplementedError(
-            "padd.MoE.from_hf cannot verify a block on the meta device; pass verify=False"
-        )
+        raise NotImplementedError("it is on the meta device, where padd cannot verify it; pass verify=False")
     generator = torch.Generator(device="cpu").manual_seed(0)
     was_training = block.training
     block.eval()
@@ -386,12 +613,17 @@ def _relative_gap(block: nn.Module, moe: MoE) -> float:
             x = x.to(device=weight.device, dtype=weight.dtype)
             try:
                 want = block(x)
-            except Exception as error:  # a block that needs more than hidden states (token ids, ...)
+            except Exception as error:  # a block that needs more than hidden states
                 raise NotImplementedError(
-                    f"padd.MoE.from_hf: {type(block).__name__}'s forward does not run on hidden states "
-                    f"alone ({type(error).__name__}), so padd cannot check it computes the same"
+                    f"its forward does not run on hidden states alone ({type(error).__name__}), so "
+                    "padd cannot check it computes the same"
                 ) from None
             want = want[0] if isinstance(want, tuple) else want
+            if not isinstance(want, torch.Tensor) or want.shape != x.shape:
+                shape = tuple(want.shape) if isinstance(want, torch.Tensor) else type(want).__name__
+                raise NotImplementedError(
+                    f"its forward returns {shape}, not the input's shape {tuple(x.shape)}"
+                )
             got = moe(x)
             worst = max(
                 worst,
@@ -400,6 +632,31 @@ def _relative_gap(block: nn.Module, moe: MoE) -> float:
     finally:
         block.train(was_training)
     return worst
+
+
+def _check_routing_options(
+    selection_bias_on: str | None,
+    softcap: float | None,
+    group_score: str,
+    n_group: int | None,
+    routed_scaling_factor: float,
+) -> None:
+    if selection_bias_on is not None and selection_bias_on not in _BIAS_PLACES:
+        raise ValueError(
+            f"selection_bias_on must be None or one of {_BIAS_PLACES}, got {selection_bias_on!r}"
+        )
+    if selection_bias_on == "logits" and n_group is not None:
+        raise ValueError(
+            "selection_bias_on='logits' does not go with n_group: groups are scored on the scores"
+        )
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, int | float) or softcap <= 0
+    ):
+        raise ValueError(f"router_logit_softcap must be None or a number > 0, got {softcap!r}")
+    if group_score not in _GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {_GROUP_SCORES}, got {group_score!r}")
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, int | float):
+        raise TypeError(f"routed_scaling_factor must be a number, got {type(routed_scaling_factor).__name__}")
 
 
 def _check_groups(num_experts: int, top_k: int, n_group: int | None, topk_group: int | None) -> None:
