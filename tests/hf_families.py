@@ -773,3 +773,43 @@ def inflate_expert_weights(
     finally:
         for hook in hooks:
             hook.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing knobs
+# ---------------------------------------------------------------------------------------------
+
+# Selection-only biases and routing scales, under the names transformers' MoE blocks give them.
+CORRECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+ROUTING_SCALE_NAMES = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+
+
+def randomize_routing_knobs(block: torch.nn.Module, seed: int = 0) -> list[str]:
+    """Make a sparse MoE block's routing knobs act, in place; returns what was changed.
+
+    A fresh model holds zero correction biases, zero router biases and often a routing scale of
+    1.0, under which a router that ignores them, or adds them in the wrong place, still looks
+    right. This draws every correction bias (on the block, its `gate` / `router`, or a child of
+    the router such as Ernie-4.5's `moe_statics`) from N(0, 0.1²), every `[E]` bias of the
+    router's linear layer from N(0, 0.5²), and sets each routing scale that is exactly 1.0 to 1.5.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    router = getattr(block, "gate", None) or getattr(block, "router", None)
+    changed = []
+    owners = [block] + ([router, *router.children()] if isinstance(router, torch.nn.Module) else [])
+    with torch.no_grad():
+        for owner in owners:
+            for name in CORRECTION_BIAS_NAMES:
+                bias = getattr(owner, name, None)
+                if isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.numel() > 1:
+                    bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
+                    changed.append(f"{type(owner).__name__}.{name}")
+            linear_bias = getattr(owner, "bias", None)
+            if owner is not block and isinstance(linear_bias, torch.nn.Parameter) and linear_bias.numel() > 1:
+                linear_bias.copy_(torch.randn(linear_bias.shape, generator=generator) * 0.5)
+                changed.append(f"{type(owner).__name__}.bias")
+            for name in ROUTING_SCALE_NAMES:
+                if getattr(owner, name, None) == 1.0 and not isinstance(getattr(owner, name), bool):
+                    setattr(owner, name, 1.5)
+                    changed.append(f"{type(owner).__name__}.{name}")
+    return changed

@@ -30,6 +30,7 @@ from hf_families import (
     discover_families,
     inflate_expert_weights,
     input_ids,
+    randomize_routing_knobs,
 )
 
 import padd  # noqa: F401  (registers "padd")
@@ -140,24 +141,74 @@ def _blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
+# Blocks that padd.MoE.from_hf must convert (not merely refuse): one per routing and layout it
+# takes, so that a regression to a refusal fails here rather than only changing docs/families.md.
+MUST_CONVERT = {
+    "mixtral",  # softmax, renormalised
+    "qwen2_moe",  # sigmoid-gated shared expert
+    "deepseek_v3",  # sigmoid, correction bias, groups, routed scaling factor, shared experts
+    "unlimited_ocr",  # topk_method="greedy" despite n_group
+    "gpt_oss",  # router bias, transposed + biased + interleaved experts, clamped activation
+    "aria",  # transposed experts, `router`
+    "granitemoe",  # softmax over the top-k logits
+    "jamba",  # unnormalised top-k
+    "hunyuan_v1_moe",  # router `gate.wg`, `shared_mlp`
+    "afmoe",  # correction bias on the block, `route_scale`
+    "hy_v3",  # correction bias on the block, passed to the router
+    "ernie4_5_moe",  # softmax with the correction bias on the probabilities
+    "kolibri1",  # sigmoid with the correction bias on the logits
+    "beam",  # routed scaling factor applied by the block
+    "glm5_next",  # clamped SwiGLU
+}
+
+
+def from_hf_outcome(block: torch.nn.Module) -> tuple[MoE | None, str]:
+    """`(moe, "exact")` or `(None, the one-line refusal)` for one block, its knobs randomised."""
+    randomize_routing_knobs(block)
+    try:
+        return MoE.from_hf(block), "exact"
+    except (NotImplementedError, TypeError) as refusal:
+        message = str(refusal)
+        assert "\n" not in message and type(block).__name__ in message, message
+        return None, message
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.model_type for f in FAMILIES])
 def test_from_hf_equals_the_block_or_refuses(family):
+    """Each block converts to a padd.MoE equal to its own forward (output, and the gradients of
+    every parameter they share) on fresh inputs, past the clamps and with its correction biases,
+    router biases and routing scales made to act; or it is refused with one line."""
     model = _build(family).eval()
     blocks = _blocks(model)
     assert blocks, "no sparse MoE block found"
+    converted = 0
     for name, block in blocks:
-        try:
-            moe = MoE.from_hf(block)
-        except (NotImplementedError, TypeError) as refusal:
-            assert "\n" not in str(refusal) and type(block).__name__ in str(refusal), str(refusal)
+        moe, outcome = from_hf_outcome(block)
+        if moe is None:
             continue
+        converted += 1
+        assert moe.gate_up_proj is block.experts.gate_up_proj and moe.down_proj is block.experts.down_proj
         # Fresh inputs, not the verification probe: the block's own forward is the oracle.
         generator = torch.Generator().manual_seed(7)
         x = torch.randn(3, 5, moe.hidden_size, generator=generator) * 4
-        with torch.no_grad():
-            want = block(x)
-            want = want[0] if isinstance(want, tuple) else want
-            assert _relative(moe(x), want) <= 1e-4, name
+        grad_out = torch.randn(3, 5, moe.hidden_size, generator=generator)
+        want = block(x)
+        want = want[0] if isinstance(want, tuple) else want
+        shared = [p for p in moe.parameters() if p.requires_grad]
+        want_grads = torch.autograd.grad((want * grad_out).sum(), shared, allow_unused=True)
+        got = moe(x)
+        got_grads = torch.autograd.grad((got * grad_out).sum(), shared, allow_unused=True)
+        assert _relative(got, want) <= 1e-4, f"{name}: forward differs by {_relative(got, want):.2e}"
+        floor = 1e-4 * max(float(g.abs().max()) for g in want_grads if g is not None)
+        names = {id(p): n for n, p in moe.named_parameters()}
+        for param, g, ref in zip(shared, got_grads, want_grads, strict=True):
+            if ref is None:
+                assert g is None or not g.any(), names[id(param)]
+                continue
+            gap = _relative(g, ref, floor)
+            assert gap <= 1e-3, f"{name}.{names[id(param)]}: gradient differs by {gap:.2e}"
+    if family.model_type in MUST_CONVERT:
+        assert converted, f"{family.model_type}: no block converted"
 
 
 def _routing_control_support(model: torch.nn.Module) -> str:
