@@ -20,8 +20,11 @@ The JSON (PADD_BENCH_OUT) is rewritten after every measurement: a run cut short 
 Figures: time (median, p20/p80); for the logits ops, effective GB/s over the bytes a fused
 kernel must move (read both logits, write the gradient) and its % of HBM peak; for the
 fused-linear op, TFLOP/s of its GEMMs (2NVH for each head + 2 x 2NVH for the two gradients);
-peak CUDA memory above the inputs. On CPU the shapes are tiny and every row is labelled CPU:
-they check that the suite runs; they are not GPU results and are not committed.
+peak CUDA memory above the inputs. On CPU every row is labelled CPU and the shapes are the
+embedded default's (N = 2048 KD rows over V = 100, H = 128) plus the earlier 64 x 1000 smoke
+shape; padd and its peers run interleaved in one loop (PADD_BENCH_CPU_REPS rounds, default 30)
+and each padd row carries `speedup_vs_eager` (torch eager's median over padd's, same run) and
+the same ratio of process CPU times. They are not GPU results.
 
 Shape legend: N token rows, V vocabulary, H hidden size.
 """
@@ -39,12 +42,14 @@ from padd.kernels import TeacherHead, fused_linear_kd_loss, kd_loss, kd_loss_ref
 
 from benchmarks.common import (
     bench_device,
+    cpu_reps,
     env_shapes,
     make_record,
     on_gpu,
     peak_memory_mb,
     print_table,
     time_fn,
+    time_interleaved,
     write_results,
 )
 
@@ -53,12 +58,14 @@ GPU_LOGIT_SHAPES = ",".join(f"{n}x{v}" for n in (4096, 8192, 16384) for v in (32
 GPU_LINEAR_SHAPES = ",".join(
     f"{n}x{v}x{h}" for n in (4096, 8192, 16384) for v in (32000, 128256, 151936) for h in (2048, 4096)
 )
-CPU_LOGIT_SHAPES = "64x1000"
-CPU_LINEAR_SHAPES = "64x1000x32"
+# CPU: the embedded default's KD rows (64 rollouts x up to 32 response tokens over the char
+# tokenizer's 100 symbols; the student's hidden size 128), then the earlier smoke shape.
+CPU_LOGIT_SHAPES = "2048x100,64x1000"
+CPU_LINEAR_SHAPES = "2048x100x128,64x1000x32"
 LOGIT_SHAPES = env_shapes("PADD_BENCH_KD_LOGITS", GPU_LOGIT_SHAPES if on_gpu() else CPU_LOGIT_SHAPES)
 LINEAR_SHAPES = env_shapes("PADD_BENCH_KD_LINEAR", GPU_LINEAR_SHAPES if on_gpu() else CPU_LINEAR_SHAPES)
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
-_REPS = {"warmup": 3, "reps": 10} if on_gpu() else {"warmup": 1, "reps": 3}
+_REPS = {"warmup": 3, "reps": 10} if on_gpu() else {"warmup": 3, "reps": cpu_reps(30)}
 _RECORDS: list = []
 Impl = tuple[str, Callable | None, str]
 
@@ -150,6 +157,30 @@ def _measure(suite_op: str, name: str, run: Callable, shape: dict, **figures) ->
         write_results(SUITE, _RECORDS)
 
 
+def _measure_cpu_group(suite_op: str, runs: dict[str, Callable], shape: dict, **figures) -> None:
+    """CPU: every implementation timed in one interleaved loop (common.time_interleaved), so the
+    ratio of padd to torch eager comes from the same run under the same load."""
+    timings = time_interleaved(runs, **_REPS)
+    records = {}
+    for name, timing in timings.items():
+        if isinstance(timing, Exception):
+            print(f"skip {name} {shape}: failed ({type(timing).__name__}: {timing})")
+            continue
+        cpu_ms = timing.pop("cpu_median_ms", None)
+        records[name] = make_record(SUITE, suite_op, name, shape, timing, cpu_median_ms=cpu_ms, **figures)
+    padd = next((r for n, r in records.items() if n.startswith("padd")), None)
+    eager = next((r for n, r in records.items() if n.startswith("torch eager")), None)
+    if padd is not None and eager is not None:
+        padd.extra["speedup_vs_eager"] = eager.median_ms / padd.median_ms
+        padd_cpu, eager_cpu = padd.extra.get("cpu_median_ms"), eager.extra.get("cpu_median_ms")
+        if padd_cpu and eager_cpu:
+            padd.extra["speedup_vs_eager_cpu_time"] = eager_cpu / padd_cpu
+        print(f"  {suite_op} {shape}: padd is {padd.extra['speedup_vs_eager']:.2f}x as fast as torch eager")
+    _RECORDS.extend(records.values())
+    if os.environ.get("PADD_BENCH_OUT"):
+        write_results(SUITE, _RECORDS)
+
+
 def _check_padd_logits(student_NV, teacher_NV, divergence):
     """No figure for a kernel that disagrees with its reference (checked on a row slice)."""
     rows = slice(0, 256)
@@ -209,11 +240,17 @@ def test_bench_kd_logits(n_rows, vocab, divergence):
     shape = {"N": n_rows, "V": vocab, "dtype": str(DTYPE).removeprefix("torch.")}
     bytes_moved = 3 * n_rows * vocab * DTYPE.itemsize  # read both logits, write the gradient
     op = "kd_fwd_kl" if divergence == "forward_kl" else "kd_jsd"
+    runs = {}
     for name, fn, reason in logit_impls(divergence):
         if fn is None:
             print(f"skip {name}: {reason}")
             continue
-        _measure(op, name, _fwd_bwd(fn, [student_NV], teacher_NV), shape, bytes_moved=bytes_moved)
+        if on_gpu():
+            _measure(op, name, _fwd_bwd(fn, [student_NV], teacher_NV), shape, bytes_moved=bytes_moved)
+        else:
+            runs[name] = _fwd_bwd(fn, [student_NV], teacher_NV)
+    if runs:
+        _measure_cpu_group(op, runs, shape, bytes_moved=bytes_moved)
     for name, fn, _ in kernel_variants(divergence):
         _measure(op, name, lambda fn=fn: fn(student_NV, teacher_NV), shape, bytes_moved=bytes_moved)
 
@@ -251,13 +288,18 @@ def test_bench_fused_linear_jsd(n_rows, vocab, hidden):
     shape = {"N": n_rows, "V": vocab, "H": hidden, "dtype": str(DTYPE).removeprefix("torch.")}
     flops = 2 * n_rows * vocab * hidden * (1 + 2 + 1)  # student logits, 2 grads, teacher logits
     leaves = [student_h_NH, student_w_VH]
+    runs = {}
     for name, fn, reason in linear_impls():
         if fn is None:
             print(f"skip {name}: {reason}")
             continue
-        _measure(
-            "fused_linear_jsd", name, _fwd_bwd(fn, leaves, teacher_h_NH, teacher_w_VH), shape, flops=flops
-        )
+        run = _fwd_bwd(fn, leaves, teacher_h_NH, teacher_w_VH)
+        if on_gpu():
+            _measure("fused_linear_jsd", name, run, shape, flops=flops)
+        else:
+            runs[name] = run
+    if runs:
+        _measure_cpu_group("fused_linear_jsd", runs, shape, flops=flops)
 
 
 def _check_padd_linear(h_NH, w_VH, th_NH, tw_VH):

@@ -16,8 +16,11 @@ inside their forward. MegaBlocks brings its own router and weights, so its time 
 `speedup_vs_best_peer` over every peer measured beside it.
 
 Figures: TFLOP/s over the useful expert FLOPs (forward 2·T·k·H·3I, forward+backward three times
-that), % of the GPU's bf16 peak, peak memory, and padd's speed-up over each peer. On CPU the
-shapes are tiny and the rows are labelled CPU: they check that the suite runs, nothing more.
+that), % of the GPU's bf16 peak, peak memory, and padd's speed-up over each peer. On CPU the rows
+are labelled CPU, the first model is the embedded default's student (H 128, E 8 of width 256,
+top-2; T = 256 is one decode step of its 256 rollouts), and every implementation of a shape runs
+interleaved in one loop (PADD_BENCH_CPU_REPS rounds, default 10), so padd's
+`speedup_vs_best_transformers` comes from one run under one load. They are not GPU results.
 
 Environment (all optional):
   PADD_BENCH_TOKENS="1,8,64"        token counts T (GPU default 1,8,64,512,4096,32768: decode to
@@ -50,12 +53,14 @@ from padd.kernels.grouped_gemm import moe_ffn_flops
 
 from benchmarks.common import (
     bench_device,
+    cpu_reps,
     env_list,
     make_record,
     on_gpu,
     peak_memory_mb,
     report_suite,
     time_fn,
+    time_interleaved,
     write_if_requested,
 )
 
@@ -74,7 +79,13 @@ MODELS = [
     ("deepseek-v2-lite", 2048, 1408, 64, 6),
     ("anchor-30b", 4096, 1024, 64, 4),  # the 30B anchor: hidden 4096, width 1024, 64 experts, top-4
 ]
-CPU_MODELS = [("tiny-cpu", 128, 64, 8, 2), ("tiny-cpu-many-experts", 64, 32, 32, 4)]
+# CPU: the embedded default's student (hidden 128, 8 experts of width 256, top-2), then the earlier
+# smoke models.
+CPU_MODELS = [
+    ("padd-default", 128, 256, 8, 2),
+    ("tiny-cpu", 128, 64, 8, 2),
+    ("tiny-cpu-many-experts", 64, 32, 32, 4),
+]
 GPU_TOKENS = "1,8,64,512,4096,32768"  # 1-64: decode batches; 512+: prefill and training
 CPU_TOKENS = "1,8,256"
 
@@ -92,7 +103,7 @@ def _shapes() -> list[tuple]:
 
 SHAPES = _shapes()
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
-_REPS = {"warmup": 2, "reps": 5} if on_gpu() else {"warmup": 1, "reps": 2}
+_REPS = {"warmup": 2, "reps": 5} if on_gpu() else {"warmup": 2, "reps": cpu_reps(10)}
 _RECORDS: list = []
 _SKIPPED: list[dict] = []  # peers not measured, with the reason (written to the JSON)
 _WEIGHTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one model's weights, reused across T
@@ -348,6 +359,19 @@ def _measure(op: str, impl: Impl, step: Callable, shape: dict, flops: int):
     return make_record(SUITE, op, impl.name, shape, timing, flops=flops, peak_mem_mb=mem)
 
 
+def _measure_cpu_group(op: str, impls: list, p: Problem, make_step: Callable, shape: dict, flops: int):
+    """CPU: every implementation timed in one interleaved loop (common.time_interleaved)."""
+    steps = {impl.name: make_step(impl, p) for impl in impls}
+    records = []
+    for name, timing in time_interleaved(steps, **_REPS).items():
+        if isinstance(timing, Exception):
+            _skip(name, f"failed ({type(timing).__name__}: {str(timing)[:300]})", shape, op)
+            continue
+        cpu_ms = timing.pop("cpu_median_ms", None)
+        records.append(make_record(SUITE, op, name, shape, timing, flops=flops, cpu_median_ms=cpu_ms))
+    return records
+
+
 def _speedups(records: list) -> None:
     """padd's speed-up over each peer, over transformers' best (grouped_mm or batched_mm, whichever
     is faster at this shape) and over the best peer of all."""
@@ -357,6 +381,8 @@ def _speedups(records: list) -> None:
     peers = [r for r in records if r is not padd]
     for r in peers:
         r.extra["padd_speedup"] = r.median_ms / padd.median_ms
+        if r.impl == "transformers eager":
+            padd.extra["speedup_vs_eager"] = r.median_ms / padd.median_ms
     where = f"{padd.op} {padd.shape['model']} T={padd.shape['T']}"
     for key, group in (("transformers", [r for r in peers if r.impl in _TRANSFORMERS]), ("peer", peers)):
         if group:
@@ -395,7 +421,11 @@ def test_bench_moe_ffn(model, num_tokens, hidden, inter, num_experts, top_k):
         ("moe_ffn_fwd_bwd", _forward_backward, 3 * p.flops),
     ):
         records = []
-        for impl in impls:
+        if not on_gpu():  # CPU: one interleaved loop, so every ratio comes from the same load
+            records = _measure_cpu_group(op, impls, p, make_step, shape, flops)
+            _RECORDS.extend(records)
+            _write()
+        for impl in impls if on_gpu() else ():
             if reason := impl.refuse(op):
                 _skip(impl.name, reason, shape, op)
                 continue

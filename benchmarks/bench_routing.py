@@ -8,8 +8,10 @@ moe_align_block_size when importable (skipped with the reason printed otherwise)
 
 Figure: effective GB/s over the bytes a fused router must move (read the logits; write weights,
 ids, the full scores and the permutation metadata), and % of the HBM peak on a known GPU. On
-CPU the shapes are small and the rows are labelled CPU: they check that the suite runs, they are
-not GPU results.
+CPU the rows are labelled CPU and the shapes are the embedded default's router (E = 8, top-2, at
+T = 256 and 6400) plus the earlier 512 x 64 x 8 smoke shape; padd and torch eager run
+interleaved in one loop (PADD_BENCH_CPU_REPS rounds, default 30) and padd's rows carry
+`speedup_vs_eager` from that run. They are not GPU results.
 
 Shape legend: T tokens, E experts, K = top_k, S = T·K slots.
 """
@@ -25,21 +27,27 @@ from padd.kernels import route, routing_from_topk, routing_metadata
 
 from benchmarks.common import (
     bench_device,
+    cpu_reps,
     make_record,
     on_gpu,
     print_table,
     time_cuda_graph,
     time_fn,
+    time_interleaved,
     write_results,
 )
 
 SUITE = "routing"
 GPU_SHAPES = [(t, e, k) for t in (4096, 16384, 32768) for e in (64, 128, 256) for k in (4, 8)]
-CPU_SHAPES = [(512, 64, 8)]  # one small shape: the CPU run checks the suite works, quickly
+# CPU: the embedded default's router (E = 8, top-2) at a decode step of its 256 rollouts and at a
+# training step's 64 sequences x ~100 tokens; then the earlier smoke shape.
+CPU_SHAPES = [(256, 8, 2), (6400, 8, 2), (512, 64, 8)]
 SHAPES = GPU_SHAPES if on_gpu() else CPU_SHAPES
 LOGITS_DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 _RECORDS: list = []
-_REPS = {"warmup": 3, "reps": 20} if on_gpu() else {"warmup": 1, "reps": 3}
+_REPS = {"warmup": 3, "reps": 20} if on_gpu() else {"warmup": 3, "reps": cpu_reps(30)}
+# The fwd+bwd and metadata tests take every third GPU shape, every CPU shape.
+_SUBSET = slice(None, None, 3) if on_gpu() else slice(None)
 
 
 def routing_bytes(num_tokens: int, num_experts: int, top_k: int, logits_dtype: torch.dtype) -> int:
@@ -142,6 +150,7 @@ def test_bench_route_forward(num_tokens, num_experts, top_k):
     shape = {"T": num_tokens, "E": num_experts, "k": top_k, "dtype": str(LOGITS_DTYPE).removeprefix("torch.")}
     bytes_moved = routing_bytes(num_tokens, num_experts, top_k, LOGITS_DTYPE)
     reference = route(logits_TE, top_k, backend="reference")
+    runs = {}
     for name, fn, skip_reason in _impls():
         if fn is None:
             print(f"skip {name}: {skip_reason}")
@@ -151,12 +160,41 @@ def test_bench_route_forward(num_tokens, num_experts, top_k):
             got = fn(logits_TE, top_k)
             assert torch.equal(got.sort_order, reference.sort_order), "padd routing disagrees"
             torch.testing.assert_close(got.weights, reference.weights, atol=1e-5, rtol=1e-4)
-        try:
-            timing = time_fn(lambda fn=fn: fn(logits_TE, top_k), **_REPS)
-        except Exception as exc:  # a peer whose API moved: report, do not fail the suite
-            print(f"skip {name}: failed ({type(exc).__name__}: {exc})")
+        runs[name] = lambda fn=fn: fn(logits_TE, top_k)
+    _measure_group("route_fwd", runs, shape, bytes_moved)
+
+
+def _measure_group(op: str, runs: dict, shape: dict, bytes_moved: int) -> None:
+    """Time `runs` (interleaved in one loop on CPU, so padd's ratio to torch eager comes from one
+    run under one load) and record them; padd's row gets `speedup_vs_eager`."""
+    if on_gpu():
+        timings = {}
+        for name, run in runs.items():
+            try:
+                timings[name] = time_fn(run, **_REPS)
+            except Exception as exc:
+                timings[name] = exc
+    else:
+        timings = time_interleaved(runs, **_REPS)
+    records = {}
+    for name, timing in timings.items():
+        if isinstance(timing, Exception):  # a peer whose API moved: report, do not fail the suite
+            print(f"skip {name}: failed ({type(timing).__name__}: {timing})")
             continue
-        _RECORDS.append(make_record(SUITE, "route_fwd", name, shape, timing, bytes_moved=bytes_moved))
+        cpu_ms = timing.pop("cpu_median_ms", None)
+        records[name] = make_record(
+            SUITE, op, name, shape, timing, bytes_moved=bytes_moved, cpu_median_ms=cpu_ms
+        )
+    padd = next((r for n, r in records.items() if n.startswith("padd")), None)
+    eager = records.get("torch eager")
+    if padd is not None and eager is not None:
+        padd.extra["speedup_vs_eager"] = eager.median_ms / padd.median_ms
+        if padd.extra.get("cpu_median_ms") and eager.extra.get("cpu_median_ms"):
+            padd.extra["speedup_vs_eager_cpu_time"] = (
+                eager.extra["cpu_median_ms"] / padd.extra["cpu_median_ms"]
+            )
+        print(f"  {op} {shape}: padd is {padd.extra['speedup_vs_eager']:.2f}x as fast as torch eager")
+    _RECORDS.extend(records.values())
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
@@ -181,7 +219,7 @@ def test_bench_route_forward_device_time(num_tokens, num_experts, top_k):
         _RECORDS.append(make_record(SUITE, "route_fwd_graph", name, shape, timing, bytes_moved=bytes_moved))
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[::3])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[_SUBSET])
 def test_bench_route_forward_backward(num_tokens, num_experts, top_k):
     torch.manual_seed(0)
     dev = bench_device()
@@ -203,12 +241,10 @@ def test_bench_route_forward_backward(num_tokens, num_experts, top_k):
         torch.autograd.backward([weights_TK, scores_TE], [grad_w_TK, grad_s_TE])
 
     padd_name = "padd.route (triton)" if on_gpu() else "padd.route (reference)"
-    for name, step in ((padd_name, padd_step), ("torch eager", eager_step)):
-        timing = time_fn(step, **_REPS)
-        _RECORDS.append(make_record(SUITE, "route_fwd_bwd", name, shape, timing, bytes_moved=bytes_moved))
+    _measure_group("route_fwd_bwd", {padd_name: padd_step, "torch eager": eager_step}, shape, bytes_moved)
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[::3])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[_SUBSET])
 def test_bench_metadata_from_topk(num_tokens, num_experts, top_k):
     """Metadata of decisions made elsewhere (the transformers path): `routing_from_topk`."""
     torch.manual_seed(0)
@@ -223,6 +259,4 @@ def test_bench_metadata_from_topk(num_tokens, num_experts, top_k):
         (padd_name, lambda: routing_from_topk(experts_TK, weights_TK, num_experts)),
         ("torch eager", lambda: routing_metadata(experts_TK, num_experts)),
     )
-    for name, fn in impls:
-        timing = time_fn(fn, **_REPS)
-        _RECORDS.append(make_record(SUITE, "metadata", name, shape, timing, bytes_moved=bytes_moved))
+    _measure_group("metadata", dict(impls), shape, bytes_moved)

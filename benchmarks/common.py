@@ -91,6 +91,59 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dic
     return _quantiles(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, warmup: int = 3, reps: int = 10
+) -> dict[str, dict | Exception]:
+    """`time_fn` for several implementations at once, their calls interleaved (a, b, c, a, b, c,
+    ...): on a CPU shared with other processes the load drifts over seconds, and interleaving
+    makes it hit every implementation alike, so ratios measured in one call are comparable.
+
+    Returns name -> timing dict (`time_fn`'s keys, plus `cpu_median_ms`: the process CPU time
+    per call, less sensitive to other processes than wall time), or the exception it raised
+    (a failing implementation is dropped from the remaining rounds)."""
+    out: dict[str, dict | Exception] = {}
+    live = dict(fns)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as exc:  # a peer whose API moved: the caller reports it
+            out[name] = exc
+            del live[name]
+    wall: dict[str, list[float]] = {name: [] for name in live}
+    cpu: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(reps):
+        for name, fn in list(live.items()):
+            if on_gpu():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                wall[name].append(start.elapsed_time(end))
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                fn()
+            except Exception as exc:
+                out[name] = exc
+                del live[name]
+                continue
+            cpu[name].append((time.process_time() - c0) * 1e3)
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+    for name in live:
+        timing = _quantiles(wall[name])
+        if cpu[name]:
+            timing["cpu_median_ms"] = _quantiles(cpu[name])["median_ms"]
+        out[name] = timing
+    return out
+
+
+def cpu_reps(default: int) -> int:
+    """Repetitions per CPU measurement: $PADD_BENCH_CPU_REPS, or `default`."""
+    return int(os.environ.get("PADD_BENCH_CPU_REPS", default))
+
+
 def time_cuda_graph(fn: Callable[[], object], *, reps: int = 50, rounds: int = 5) -> dict:
     """Device time per call without host launch overhead: `fn` captured once in a CUDA graph,
     replayed `reps` times between two events; median/p20/p80 over `rounds` (ms per call).
@@ -197,6 +250,8 @@ def print_table(records: list[Record]) -> None:
             figs.append(f"{r.pct_peak:5.1f}% peak")
         if r.peak_mem_mb is not None:
             figs.append(f"{r.peak_mem_mb:8.1f} MiB")
+        if "speedup_vs_eager" in r.extra:
+            figs.append(f"padd {r.extra['speedup_vs_eager']:.2f}x as fast as torch eager (same run)")
         print(
             f"[{kind}] {r.op:<18} {r.impl:<22} {r.shape} {r.median_ms:9.3f} ms  x{ratio:5.2f}  "
             + "  ".join(figs)

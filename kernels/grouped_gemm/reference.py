@@ -171,7 +171,7 @@ def _grouped_mm_fits(a_SK: torch.Tensor, *weights_E: torch.Tensor) -> bool:
         if w.shape[1] % 4 or w.shape[2] % 4 or w.data_ptr() % 16:
             return False
         if any(size > 1 and stride != 1 and (stride * w.element_size()) % 16 for size, stride in
-               zip(w.shape, w.stride())):  # fmt: skip
+               zip(w.shape, w.stride(), strict=True)):  # fmt: skip
             return False
     return True
 

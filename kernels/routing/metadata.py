@@ -93,11 +93,12 @@ def routing_metadata(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.
     flat_S = expert_ids.reshape(-1).to(torch.int64)
     # Stable sort keeps slots of one expert in slot order: deterministic gathers and combines.
     _, sort_order_S = torch.sort(flat_S, stable=True)
-    inverse_order_S = torch.empty_like(sort_order_S)
-    inverse_order_S[sort_order_S] = torch.arange(flat_S.numel(), device=flat_S.device)
+    # One op per field (scatter, pad): Python indexing and slice assignment cost more than the
+    # work itself at decode sizes on CPU.
+    arange_S = torch.arange(flat_S.numel(), device=flat_S.device)
+    inverse_order_S = torch.empty_like(sort_order_S).scatter_(0, sort_order_S, arange_S)
     tokens_per_expert_E = torch.bincount(flat_S, minlength=num_experts)[:num_experts]
-    expert_offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_S.device)
-    expert_offsets_E1[1:] = torch.cumsum(tokens_per_expert_E, dim=0)
+    expert_offsets_E1 = torch.nn.functional.pad(torch.cumsum(tokens_per_expert_E, dim=0), (1, 0))
     return (
         tokens_per_expert_E.to(torch.int32),
         expert_offsets_E1.to(torch.int32),

@@ -9,6 +9,8 @@ its hand-written backward, the same math as the Triton backward kernel, which th
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,8 +44,7 @@ def route_reference(
     selection_bias_E = selection_bias
     num_experts = logits_TE.shape[1]
     if score == "softmax":
-        scores_TE = torch.softmax(logits_TE, dim=-1)
-        logsumexp_T = torch.logsumexp(logits_TE, dim=-1)
+        scores_TE, logsumexp_T = softmax_and_logsumexp(logits_TE)
     else:
         scores_TE = torch.sigmoid(logits_TE)
         logsumexp_T = None
@@ -51,8 +52,7 @@ def route_reference(
     if selection_bias_E is not None:
         base_TE = key_TE if score == "softmax" else scores_TE.detach()
         key_TE = base_TE + selection_bias_E.detach().float()
-    _, order_TE = torch.sort(key_TE, dim=-1, descending=True, stable=True)
-    experts_TK = order_TE[:, :top_k]
+    experts_TK = top_k_ids_TK(key_TE, top_k)
     weights_TK = torch.gather(scores_TE, 1, experts_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(_MIN_SUM)
@@ -68,6 +68,45 @@ def route_reference(
         scores=scores_TE if return_scores else None,
         logsumexp=logsumexp_T,
     )
+
+
+def softmax_and_logsumexp(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(softmax [T, E], logsumexp [T])` from one `exp` pass, differentiable by autograd.
+
+    `torch.logsumexp` on CPU takes ~8 passes (it guards infinities with abs/ne/masked_fill),
+    more than the softmax itself; sharing the shifted exponentials is 1.4-1.8x faster than the
+    two calls at the default's shapes. The shift is the detached row max (0 where it is not
+    finite): an all -inf row gives NaN scores and a -inf logsumexp, as the torch functions do.
+    """
+    max_T1 = logits_TE.detach().amax(dim=-1, keepdim=True)
+    max_T1 = torch.where(torch.isfinite(max_T1), max_T1, 0.0)
+    exp_TE = (logits_TE - max_T1).exp()
+    sum_T1 = exp_TE.sum(dim=-1, keepdim=True)
+    return exp_TE / sum_T1, (max_T1 + sum_T1.log()).squeeze(-1)
+
+
+def top_k_ids_TK(key_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The `top_k` largest keys' ids per row (int64 `[T, K]`), in descending order, ties to the
+    lower id: the first `top_k` of a stable descending sort.
+
+    On CPU with finite keys and `top_k <= 8`, `top_k` argmax passes instead (argmax returns the
+    first maximal index, so ties still go to the lower id; each pick is then set to -inf, which
+    no finite key equals): measured 1.4-1.8x faster than the row sort at T = 256..19200, E = 8
+    and at T = 512, E = 64, k = 8. A -inf, +inf or NaN key takes the sort, whose order is the
+    contract.
+    """
+    # One sum tells finite keys apart (an overflowing sum of finite keys just takes the sort).
+    if key_TE.device.type == "cpu" and top_k <= 8 and math.isfinite(key_TE.sum()):
+        key_TE = key_TE.clone()
+        ids = []
+        for j in range(top_k):
+            id_T1 = key_TE.argmax(dim=-1, keepdim=True)
+            ids.append(id_T1)
+            if j + 1 < top_k:
+                key_TE.scatter_(1, id_T1, float("-inf"))
+        return torch.cat(ids, dim=1) if top_k > 1 else ids[0]
+    _, order_TE = torch.sort(key_TE, dim=-1, descending=True, stable=True)
+    return order_TE[:, :top_k]
 
 
 def route_reference_backward(

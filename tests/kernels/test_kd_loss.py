@@ -469,3 +469,52 @@ def test_gpu_large_index_no_int32_overflow():
     t_NV[-1, -1] = 10.0
     loss_N = kd_loss(s_NV, t_NV, reduction="none", backend="triton")
     assert loss_N[-1].item() > 1.0 and loss_N[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the CPU path's fast rows
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("tau", [1.0, 2.5, "rows"])
+def test_cpu_fast_rows_with_guarded_rows_match_autograd_cpu(divergence, tau):
+    """The CPU path computes most rows without the 0 log 0 guards and redoes the rows that come
+    out NaN (-inf logits) with them: every row, mixed in one batch, against autograd."""
+    s_NV, t_NV = 3 * torch.randn(7, 23), 3 * torch.randn(7, 23)
+    t_NV[1, 4:9] = NEG  # teacher -inf only (finite for forward_kl and jsd)
+    s_NV[2, :3] = NEG  # student -inf only (finite for reverse_kl and jsd)
+    t_NV[3, 10:12] = NEG  # both, at the same words (finite for every divergence)
+    s_NV[3, 10:12] = NEG
+    keep = {"forward_kl": [0, 1, 3, 4, 5, 6], "reverse_kl": [0, 2, 3, 4, 5, 6], "jsd": list(range(7))}
+    rows = torch.tensor(keep[divergence])
+    s_NV, t_NV = s_NV[rows].requires_grad_(), t_NV[rows]
+    temperature = 0.5 + torch.rand(len(rows)) if tau == "rows" else tau
+    kwargs = dict(divergence=divergence, temperature=temperature, beta=0.3, student_temperature=1.3)
+    got, grad, go = loss_and_grad(kd_loss, s_NV, t_NV, reduction="none", **kwargs)
+    want, want_grad, _ = loss_and_grad(kd_loss_reference, s_NV, t_NV, go=go, reduction="none", **kwargs)
+    assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, want_grad, atol=1e-7, rtol=1e-5)
+
+
+def test_cpu_dropped_nan_row_has_zero_gradient_cpu():
+    """check_nan=False: a NaN row that the mask drops gives exactly 0 loss and gradient."""
+    s_NV, t_NV = torch.randn(4, 9).requires_grad_(), torch.randn(4, 9)
+    t_NV[2, 5] = float("nan")
+    loss = kd_loss(s_NV, t_NV, mask=torch.tensor([1, 1, 0, 1]), check_nan=False)
+    (grad,) = torch.autograd.grad(loss, s_NV)
+    assert torch.isfinite(loss) and (grad[2] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_reverse_kl"])
+def test_cpu_eager_path_equals_the_custom_op_cpu(divergence):
+    """Eager CPU calls skip the custom op (an autograd.Function over the same functions): same
+    loss and gradient bit for bit as `torch.ops.padd.kd_loss`, also for an upstream gradient != 1."""
+    s_NV, t_NV, tau_N, mask_N = make_inputs(9, 31, per_row_tau=True, masked=True)
+    got, grad, go = loss_and_grad(kd_loss, s_NV, t_NV, divergence=divergence, temperature=tau_N, mask=mask_N)
+    kept = mask_N.float()
+    w_N = kept / kept.sum()
+    loss_N, _ = torch.ops.padd.kd_loss(s_NV, t_NV, tau_N, torch.ones(9), w_N, divergence, 0.5, True, True,
+                                       "reference")  # fmt: skip
+    (want_grad,) = torch.autograd.grad(loss_N.sum(), s_NV, go)
+    assert torch.equal(got, loss_N.detach().sum())
+    assert torch.equal(grad, want_grad)

@@ -489,3 +489,38 @@ def test_gpu_auto_backend_is_triton_and_compiles(monkeypatch):
     fn = torch.compile(lambda x: route(x, 8).sort_order, fullgraph=True)
     assert torch.equal(fn(logits_TE), route(logits_TE, 8, backend="reference").sort_order)
     assert calls, "backend='auto' on CUDA should run the Triton kernels"
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 8, 9])
+def test_top_k_ids_equal_the_stable_sort_with_ties_and_infinities(top_k):
+    """The CPU top-k (argmax passes for finite keys and k <= 8, the sort otherwise) picks what a
+    stable descending sort picks: ties to the lower id, -inf/+inf/NaN rows included."""
+    from padd.kernels.routing.reference import top_k_ids_TK
+
+    key_TE = torch.randint(0, 4, (64, 12)).float()  # many ties
+    want = torch.sort(key_TE, dim=-1, descending=True, stable=True)[1][:, :top_k]
+    assert torch.equal(top_k_ids_TK(key_TE, top_k), want)
+    key_TE[3, :] = float("-inf")
+    key_TE[5, 2] = float("inf")
+    want = torch.sort(key_TE, dim=-1, descending=True, stable=True)[1][:, :top_k]
+    assert torch.equal(top_k_ids_TK(key_TE, top_k), want)
+
+
+def test_softmax_and_logsumexp_match_torch_with_infinities():
+    from padd.kernels.routing.reference import softmax_and_logsumexp
+
+    x_TE = torch.randn(6, 5, dtype=torch.float64) * 30
+    x_TE[1, 2] = float("-inf")
+    x_TE[2, :] = float("-inf")
+    x_TE = x_TE.requires_grad_()
+    scores, lse = softmax_and_logsumexp(x_TE)
+    torch.testing.assert_close(scores, torch.softmax(x_TE, -1), equal_nan=True)
+    torch.testing.assert_close(lse, torch.logsumexp(x_TE, -1))
+    # Gradients where they are defined (not the all -inf row, whose scores are NaN).
+    x_TE = x_TE.detach()[[0, 1, 3, 4, 5]].requires_grad_()
+    go_s, go_l = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    scores, lse = softmax_and_logsumexp(x_TE)
+    got = torch.autograd.grad((scores * go_s).sum() + (lse * go_l).sum(), x_TE)[0]
+    want_s, want_l = torch.softmax(x_TE, -1), torch.logsumexp(x_TE, -1)
+    want = torch.autograd.grad((want_s * go_s).sum() + (want_l * go_l).sum(), x_TE)[0]
+    torch.testing.assert_close(got, want)
