@@ -251,3 +251,150 @@ def test_group_limited_routing_picks_only_from_the_best_groups():
     routing = moe._route(logits)
     assert sorted(routing.expert_ids[0].tolist()) == [2, 3]
     torch.testing.assert_close(routing.weights, torch.full((1, 2), 1.0))  # renormalised, then × 2
+
+
+def gpt_oss_oracle(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's block written out per token in fp64 from its published math: biased router,
+    softmax over the top-k logits, transposed `[E, H, 2I]` experts with interleaved gate/up rows
+    and biases, `(clamp(up, ±L) + 1) · g·σ(α g)` with `g = min(gate, L)`."""
+    L, alpha = moe.activation.limit, moe.activation.alpha
+    w_r, b_r = moe.gate.weight.double(), moe.gate.bias.double()
+    w1, b1 = moe.gate_up_proj.double(), moe.gate_up_proj_bias.double()  # [E, H, 2I], [E, 2I]
+    w2, b2 = moe.down_proj.double(), moe.down_proj_bias.double()  # [E, I, H], [E, H]
+    rows = []
+    for x_t in x.reshape(-1, moe.hidden_size).double():
+        top_logits, chosen = torch.topk(w_r @ x_t + b_r, moe.top_k)
+        weights = torch.softmax(top_logits, -1)
+        y_t = torch.zeros(moe.hidden_size, dtype=torch.float64)
+        for w, e in zip(weights, chosen.tolist(), strict=True):
+            gate_up = x_t @ w1[e] + b1[e]
+            gate, up = gate_up[0::2].clamp(max=L), gate_up[1::2].clamp(-L, L)
+            h = (up + 1) * gate * torch.sigmoid(alpha * gate)
+            y_t = y_t + w * (h @ w2[e] + b2[e])
+        rows.append(y_t)
+    return torch.stack(rows).reshape(x.shape)
+
+
+def test_transposed_biased_interleaved_experts_match_gpt_oss_oracle():
+    torch.manual_seed(0)
+    moe = MoE(
+        16, 8, 6, 2, activation="gpt_oss", limit=7.0, alpha=1.702, gate_up_interleaved=True,
+        transposed=True, expert_bias=True, router_bias=True,
+    )  # fmt: skip
+    assert moe.gate_up_proj.shape == (6, 16, 16) and moe.down_proj.shape == (6, 8, 16)
+    assert moe.gate_up_proj_bias.shape == (6, 16) and moe.down_proj_bias.shape == (6, 16)
+    with torch.no_grad():  # weights large enough that the clamps act; non-zero biases
+        moe.gate_up_proj.mul_(20.0)
+        for bias in (moe.gate.bias, moe.gate_up_proj_bias, moe.down_proj_bias):
+            bias.normal_(0, 0.5)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    y = moe(x)
+    ref = gpt_oss_oracle(moe, x)
+    pre = (x.detach().reshape(-1, 16) @ moe.gate_up_proj.detach()[0]).abs().max()
+    assert pre > 7.0, "the clamp never acted"
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(y)
+    params = [x, moe.gate.weight, moe.gate.bias, moe.gate_up_proj, moe.gate_up_proj_bias, moe.down_proj_bias]
+    got = torch.autograd.grad((y * grad_out).sum(), params)
+    want = torch.autograd.grad((ref * grad_out.double()).sum(), params)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-4)
+
+
+def _routing_of(moe: MoE, logits: list[list[float]]) -> tuple[list[list[int]], torch.Tensor]:
+    routing = moe._route(torch.tensor(logits))
+    return [sorted(row) for row in routing.expert_ids.tolist()], routing.weights
+
+
+def test_selection_bias_on_scores_or_logits():
+    """Hand-made logits where adding the bias to the softmax probabilities (Ernie-4.5, LongCat)
+    and to the logits pick different experts; and sigmoid with the bias on the logits (Kolibri)."""
+    logits = [[4.0, 3.0, 0.0, -1.0]]  # probs ≈ 0.71, 0.26, 0.013, 0.005
+    moe = MoE(4, 2, 4, 2, use_selection_bias=True)
+    moe.selection_bias.copy_(torch.tensor([0.0, 0.0, 0.5, 0.0]))
+    assert _routing_of(moe, logits)[0] == [[0, 1]]  # default for softmax: logits + 0.5 changes nothing
+    moe.selection_bias_on = "scores"
+    ids, weights = _routing_of(moe, logits)
+    assert ids == [[0, 2]]  # 0.013 + 0.5 beats 0.26
+    probs = torch.softmax(torch.tensor(logits[0]), -1)
+    torch.testing.assert_close(weights.sort(descending=True)[0][0], probs[[0, 2]] / probs[[0, 2]].sum())
+    sig = MoE(4, 2, 4, 2, score="sigmoid", norm_topk_prob=False, use_selection_bias=True)
+    sig.selection_bias.copy_(torch.tensor([0.0, 0.0, 3.5, 0.0]))
+    logits = [[9.0, 8.0, 5.0, 0.0]]  # sigmoid scores ≈ 1.0, 1.0, 0.993, 0.5
+    assert _routing_of(sig, logits)[0] == [[0, 2]]  # default for sigmoid: scores + 3.5
+    sig.selection_bias.copy_(torch.tensor([0.0, 0.0, 3.5, 0.0]))
+    sig.selection_bias_on = "logits"
+    assert _routing_of(sig, logits)[0] == [[0, 2]]  # 5 + 3.5 = 8.5 beats 8
+    sig.selection_bias.copy_(torch.tensor([0.0, 0.0, 2.5, 0.0]))
+    ids, weights = _routing_of(sig, logits)
+    assert ids == [[0, 1]]  # 7.5 < 8 on the logits, although 0.993 + 2.5 would win on the scores
+    torch.testing.assert_close(weights.sort(descending=True)[0][0], torch.sigmoid(torch.tensor([9.0, 8.0])))
+
+
+def test_max_scored_groups_and_logit_softcap():
+    # Groups {0,1} {2,3} {4,5} {6,7}; "max" keeps the group of the single best expert (group 2),
+    # "top2_sum" the group with the best pair (group 1).
+    logits = [[0.0, 0.0, 3.5, 3.5, 0.0, 4.0, 0.0, 0.0]]
+    by_max = MoE(4, 2, 8, 2, n_group=4, topk_group=1, group_score="max", norm_topk_prob=False)
+    ids, weights = _routing_of(by_max, logits)
+    assert ids == [[4, 5]]
+    probs = torch.softmax(torch.tensor(logits[0]), -1)
+    torch.testing.assert_close(weights[0].sort()[0], probs[[4, 5]].sort()[0])  # not renormalised
+    by_pairs = MoE(4, 2, 8, 2, n_group=4, topk_group=1, group_score="top2_sum")
+    assert _routing_of(by_pairs, logits)[0] == [[2, 3]]
+    capped = MoE(4, 2, 3, 2, router_logit_softcap=2.0, norm_topk_prob=False)
+    raw = torch.tensor([[5.0, 1.0, -3.0]])
+    ids, weights = _routing_of(capped, raw.tolist())
+    want = torch.softmax(2.0 * torch.tanh(raw / 2.0), -1)[0, :2]
+    assert ids == [[0, 1]]
+    torch.testing.assert_close(weights[0].sort(descending=True)[0], want)
+
+
+def test_from_hf_deepseek_v2_group_limited_greedy():
+    """DeepSeek-V2's `group_limited_greedy` (groups scored by their best softmax probability,
+    no renormalisation, scaled) against transformers' own block."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    torch.manual_seed(0)
+    config = DeepseekV2Config(
+        hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1, routed_scaling_factor=1.7,
+    )  # fmt: skip
+    block = DeepseekV2Moe(config).eval()
+    with torch.no_grad():
+        for param in (block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj):
+            param.normal_(0, 0.3)
+    moe = MoE.from_hf(block)
+    assert (moe.n_group, moe.topk_group, moe.group_score) == (4, 2, "max")
+    assert moe.routed_scaling_factor == 1.7 and not moe.norm_topk_prob
+    x = torch.randn(3, 6, 32) * 3
+    torch.testing.assert_close(moe(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_hf_refusals_are_one_line():
+    block = tiny_model("mixtral").model.layers[0].mlp
+    block.post_norm = torch.nn.LayerNorm(32)  # a module padd.MoE has no place for
+    with pytest.raises(
+        NotImplementedError, match=r"MixtralSparseMoeBlock: padd.MoE has no place for its post_norm"
+    ):
+        MoE.from_hf(block)
+    del block.post_norm
+    block.gate.weight = torch.nn.Parameter(torch.randn(7, 32))  # 7 slots for 6 experts
+    with pytest.raises(NotImplementedError, match="router scores 7 slots for 6 experts"):
+        MoE.from_hf(block)
+
+
+def test_new_option_errors_name_the_argument():
+    with pytest.raises(ValueError, match="selection_bias_on must be None or one of"):
+        MoE(16, 8, 4, 2, selection_bias_on="bias")
+    with pytest.raises(ValueError, match="router_logit_softcap must be None or a number > 0"):
+        MoE(16, 8, 4, 2, router_logit_softcap=0.0)
+    with pytest.raises(ValueError, match="group_score must be one of"):
+        MoE(16, 8, 8, 2, n_group=4, topk_group=2, group_score="mean")
+    with pytest.raises(ValueError, match="selection_bias_on='logits' does not go with n_group"):
+        MoE(16, 8, 8, 2, n_group=4, topk_group=2, selection_bias_on="logits")
+    with pytest.raises(TypeError, match="transposed must be a bool"):
+        MoE(16, 8, 4, 2, transposed="yes")
+    with pytest.raises(TypeError, match="routed_scaling_factor must be a number"):
+        MoE(16, 8, 4, 2, routed_scaling_factor="2")
