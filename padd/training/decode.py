@@ -182,6 +182,8 @@ def decode(
     processors = _processors(config, device)
     P, L = input_ids_PL.shape
     B, R = P * repeats, max_new_tokens
+    if R <= 0:
+        return input_ids_PL.repeat_interleave(repeats, 0)
     cache = _buffer_cache(model, B, L + R)
     # generate's positions: the count of real tokens before each one (0 on left padding).
     mask_PL = attention_mask_PL.long()
