@@ -226,6 +226,16 @@ def _routing_control_support(model: torch.nn.Module) -> str:
     return "yes"
 
 
+def _from_hf_support(model: torch.nn.Module) -> str:
+    """ "exact" when every sparse MoE block converts, else the first refusal, less its prefix."""
+    inflate_expert_weights(model)
+    for _, block in _blocks(model):
+        moe, outcome = from_hf_outcome(block)
+        if moe is None:
+            return "refused: " + outcome.split(": ", 2)[-1]
+    return "exact"
+
+
 def families_table() -> str:
     """`docs/families.md`: each discovered family, its experts class and what padd does with it."""
     rows = []
@@ -234,10 +244,11 @@ def families_table() -> str:
         try:
             model = build_tiny_model(family, seed=0)
         except Unbuildable as why:
-            rows.append((family.model_type, "—", "not built", str(why), "—"))
+            rows.append((family.model_type, "—", "not built", str(why), "—", "—"))
             counts["not built"] += 1
             continue
         steering = _routing_control_support(model)
+        conversion = _from_hf_support(model)
         seen = set()
         for module in model.modules():
             if not is_experts_module(module) or type(module) in seen:
@@ -250,9 +261,11 @@ def families_table() -> str:
             else:
                 path, why = ("fused" if plan.fused else "general"), plan.why
             counts[path] += 1
-            rows.append((family.model_type, type(module).__name__, path, why, steering))
+            rows.append((family.model_type, type(module).__name__, path, why, steering, conversion))
     import transformers
 
+    built = len({row[0] for row in rows if row[2] != "not built"})
+    exact = len({row[0] for row in rows if row[5] == "exact"})
     lines = [
         "# MoE families on padd",
         "",
@@ -269,13 +282,20 @@ def families_table() -> str:
         "  router-logit capture; what `padd train` needs of a pre-trained MoE student) accepts the",
         "  family's routers; it refuses the others at setup. `padd.decompress` builds Mixtral,",
         "  Qwen2-MoE and Qwen3-MoE students only.",
+        "- **from_hf**: `padd.MoE.from_hf` on the family's sparse MoE blocks (weights inflated past",
+        "  the clamps, correction biases, router biases and routing scales made to act): exact",
+        "  (verified against the block's own forward, output and gradients) or refused, and why.",
         "",
         f"Totals (experts classes): {', '.join(f'{v} {k}' for k, v in counts.items())}.",
+        f"`padd.MoE.from_hf` (families): {exact} exact, {built - exact} refused.",
         "",
-        "| family | experts class | padd | why | RoutingControl |",
-        "| --- | --- | --- | --- | --- |",
+        "| family | experts class | padd | why | RoutingControl | from_hf |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {a} | {b} | {c} | {d.replace('|', '/')} | {e} |" for a, b, c, d, e in rows]
+    lines += [
+        f"| {a} | {b} | {c} | {d.replace('|', '/')} | {e} | {f.replace('|', '/')} |"
+        for a, b, c, d, e, f in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
