@@ -6,6 +6,7 @@
     padd convert CONFIG --out DIR [key.sub=value ...]
     padd flops TEACHER_DIR [STUDENT_DIR] [--seq-len N]
     padd report RUN_DIR [RUN_DIR ...]
+    padd export-teacher RUN_DIR [--out DIR]
 
 CONFIG is a preset name (`small`, `tiny`, ...) or a path to a YAML file; `padd eval` also takes a
 run directory (its `config.yaml`). Errors in the config, the data or a model directory are one line
@@ -40,6 +41,7 @@ from padd.pipeline.inputs import RunInputs, load_model, preflight
 from padd.pipeline.report import render_seeds_markdown, write_report
 from padd.pipeline.run import Pipeline, run_train
 from padd.pipeline.run_dir import RunDir
+from padd.pipeline.shipped_teacher import SHIPPED_TEACHER_DIR, export_teacher
 from padd.pipeline.stage1 import build_student
 from padd.training.checkpointing import GracefulInterrupt, Interrupted, atomic_write_json
 
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("teacher", help="model directory")
     p.add_argument("student", nargs="?", help="second model directory (e.g. the MoE student)")
     p.add_argument("--seq-len", type=int, default=128, help="sequence length for attention FLOPs")
+
+    p = sub.add_parser("export-teacher", help="ship a run's trained teacher (teacher.source=shipped)",
+                       description="Copy the teacher a finished run trained here (teacher.source=train) "
+                       "into padd/assets/teacher/ (or --out), with padd_teacher.json: the settings it "
+                       "was trained with and its answers on the run's held-out split.")  # fmt: skip
+    p.add_argument("run_dir", help="a finished run directory whose teacher was trained here")
+    p.add_argument("--out", help="destination (default: the package's padd/assets/teacher)")
 
     p = sub.add_parser("report", help="(re)build report.md/report.json/plots of a run",
                        description="Build the report of each run directory from its files; with several "
@@ -319,6 +328,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_teacher(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else SHIPPED_TEACHER_DIR
+    record = export_teacher(Path(args.run_dir), out)
+    held_out = record["held_out"]
+    print(
+        f"[padd] teacher exported to {out}: {held_out['accuracy']:.1%} on {held_out['n']} held-out problems"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (2 for config, data and model-directory errors,
     128+signal when interrupted)."""
@@ -338,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert": _cmd_convert,
         "flops": _cmd_flops,
         "report": _cmd_report,
+        "export-teacher": _cmd_export_teacher,
     }
     try:
         return commands[args.command](args)

@@ -98,6 +98,11 @@ class DataConfig:
     )
     kind_field: str | None = setting(None, "subdomain label's field, for the specialisation metric")
     hf_split: str | None = setting(None, "split of a saved DatasetDict")
+    problem_seed: int | None = setting(
+        None,
+        "draws the synthetic problems and the A/B/C/D splits; unset: `run.seed`. Fixed, every "
+        "seed of a run meets the same problems, held-out set and (cached or shipped) teacher",
+    )
     num_problems: int = setting(4000, "synthetic: how many to draw; files: a cap (0 = all)")
     kinds: list[str] = setting(doc="synthetic problem types", factory=lambda: list(KINDS))
     splits: SplitConfig = setting(doc="", factory=SplitConfig)
@@ -126,8 +131,9 @@ class TokenizerConfig:
 class TeacherConfig:
     """The dense teacher: `train` one here (a tiny Llama, cached) or load a local HF model."""
 
-    source: Literal["train", "pretrained"] = setting(
-        "train", "'train' (here, cached) or 'pretrained' (`path`)"
+    source: Literal["shipped", "train", "pretrained"] = setting(
+        "train",
+        "'shipped' (the default's teacher, in the package), 'train' (here, cached) or 'pretrained' (`path`)",
     )
     path: str | None = setting(None, "local HF model directory (source 'pretrained')")
     hidden_size: int = setting(128, "trained teacher: hidden size")
@@ -344,10 +350,15 @@ class PADDRunConfig:
     distributed: DistributedConfig = setting(doc="", factory=DistributedConfig)
 
     def __post_init__(self) -> None:
-        if self.teacher.source == "train":
+        if self.teacher.source in ("train", "shipped"):
             check(self.tokenizer.kind == "char", "tokenizer.kind", "a teacher trained here uses 'char'")
         if self.student.source == "pretrained" and self.tokenizer.kind == "char":
             raise ConfigError("tokenizer.kind", "a pre-trained student needs kind 'pretrained'")
+
+    @property
+    def problem_seed(self) -> int:
+        """The seed of the problems and their splits: `data.problem_seed`, else `run.seed`."""
+        return self.run.seed if self.data.problem_seed is None else self.data.problem_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ def load_problems(cfg: PADDRunConfig) -> list[Problem]:
     """Every problem of the run (before splitting), deterministic in the config."""
     d = cfg.data
     if d.source == "synthetic":
-        return generate_problems(d.num_problems, seed=cfg.run.seed, kinds=d.kinds)
+        return generate_problems(d.num_problems, seed=cfg.problem_seed, kinds=d.kinds)
     fields = dict(
         question_field=d.question_field,
         answer_field=d.answer_field,
@@ -178,7 +178,7 @@ class RunInputs:
         """D_A–D_D as indices into `problems` (raises `ValueError` for too few problems)."""
         if self._splits is None:
             s = self.cfg.data.splits
-            self._splits = make_splits(self.problems, (s.a, s.b, s.c, s.d), seed=self.cfg.run.seed)
+            self._splits = make_splits(self.problems, (s.a, s.b, s.c, s.d), seed=self.cfg.problem_seed)
         return self._splits
 
     def split(self, name: str) -> list[Problem]:

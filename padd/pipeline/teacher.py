@@ -182,7 +182,7 @@ def teacher_cache_key(cfg: PADDRunConfig) -> str:
     key = {
         "teacher": t,
         "alphabet": DEFAULT_ALPHABET,
-        "data": [d.source, d.path, d.num_problems, list(d.kinds), cfg.run.seed],
+        "data": [d.source, d.path, d.num_problems, list(d.kinds), cfg.problem_seed],
         "version": 1,
     }
     return "tiny-llama-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -237,7 +237,7 @@ def ensure_teacher(
     log: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """Make sure a trained teacher exists at `path` (train it when missing; resumable)."""
-    if cfg.teacher.source == "pretrained" or (path / "config.json").exists():
+    if cfg.teacher.source in ("pretrained", "shipped") or (path / "config.json").exists():
         return {"cached": True}
     t = cfg.teacher
     seed_everything(t.data_seed)
@@ -254,7 +254,7 @@ def ensure_teacher(
     )
     if cfg.data.source != "synthetic":
         s = cfg.data.splits
-        splits = make_splits(problems, (s.a, s.b, s.c, s.d), seed=cfg.run.seed)
+        splits = make_splits(problems, (s.a, s.b, s.c, s.d), seed=cfg.problem_seed)
         held_out = {problems[i].question for i in splits.indices["D"]}
         problems = [p for p in problems if p.question not in held_out]
     t0 = time.perf_counter()
