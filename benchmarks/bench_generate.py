@@ -169,3 +169,71 @@ def test_bench_generate(model, batch):
             padd_row.extra["speedup_vs_default"] = speedup
             print(f"  batch={batch}: padd generates {speedup:.2f}x the tokens/s of {default.impl}")
     _write()
+
+
+# -- padd's decode loop against `generate` ------------------------------------------------------
+
+ROLLOUT_PROMPTS = int(os.environ.get("PADD_BENCH_GEN_ROLLOUT_PROMPTS", 32 if on_gpu() else 8))
+ROLLOUT_REPEATS = 8
+# On CPU, the small preset's rollout shape (prompts of ~80 characters, 32 new tokens).
+ROLLOUT_PROMPT = int(os.environ.get("PADD_BENCH_GEN_ROLLOUT_PROMPT", 128 if on_gpu() else 80))
+ROLLOUT_NEW_TOKENS = int(os.environ.get("PADD_BENCH_GEN_ROLLOUT_NEW_TOKENS", 64 if on_gpu() else 32))
+
+
+@pytest.mark.parametrize("do_sample", [True, False], ids=["sample", "greedy"])
+def test_bench_padd_decode(model, do_sample):
+    """`padd.training.decode` (what `rollout.generate` runs) against the `model.generate` call it
+    replaced, on `ROLLOUT_PROMPTS` distinct left-padded prompts × 8 rows each (a GRPO rollout's
+    layout) on padd's experts; both timed here, the ratio reported, the tokens compared."""
+    from padd.training import decode as padd_decode
+
+    model.set_experts_implementation("padd")
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    P, G = ROLLOUT_PROMPTS, ROLLOUT_REPEATS
+    ids = torch.randint(3, model.config.vocab_size, (P, ROLLOUT_PROMPT), generator=gen).to(bench_device())
+    mask = torch.ones_like(ids)
+    for row in range(0, P, 2):  # every other prompt left-padded by a quarter of its length
+        mask[row, : ROLLOUT_PROMPT // 4] = 0
+        ids[row, : ROLLOUT_PROMPT // 4] = 0
+    kw = dict(do_sample=do_sample, max_new_tokens=ROLLOUT_NEW_TOKENS)
+    kw.update(
+        dict(temperature=1.0, top_p=1.0, top_k=0)
+        if do_sample
+        else dict(temperature=None, top_p=None, top_k=None)
+    )
+    assert padd_decode.supported(model, **kw)
+    outputs = {}
+
+    def old():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs["generate"] = model.generate(
+                input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                pad_token_id=0, eos_token_id=None, **kw,
+            )  # fmt: skip
+
+    def new():
+        torch.manual_seed(0)
+        outputs["padd"] = padd_decode.decode(
+            model, ids, mask, repeats=G, pad_token_id=0, eos_token_id=None, **kw
+        )
+
+    shape = {"model": MODEL_NAME, "prompts": P, "repeats": G, "prompt": ROLLOUT_PROMPT,
+             "new_tokens": ROLLOUT_NEW_TOKENS, "layers": LAYERS, "dtype": str(DTYPE).removeprefix("torch."),
+             "do_sample": do_sample}  # fmt: skip
+    timings = {}
+    for _ in range(2):  # alternate, so a change in machine load hits both
+        for name, fn in (("generate", old), ("padd", new)):
+            t = time_fn(fn, warmup=1, reps=3)
+            if name not in timings or t["median_ms"] < timings[name]["median_ms"]:
+                timings[name] = t
+    same = bool(torch.equal(outputs["padd"], outputs["generate"]))
+    ratio = timings["generate"]["median_ms"] / timings["padd"]["median_ms"]
+    for name in ("generate", "padd"):
+        mode = "sample" if do_sample else "greedy"
+        record = make_record(SUITE, "rollout_decode", f"{name} ({mode})", shape, timings[name],
+                             speedup_vs_generate=ratio, tokens_identical=same)  # fmt: skip
+        _RECORDS.append(record)
+    print(f"  rollout decode ({shape['do_sample']=}): padd {ratio:.2f}x generate, tokens identical: {same}")
+    _write()
+    assert same

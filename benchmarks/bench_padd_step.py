@@ -274,6 +274,8 @@ def run_small(workdir: Path, steps: int = 3, eval_reps: int = 2) -> dict:
             if step > 0:
                 for k in SMALL_SPLIT:
                     times[name][k].append(metrics[name][k])
+            split = " ".join(f"{k[5:]} {metrics[name][k]:.3f}" for k in SMALL_SPLIT)
+            print(f"step {step}{' (warmup)' if step == 0 else ''} {name}: {split}", flush=True)
         same_metrics &= _without_times(metrics["old"]) == _without_times(metrics["new"])
     out = {
         "step_median_s": {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()},
@@ -305,6 +307,7 @@ def run_small(workdir: Path, steps: int = 3, eval_reps: int = 2) -> dict:
                         batch_size=cfg.eval.batch_size, control=control,
                     )  # fmt: skip
                 evals[model_name][name].append(time.perf_counter() - t0)
+                print(f"eval {model_name} {name}: {evals[model_name][name][-1]:.3f} s", flush=True)
                 if control is not None:
                     control.remove()
                 outcomes[name] = [(o.completions, o.correct, o.experts_by_layer) for o in res]

@@ -154,3 +154,26 @@ def test_rollout_generate_is_the_old_path(do_sample):
     assert torch.equal(new.attention_mask_BS, old.attention_mask_BS)
     assert torch.equal(new.response_mask_BR, old.response_mask_BR)
     assert new.completions == old.completions and new.prompt_length == old.prompt_length
+
+
+def test_trainer_step_is_the_old_paths_step(monkeypatch):
+    """A whole PADD step (rollouts, teacher's greedy check, update) on padd's decode gives the
+    metrics and weights it gave on `model.generate`, from the same seed."""
+    from test_trainer import PROBLEMS, small_config, tiny_student, tiny_teacher
+
+    from padd.training.trainer import PADDTrainer
+
+    def run(use_padd: bool):
+        with monkeypatch.context() as patch:
+            if not use_padd:
+                patch.setattr(padd_decode, "supported", lambda *a, **k: False)
+            cfg = small_config(kd_on="teacher_correct", num_generations=3)
+            trainer = PADDTrainer(tiny_student(), tiny_teacher(), char_tokenizer(), cfg)
+            metrics = [trainer.step(PROBLEMS) for _ in range(2)]
+        return [{k: v for k, v in m.items() if not k.startswith("time_")} for m in metrics], trainer.student
+
+    old_metrics, old_student = run(False)
+    new_metrics, new_student = run(True)
+    assert new_metrics == old_metrics
+    for a, b in zip(old_student.parameters(), new_student.parameters(), strict=True):
+        assert torch.equal(a, b)
