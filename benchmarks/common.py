@@ -16,6 +16,12 @@ from pathlib import Path
 
 import torch
 
+# CPU threads for torch ($PADD_BENCH_CPU_THREADS): on a CPU shared with other processes, two
+# OpenMP threads spin at every barrier while the other one waits for a core, which turns wall
+# and CPU times into measures of the load; one thread measures the work. The JSON records it.
+if not torch.cuda.is_available() and os.environ.get("PADD_BENCH_CPU_THREADS"):
+    torch.set_num_threads(int(os.environ["PADD_BENCH_CPU_THREADS"]))
+
 # Dense bf16 tensor-core peak and HBM bandwidth by GPU name fragment (vendor datasheets).
 PEAKS = {
     "H100": {"bf16_tflops": 989.0, "hbm_gbps": 3350.0},
@@ -51,7 +57,10 @@ def device_info() -> dict:
                 info.update(peak)
     else:
         info.update(
-            device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", kind="cpu"
+            device=f"CPU {os.cpu_count()} cores",
+            cpu=platform.processor() or platform.machine(),
+            torch_threads=torch.get_num_threads(),
+            kind="cpu",
         )
     return info
 

@@ -122,11 +122,18 @@ def kd_loss(
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if cpu_eager(resolved, student_logits, teacher_logits, tau_t_N, tau_s_N, w_N):
         # The same reference and backward as the op, without its dispatch cost (see KdLossCPU).
+        # Rows weighted alike (no mask, labels or per-row T^2) pass their weight as a number.
+        alike = (
+            mask is None
+            and labels is None
+            and not (temperature_scaling and isinstance(temperature, torch.Tensor))
+        )
+        w = _constant_weight(n_rows, reduction, temperature_scaling, temperature) if alike else w_N
         loss_N = _op.KdLossCPU.apply(
-            student_logits, teacher_logits, tau_t_N, tau_s_N, w_N, divergence, float(beta), compute_grad,
-            check_nan,
+            student_logits, teacher_logits, tau_t_N, tau_s_N, w, divergence, float(beta), compute_grad,
+            check_nan, reduction != "none",
         )  # fmt: skip
-        return loss_N if reduction == "none" else loss_N.sum()
+        return loss_N
     loss_N, _ = torch.ops.padd.kd_loss(
         student_logits, teacher_logits, tau_t_N, tau_s_N, w_N, divergence, float(beta), compute_grad,
         check_nan, resolved,
@@ -212,6 +219,12 @@ def fused_linear_kd_loss(
     else:
         loss_N, *_ = torch.ops.padd.fused_linear_kd_loss(*args)
     return loss_N if reduction == "none" else loss_N.sum()
+
+
+def _constant_weight(n_rows: int, reduction: str, temperature_scaling: bool, temperature: float) -> float:
+    """`row_weights_N`'s value when every row is kept and the temperature is a number."""
+    w = float(temperature) ** 2 if temperature_scaling else 1.0
+    return w / max(n_rows, 1) if reduction in ("mean", "batchmean") else w
 
 
 def _check_loss_options(divergence: str, beta: float, reduction: str, temperature_scaling: bool) -> None:

@@ -104,11 +104,11 @@ class KdLossCPU(torch.autograd.Function):
     functions, NaN policy and in-place backward, without the custom op's dispatch (~0.2 ms a
     call on CPU, as much as the loss at small N x V). `kd_loss` takes it for eager CPU calls
     (`_dispatch.cpu_eager`); torch.compile, dispatch modes and other devices keep the op.
-    Returns the weighted per-row loss `[N]`."""
+    Returns the weighted per-row loss `[N]`, or its sum with `reduce` (one autograd node less)."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, tau_t, tau_s, weight, divergence, beta, compute_grad,
-                check_nan):  # fmt: skip
+                check_nan, reduce=False):  # fmt: skip
         args = (student_logits, teacher_logits, tau_t, tau_s, weight, divergence, beta, compute_grad)
         named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
         compute = lambda: kd_loss_and_grad_reference(*args)
@@ -116,7 +116,7 @@ class KdLossCPU(torch.autograd.Function):
         ctx.compute_grad = compute_grad
         if compute_grad:
             ctx.save_for_backward(grad_NV)
-        return loss_N
+        return loss_N.sum() if reduce else loss_N
 
     @staticmethod
     def backward(ctx, grad_loss_N):
@@ -124,8 +124,8 @@ class KdLossCPU(torch.autograd.Function):
             raise RuntimeError("kd_loss: the forward ran without a student gradient (student had no grad)")
         _refuse_second_backward(ctx)
         (grad_NV,) = ctx.saved_tensors
-        scale_rows_reference_(grad_NV, grad_loss_N)
-        return (grad_NV,) + (None,) * 8
+        scale_rows_reference_(grad_NV, grad_loss_N)  # a 0-d upstream gradient when reduced
+        return (grad_NV,) + (None,) * 9
 
 
 @kd_loss_op.register_fake

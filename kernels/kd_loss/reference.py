@@ -194,7 +194,7 @@ def kd_loss_and_grad_reference(
     teacher_logits_NV: torch.Tensor,
     tau_t_N: torch.Tensor,
     tau_s_N: torch.Tensor,
-    w_N: torch.Tensor,
+    w_N: torch.Tensor | float,
     divergence: str,
     beta: float,
     compute_grad: bool,
@@ -215,6 +215,8 @@ def kd_loss_and_grad_reference(
             return _kd_loss_and_grad_cpu(
                 student_logits_NV, teacher_logits_NV, tau_t_N, tau_s_N, w_N, divergence, beta, compute_grad
             )
+        if not isinstance(w_N, torch.Tensor):  # one weight for every row (see _kd_loss_and_grad_cpu)
+            w_N = torch.full_like(tau_s_N, w_N)
         log_q_NV = torch.log_softmax(student_logits_NV.float() / tau_s_N[:, None], dim=-1)
         log_p_NV = torch.log_softmax(teacher_logits_NV.float() / tau_t_N[:, None], dim=-1)
         loss_N = weighted_rows_N(divergence_rows_N(log_q_NV, log_p_NV, divergence, beta), w_N)
@@ -256,10 +258,15 @@ def _log_softmax_rows_NV(z_NV: torch.Tensor, tau_N: torch.Tensor) -> torch.Tenso
 
 
 def _fast_rows(
-    log_q_NV: torch.Tensor, log_p_NV: torch.Tensor, divergence: str, beta: float, compute_grad: bool
+    log_q_NV: torch.Tensor,
+    log_p_NV: torch.Tensor,
+    divergence: str,
+    beta: float,
+    compute_grad: bool,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unweighted per-row divergence `[N]` and unscaled gradient `[N, V]` (`r - q sum(r)`, see
-    `r_terms_NV`; for jsd without its `1 - beta` factor), overwriting both log-prob buffers.
+    """Unweighted per-row divergence `[N]` and `scale` times the gradient `[N, V]` (`r - q sum(r)`,
+    see `r_terms_NV`; for jsd without its `1 - beta` factor), overwriting both log-prob buffers.
 
     The fewest `[N, V]` passes the math allows (each one is memory-bound on CPU), and no 0 log 0
     guards: a term whose left-hand probability is 0 at a -inf log-probability is NaN here, so
@@ -272,14 +279,16 @@ def _fast_rows(
         div_N = log_p_NV.sub_(log_q_NV).mul_(p_NV).sum(-1)
         if not compute_grad:
             return div_N, None
-        return div_N, log_q_NV.exp_().mul_(p_NV.sum(-1, keepdim=True)).sub_(p_NV)
+        # scale (q sum(p) - p) in two passes: the scale rides on the row factor and the alpha.
+        return div_N, log_q_NV.exp_().mul_(p_NV.sum(-1, keepdim=True) * scale).add_(p_NV, alpha=-scale)
     if divergence == "reverse_kl":  # KL(q || p): r = q (log q - log p), sum(r) = div
         q_NV = log_q_NV.exp()
         r_NV = log_q_NV.sub_(log_p_NV).mul_(q_NV)
         div_N = r_NV.sum(-1)
         if not compute_grad:
             return div_N, None
-        return div_N, r_NV.addcmul_(q_NV, div_N[:, None], value=-1.0)
+        grad_NV = r_NV.addcmul_(q_NV, div_N[:, None], value=-1.0)
+        return div_N, grad_NV if scale == 1.0 else grad_NV.mul_(scale)
     # jsd: beta KL(p || M) + (1 - beta) KL(q || M); r = (1 - beta) q (log q - log M)
     p_NV, q_NV = log_p_NV.exp(), log_q_NV.exp()
     log_m_NV = torch.lerp(q_NV, p_NV, beta).log_()  # M = beta p + (1 - beta) q
@@ -289,7 +298,8 @@ def _fast_rows(
     div_N = beta * kl_pm_N + (1.0 - beta) * kl_qm_N
     if not compute_grad:
         return div_N, None
-    return div_N, rq_NV.addcmul_(q_NV, kl_qm_N[:, None], value=-1.0)
+    grad_NV = rq_NV.addcmul_(q_NV, kl_qm_N[:, None], value=-1.0)
+    return div_N, grad_NV if scale == 1.0 else grad_NV.mul_(scale)
 
 
 def _kd_loss_and_grad_cpu(
@@ -297,16 +307,25 @@ def _kd_loss_and_grad_cpu(
     teacher_logits_NV: torch.Tensor,
     tau_t_N: torch.Tensor,
     tau_s_N: torch.Tensor,
-    w_N: torch.Tensor,
+    w_N: torch.Tensor | float,
     divergence: str,
     beta: float,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`kd_loss_and_grad_reference` on CPU: `_fast_rows`, then the guarded formulas for the
-    rows whose divergence came out NaN (found with an `[N]` check: no host sync on CPU)."""
+    rows whose divergence came out NaN (found with an `[N]` check: no host sync on CPU).
+
+    `w_N` may be a float, one weight for every row (no mask, no per-row T^2: what `kd_loss`
+    passes then): with a float student temperature the whole gradient scale is then a number
+    folded into `_fast_rows`' last passes, and no row needs the dropped-row handling. At small
+    N x V every small op's dispatch costs as much as an `[N, V]` pass."""
+    w = w_N if isinstance(w_N, float) else None
+    tau_s = _constant_rows(tau_s_N)
+    jsd_factor = 1.0 - beta if divergence == "jsd" else 1.0
+    scale = w * jsd_factor / tau_s if w is not None and tau_s is not None else 1.0
     log_q_NV = _log_softmax_rows_NV(student_logits_NV, tau_s_N)
     log_p_NV = _log_softmax_rows_NV(teacher_logits_NV, tau_t_N)
-    div_N, grad_NV = _fast_rows(log_q_NV, log_p_NV, divergence, beta, compute_grad)
+    div_N, grad_NV = _fast_rows(log_q_NV, log_p_NV, divergence, beta, compute_grad, scale)
     redo_grad_RV = None
     if bool(torch.isnan(div_N).any()):
         redo_R = torch.isnan(div_N).nonzero().squeeze(1)
@@ -315,16 +334,24 @@ def _kd_loss_and_grad_cpu(
         div_N[redo_R] = divergence_rows_N(log_q_RV, log_p_RV, divergence, beta)
         if compute_grad:
             redo_grad_RV = _guarded_grad_NV(log_q_RV, log_p_RV, divergence, beta)
-    # Few small ops: at small N x V each one's dispatch costs as much as an [N, V] pass.
+    if w is not None:
+        if w == 0.0:
+            return torch.zeros_like(div_N), (torch.zeros_like(grad_NV) if compute_grad else None)
+        loss_N = div_N * w
+        if not compute_grad:
+            return loss_N, None
+        row_scale_N = None if tau_s is not None else w * jsd_factor / tau_s_N
+        if row_scale_N is not None:
+            grad_NV.mul_(row_scale_N[:, None])
+        if redo_grad_RV is not None:
+            grad_NV[redo_R] = redo_grad_RV * (w / tau_s_N[redo_R, None])
+        return loss_N, grad_NV.to(student_logits_NV.dtype)
     keep_N = w_N != 0
     loss_N = torch.where(keep_N, w_N * div_N, 0.0)  # a dropped row is 0 even where div is inf
     if not compute_grad:
         return loss_N, None
-    tau_s = _constant_rows(tau_s_N)
     scale_N = w_N if tau_s == 1.0 else torch.where(keep_N, w_N / tau_s_N, 0.0)
-    if divergence == "jsd":
-        scale_N = scale_N * (1.0 - beta)
-    grad_NV.mul_(scale_N[:, None])
+    grad_NV.mul_((scale_N * jsd_factor if jsd_factor != 1.0 else scale_N)[:, None])
     if redo_grad_RV is not None:
         grad_NV[redo_R] = redo_grad_RV * torch.where(keep_N, w_N / tau_s_N, 0.0)[redo_R, None]
     if not bool(keep_N.all()):  # a dropped row's gradient is exactly 0, even where it is NaN
