@@ -22,7 +22,7 @@ def test_presets_load_and_differ():
     assert len(fps) == len(preset_names())
     tiny = load_config("tiny")
     assert isinstance(tiny, PADDRunConfig)
-    assert tiny.student.num_experts == 8 and tiny.teacher.source == "train"
+    assert tiny.student.num_experts == 8 and tiny.teacher.source == "shipped"
 
 
 @pytest.mark.parametrize(
@@ -88,11 +88,11 @@ def test_yaml_file_and_bad_override_syntax(tmp_path):
         load_config("no-such-preset")
 
 
-def test_tiny_is_small_cut_short():
-    # The oracle: small with tiny's three settings given as overrides.
-    small = load_config("small", ["run.dir=runs/tiny", "training.steps=30", "training.checkpoint_every=10"])
-    assert load_config("tiny").to_dict() == small.to_dict()
-    assert load_config("small").training.params.dynamic_sampling == 4  # the headline's method
+def test_small_is_tiny_with_its_teacher_trained_here():
+    # The oracle: tiny with small's two settings given as overrides.
+    tiny = load_config("tiny", ["run.dir=runs/small", "teacher.source=train"])
+    assert load_config("small").to_dict() == tiny.to_dict()
+    assert load_config("tiny").training.params.dynamic_sampling == 4  # the headline's method
 
 
 def test_base_merges_sections_and_resolves_relative_to_the_file(tmp_path):
@@ -125,8 +125,9 @@ def test_bad_base_is_a_clear_error(tmp_path):
 
 def test_a_presets_base_is_a_preset_whatever_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "small").mkdir()  # a folder named like tiny's base must not shadow the preset
-    assert load_config("tiny").training.steps == 30
+    (tmp_path / "tiny").mkdir()  # a folder named like small's base must not shadow the preset
+    assert load_config("small").teacher.source == "train"
+    assert load_config("small").data.problem_seed == 0  # from tiny, the base
 
 
 def test_experts_implementation_is_checked_before_compute_and_not_fingerprinted():
@@ -148,10 +149,12 @@ def _method(cfg: PADDRunConfig) -> dict:
     """The settings that make the method (not the data, the models' shapes or the run's scale)."""
     params = dataclasses.asdict(cfg.training.params)
     params.pop("max_new_tokens")  # a length cap: the data's
+    stage1 = dataclasses.asdict(cfg.stage1)
+    stage1.pop("warmup_steps")  # a schedule's length: the run's budget, like training.steps
     return {
         "student.init": cfg.student.init,
         "router": dataclasses.asdict(cfg.router),
-        "stage1": dataclasses.asdict(cfg.stage1),
+        "stage1": stage1,
         "training.method": cfg.training.method,
         "training.params": params,
     }
