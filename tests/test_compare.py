@@ -1,5 +1,5 @@
 """`padd train tests/fixtures/micro.yaml --compare` with the dense "Teacher (GRPO)" and "Teacher
-(SFT on D_B)" rows and the no-Stage-I ablation."""
+(SFT on D_B)" rows and the no-Stage-I and random-split ablations."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ MICRO = str(ROOT / "tests" / "fixtures" / "micro.yaml")  # the test-only smoke c
 
 def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     run = tmp_path / "run"
-    methods = "compare.methods=[teacher_grpo,no_stage1,teacher_sft]"
+    methods = "compare.methods=[teacher_grpo,no_stage1,teacher_sft,random_split]"
     cmd = [sys.executable, "-m", "padd", "train", MICRO, "--compare", f"run.dir={run}",
            f"run.cache_dir={tmp_path / 'cache'}", methods]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -27,6 +27,9 @@ def test_compare_teacher_grpo_and_no_stage1(tmp_path):
     assert "padd_router_group_size" not in s1_cfg  # upcycled, not the exact construction
     main_cfg = json.loads((run / "stage1" / "student" / "config.json").read_text())
     assert main_cfg["padd_router_group_size"] == 2
+    # random_split builds from random-partition statistics (it failed at Stage I on k-means ones)
+    split = json.loads((run / "compare" / "random_split" / "eval.json").read_text())
+    assert {"nmi", "load_cv"} <= set(split)
     sft = json.loads((run / "compare" / "teacher_sft" / "eval.json").read_text())
     assert "nmi" not in sft and sft["n"] == teacher["n"]
     # Each method's one result file carries its training-and-evaluation time.

@@ -67,7 +67,13 @@ def build_student(
     t0 = time.perf_counter()
     stats_batches = list(lm_batches(d_a, tokenizer, s1.batch_size, max_len, s1.stats_batches))
     stats = dec.collect_stats(
-        teacher, stats_batches, num_experts=st.num_experts, seed=cfg.run.seed, xi=s1.neuron_xi
+        teacher,
+        stats_batches,
+        num_experts=st.num_experts,
+        # random_split's experts are random neuron partitions: its statistics must say so
+        method="random" if init == "random_split" else "kmeans",
+        seed=cfg.run.seed,
+        xi=s1.neuron_xi,
     )
     info["stats_s"] = time.perf_counter() - t0
     interrupt.check()
