@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import padd.decompress as dec
@@ -110,6 +111,14 @@ def build_student(
         info["warmup"] = "skipped"
     else:
         t0 = time.perf_counter()
+        progress = cfg.run.progress
+        bar = tqdm(total=s1.warmup_steps, desc="stage1 warmup", disable=not progress, dynamic_ncols=True)
+
+        def log_step(rec: dict[str, Any]) -> None:
+            log({**rec, "stage": "stage1_warmup", "step": int(rec["step"])})
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+
         history = dec.warmup(
             student,
             teacher,
@@ -122,8 +131,9 @@ def build_student(
             xi=s1.neuron_xi,
             router_targets=targets,
             routing=s1.warmup_routing,
-            log=lambda rec: log({**rec, "stage": "stage1_warmup", "step": int(rec["step"])}),
+            log=log_step,
         )
+        bar.close()
         info["warmup"] = "done"
         info["warmup_steps"] = len(history)
         info["warmup_s"] = time.perf_counter() - t0

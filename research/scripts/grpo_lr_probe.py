@@ -6,6 +6,7 @@ CACHE_DIR is a `run.cache_dir` holding the seed-0 tiny teacher. Prints the step 
 averaged over every 10 steps (reward, sampled accuracy, gradient norm, clip fraction...).
 """
 
+import dataclasses
 import sys
 import time
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config("tiny", [f"run.cache_dir={cache}", "run.dir=/tmp/grpo_lr_probe"])
     inputs = RunInputs(cfg, RunDir(cfg.run.dir), device=torch.device("cpu"), save_tokenizer=False)
     torch.manual_seed(0)
-    pcfg = training_config(method, {**cfg.training.params, "learning_rate": lr}, 0)
+    pcfg = training_config(method, dataclasses.replace(cfg.training.params, learning_rate=lr), 0)
     trainer = PADDTrainer(inputs.load_teacher(), None, inputs.tokenizer, pcfg, None)
     batches = prompt_batches(inputs.split("C"), cfg.training.prompts_per_step, 0, 0)
     history, t0 = [], time.time()
