@@ -1,11 +1,13 @@
-"""The gated activations of the expert FFN, forward and hand-derived backward, in plain torch.
+"""The activations of the expert FFN, forward and hand-derived backward, in plain torch.
 
-Shape legend: S slots (rows), I expert width. Each function takes the gate and up halves of the
-gate/up GEMM, `[S, I]` each, in fp32, and returns `h [S, I]` (forward) or `(d gate, d up)`
-(backward). The backward reproduces autograd of the forward formula exactly, clamp masks
-included (`torch.clamp` passes the gradient where `min <= x <= max`, bounds inclusive).
+Shape legend: S slots (rows), I expert width. A *gated* activation takes the gate and up halves
+of the gate/up GEMM, `[S, I]` each, in fp32, and returns `h [S, I]` (forward) or `(d gate, d up)`
+(backward); a *non-gated* one takes the up GEMM's output `[S, I]` alone (the experts' first
+weight is then the up projection `[E, I, H]`, half as wide). Each backward reproduces autograd
+of its forward formula exactly, clamp masks included (`torch.clamp` passes the gradient where
+`min <= x <= max`, bounds inclusive).
 
-The four activations are the ones transformers' MoE families compute (`limit` L, `alpha` α):
+The gated activations are the ones transformers' MoE families compute (`limit` L, `alpha` α):
 
 - `"swiglu"`: `silu(g) · u` (Mixtral, Qwen-MoE, DeepSeek-V3, ...).
 - `"swiglu_limit"`: `silu(min(g, L)) · clamp(u, -L, L)`, the clamp before the SiLU
@@ -15,6 +17,14 @@ The four activations are the ones transformers' MoE families compute (`limit` L,
 - `"gpt_oss"`: `(clamp(u, -L, L) + 1) · g' · σ(α·g')` with `g' = min(g, L)` (GPT-OSS, MiniMax-M3).
 
 A limit of None means no clamp (`"swiglu_limit"` and `"swiglu_limit_post"` are then `"swiglu"`).
+
+The non-gated ones (no limit, no α), as transformers' `ACT2FN` computes them on the up projection
+`u` of experts with `has_gate=False`:
+
+- `"relu2"`: `relu(u)²` (Nemotron-H, Ergo).
+- `"relu"`: `relu(u)`.
+- `"silu"`: `silu(u)`.
+- `"gelu"`: `gelu(u)`, the exact (erf) form (`ACT2FN["gelu"]`).
 """
 
 from __future__ import annotations
@@ -24,9 +34,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "GatedActivation", "activation_backward", "activation_forward", "check_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "UNGATED_ACTIVATIONS",
+    "GatedActivation",
+    "activation_backward",
+    "activation_forward",
+    "check_activation",
+    "ungated_backward",
+    "ungated_forward",
+]
 
-ACTIVATIONS = ("swiglu", "swiglu_limit", "swiglu_limit_post", "gpt_oss")
+GATED_ACTIVATIONS = ("swiglu", "swiglu_limit", "swiglu_limit_post", "gpt_oss")
+UNGATED_ACTIVATIONS = ("relu2", "relu", "silu", "gelu")
+ACTIVATIONS = GATED_ACTIVATIONS + UNGATED_ACTIVATIONS
 
 # No clamp: a bound no finite fp32 value passes.
 _NO_LIMIT = float("inf")
@@ -38,6 +60,10 @@ def check_activation(activation: str, limit: float | None, alpha: float | None) 
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if limit is not None and not (isinstance(limit, int | float) and limit > 0):
         raise ValueError(f"limit must be a positive number or None, got {limit!r}")
+    if activation in UNGATED_ACTIVATIONS:
+        if limit is not None or alpha is not None:
+            raise ValueError(f"activation={activation!r} (no gate) takes no limit or alpha")
+        return
     if activation == "swiglu" and limit is not None:
         raise ValueError("activation='swiglu' takes no limit; use 'swiglu_limit' or 'swiglu_limit_post'")
     if activation == "gpt_oss":
@@ -49,6 +75,29 @@ def check_activation(activation: str, limit: float | None, alpha: float | None) 
 
 def _bound(limit: float | None) -> float:
     return _NO_LIMIT if limit is None else float(limit)
+
+
+def ungated_forward(up_SI: torch.Tensor, activation: str) -> torch.Tensor:
+    """`h [S, I]` of a non-gated `activation` (module docstring) from the up pre-activations."""
+    if activation == "relu2":
+        return torch.square(F.relu(up_SI))
+    if activation == "relu":
+        return F.relu(up_SI)
+    if activation == "silu":
+        return F.silu(up_SI)
+    return F.gelu(up_SI)
+
+
+def ungated_backward(dh_SI: torch.Tensor, up_SI: torch.Tensor, activation: str) -> torch.Tensor:
+    """`d up [S, I]` of `ungated_forward` for the output gradient `dh` (0 at `u = 0` for the ReLUs,
+    as autograd gives)."""
+    if activation == "relu2":
+        return dh_SI * 2 * F.relu(up_SI)
+    if activation == "relu":
+        return dh_SI * (up_SI > 0)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dh_SI, up_SI)
+    return torch.ops.aten.gelu_backward(dh_SI, up_SI)
 
 
 def activation_forward(
@@ -100,14 +149,15 @@ def activation_backward(
 
 @dataclass(frozen=True)
 class GatedActivation:
-    """How the expert FFN turns its gate/up GEMM output `[S, 2I]` into `h [S, I]`.
+    """How the expert FFN turns its first GEMM's output into `h [S, I]`: the gate/up output
+    `[S, 2I]` for a gated activation, the up output `[S, I]` for a non-gated one (`gated`).
 
     Attributes:
         name: one of `ACTIVATIONS` (module docstring).
         limit: the clamp bound L, or None for no clamp.
         alpha: α of `"gpt_oss"` (None for the others).
         interleaved: gate and up columns alternate (`[g0, u0, g1, u1, ...]`, GPT-OSS's layout)
-            instead of the gate half then the up half.
+            instead of the gate half then the up half (gated activations only).
     """
 
     name: str = "swiglu"
@@ -117,6 +167,17 @@ class GatedActivation:
 
     def __post_init__(self) -> None:
         check_activation(self.name, self.limit, self.alpha)
+        if self.interleaved and not self.gated:
+            raise ValueError(f"activation={self.name!r} has no gate: gate_up_interleaved must be False")
+
+    @property
+    def gated(self) -> bool:
+        """The first weight holds gate and up rows (`[E, 2I, H]`); else up rows only (`[E, I, H]`)."""
+        return self.name in GATED_ACTIVATIONS
+
+    def width(self, inter: int) -> int:
+        """Columns of the first GEMM's output for expert width I: 2I gated, I otherwise."""
+        return 2 * inter if self.gated else inter
 
     @property
     def is_plain_swiglu(self) -> bool:
@@ -131,10 +192,14 @@ class GatedActivation:
         return gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
 
     def forward(self, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return ungated_forward(gate_up_S2I, self.name)
         return activation_forward(*self.split(gate_up_S2I), self.name, self.limit, self.alpha)
 
     def backward(self, dh_SI: torch.Tensor, gate_up_S2I: torch.Tensor) -> torch.Tensor:
-        """`d gate_up [S, 2I]` in the same column layout as `gate_up_S2I`."""
+        """`d gate_up [S, 2I]` in the same column layout as `gate_up_S2I` (`[S, I]` non-gated)."""
+        if not self.gated:
+            return ungated_backward(dh_SI, gate_up_S2I, self.name)
         d_gate, d_up = activation_backward(dh_SI, *self.split(gate_up_S2I), self.name, self.limit, self.alpha)
         d_gate_up = torch.empty_like(gate_up_S2I)
         d_gate_view, d_up_view = self.split(d_gate_up)

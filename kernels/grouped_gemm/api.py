@@ -1,5 +1,6 @@
 """The public grouped expert FFN, `moe_ffn(x, gate_up_proj, down_proj, routing)` -> `[T, H]`,
-with its input validation.
+with its input validation (gated activations, and non-gated ones whose first weight is the up
+projection `[E, I, H]` alone).
 
 `backend="auto"` and `"triton"` go through the `padd::moe_ffn` custom op (op.py), which runs the
 Triton kernels (triton.py) on CUDA and the PyTorch reference (reference.py) on CPU. The Triton
@@ -34,22 +35,28 @@ def moe_ffn(
     down_bias: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Routed gated experts, `Σ_j w_tj · down_e(act(gate_up_e x_t))`; SwiGLU by default.
+    """Routed experts, `Σ_j w_tj · down_e(act(gate_up_e x_t))`; SwiGLU by default.
 
     Args:
         x: `[T, H]` token activations.
-        gate_up_proj: `[E, 2I, H]`, transformers' fused layout (gate rows, then up rows). A
-            transposed view of an `[E, H, 2I]` tensor is fine (it is never copied).
+        gate_up_proj: the experts' first weight. For a gated activation `[E, 2I, H]`,
+            transformers' fused layout (gate rows, then up rows). For a non-gated activation
+            ("relu2", "relu", "silu", "gelu") the up projection alone, `[E, I, H]` (transformers'
+            `up_proj` of experts with `has_gate=False`). A transposed view of an `[E, H, ·]`
+            tensor is fine (it is never copied).
         down_proj: `[E, H, I]` (or a transposed view of `[E, I, H]`).
         routing: the `Routing` of these T tokens (from `route` or `routing_from_topk`).
         activation: "swiglu" (`silu(g)·u`), "swiglu_limit" (`silu(min(g, L))·clamp(u, ±L)`),
             "swiglu_limit_post" (`min(silu(g), L)·clamp(u, ±L)`) or "gpt_oss"
-            (`(clamp(u, ±L) + 1)·g'σ(α·g')`, `g' = min(g, L)`); see `activation.py`.
+            (`(clamp(u, ±L) + 1)·g'σ(α·g')`, `g' = min(g, L)`), or with no gate "relu2"
+            (`relu(u)²`, Nemotron-H, Ergo), "relu", "silu" or "gelu" (erf) of the up
+            projection `u`; see `activation.py`.
         limit: the clamp bound L of the limited activations (None: no clamp).
         alpha: α of "gpt_oss".
         gate_up_interleaved: gate and up rows of `gate_up_proj` alternate (GPT-OSS) instead
-            of the gate half then the up half.
-        gate_up_bias: optional `[E, 2I]` bias of the gate/up projection (same row layout).
+            of the gate half then the up half (gated activations only).
+        gate_up_bias: optional `[E, 2I]` (`[E, I]` non-gated) bias of the gate/up projection
+            (same row layout).
         down_bias: optional `[E, H]` bias of the down projection.
         backend: "auto" (the custom op: Triton on CUDA unless there are biases, the reference
             otherwise), "triton" (force the kernels; no biases; on CPU only under
@@ -71,7 +78,7 @@ def moe_ffn(
     _check_types(x, gate_up_proj, down_proj, routing)
     act = GatedActivation(activation, limit, alpha, gate_up_interleaved)
     x, gate_up_proj, down_proj = _autocast(x, gate_up_proj, down_proj)
-    _check_moe_inputs(x, gate_up_proj, down_proj, routing)
+    _check_moe_inputs(x, gate_up_proj, down_proj, routing, act.gated)
     _check_biases(gate_up_bias, down_bias, gate_up_proj, x)
     fused_by_triton = gate_up_bias is None and down_bias is None
     if backend == "triton" and not fused_by_triton:
@@ -148,8 +155,10 @@ def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _check_moe_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> None:
-    _check_weight_shapes(x, w13, w2)
+def _check_moe_inputs(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing, gated: bool = True
+) -> None:
+    _check_weight_shapes(x, w13, w2, gated)
     for name, t in (("x", x), ("gate_up_proj", w13), ("down_proj", w2)):
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"{name} must be fp32, bf16 or fp16, got {t.dtype}")
@@ -160,22 +169,27 @@ def _check_moe_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, rout
     _check_routing(routing, x, w13.shape[0])
 
 
-def _check_weight_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+def _check_weight_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, gated: bool = True) -> None:
+    first = "[E, 2I, H]" if gated else "[E, I, H] (the up projection: the activation has no gate)"
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     if w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(
-            "gate_up_proj must be [E, 2I, H] and down_proj [E, H, I]; "
+            f"gate_up_proj must be {first} and down_proj [E, H, I]; "
             f"got {tuple(w13.shape)} and {tuple(w2.shape)}"
         )
-    num_experts, two_inter, hidden = w13.shape
-    if two_inter % 2 or two_inter == 0:
-        raise ValueError(f"gate_up_proj's second dim must be 2·I (even, > 0), got {two_inter}")
+    num_experts, width, hidden = w13.shape
+    if gated and (width % 2 or width == 0):
+        raise ValueError(f"gate_up_proj's second dim must be 2·I (even, > 0), got {width}")
+    if width == 0:
+        raise ValueError("gate_up_proj's second dim (I) must be > 0")
     if hidden != x.shape[1]:
         raise ValueError(f"gate_up_proj hidden size {hidden} != x hidden size {x.shape[1]}")
-    if w2.shape != (num_experts, hidden, two_inter // 2):
+    inter = width // 2 if gated else width
+    if w2.shape != (num_experts, hidden, inter):
         raise ValueError(
-            f"down_proj must be [E, H, I]=({num_experts}, {hidden}, {two_inter // 2}), got {tuple(w2.shape)}"
+            f"down_proj must be [E, H, I]=({num_experts}, {hidden}, {inter}) for gate_up_proj {first} "
+            f"{tuple(w13.shape)}, got {tuple(w2.shape)}"
         )
 
 

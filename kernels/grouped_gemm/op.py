@@ -10,8 +10,9 @@ same reason. `moe_ffn` applies autocast before the op; inside, the reference run
 off so its fp32 math stays fp32.
 
 Both ops carry FLOP formulas for `torch.utils.flop_counter.FlopCounterMode`: forward
-2·T·K·H·3I, backward twice that when every input needs a gradient (less when some do not; the
-Triton backward's gate/up recompute is not counted: it is not useful work).
+2·T·K·H·3I (2·T·K·H·2I for a non-gated activation, whose first GEMM is `[E, I, H]`), backward
+twice that when every input needs a gradient (less when some do not; the Triton backward's
+gate/up recompute is not counted: it is not useful work).
 
 The forward op also returns what its backward reuses (the reference's gate/up pre-activations;
 nothing for Triton): autograd saves it, and `moe_ffn` hands users only the first output.
@@ -29,9 +30,10 @@ from .reference import moe_ffn_reference_backward, moe_ffn_reference_forward
 __all__ = ["moe_ffn_flops", "moe_ffn_op", "moe_ffn_op_from_routing"]
 
 
-def moe_ffn_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> int:
-    """Forward FLOPs of the expert GEMMs: gate/up (2·H·2I) and down (2·I·H) per slot."""
-    return 2 * num_tokens * top_k * hidden * 3 * inter
+def moe_ffn_flops(num_tokens: int, top_k: int, hidden: int, inter: int, *, gated: bool = True) -> int:
+    """Forward FLOPs of the expert GEMMs per slot: gate/up (2·H·2I, or up alone 2·H·I when not
+    `gated`) and down (2·I·H)."""
+    return 2 * num_tokens * top_k * hidden * (3 if gated else 2) * inter
 
 
 def _routing(num_experts: int, *fields: torch.Tensor) -> Routing:
@@ -58,10 +60,10 @@ def moe_ffn_op(
     interleaved: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed gated experts `[T, H]` from the `Routing` fields (see `moe_ffn`), and a cache.
+    """Routed experts `[T, H]` from the `Routing` fields (see `moe_ffn`), and a cache.
 
     The cache is what the backward reuses: the reference's sorted gate/up pre-activations
-    `[S, 2I]` (fp32), or an empty `[0]` tensor for Triton, whose backward recomputes them.
+    `[S, 2I]` (`[S, I]` non-gated; fp32), or an empty `[0]` tensor for Triton, whose backward recomputes them.
     Triton runs every activation but no biases (`moe_ffn` never asks it for them).
     """
     act = GatedActivation(activation, limit, alpha, interleaved)
@@ -84,7 +86,7 @@ def _moe_ffn_fake(x, gate_up_proj, down_proj, weights_TK, experts_TK, *routing_a
     if routing_and_flag[-1]:  # Triton saves nothing
         return out, x.new_empty(0)
     slots = experts_TK.shape[0] * experts_TK.shape[1]
-    return out, x.new_empty(slots, 2 * down_proj.shape[2], dtype=torch.float32)
+    return out, x.new_empty(slots, gate_up_proj.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("padd::moe_ffn_backward", mutates_args=())
@@ -180,7 +182,8 @@ torch.library.register_autograd("padd::moe_ffn", _backward, setup_context=_setup
 
 @register_flop_formula(torch.ops.padd.moe_ffn)
 def _moe_ffn_flop(x_shape, gate_up_shape, down_shape, weights_shape, *args, out_shape=None, **kwargs) -> int:
-    return moe_ffn_flops(x_shape[0], weights_shape[1], x_shape[1], down_shape[2])
+    gated = gate_up_shape[1] == 2 * down_shape[2]  # a non-gated first weight is [E, I, H]
+    return moe_ffn_flops(x_shape[0], weights_shape[1], x_shape[1], down_shape[2], gated=gated)
 
 
 @register_flop_formula(torch.ops.padd.moe_ffn_backward)
@@ -197,8 +200,9 @@ def _moe_ffn_backward_flop(
 ) -> int:
     needs_dx, needs_d_gate_up, needs_d_down = args[-3:]
     slots, hidden, inter = x_shape[0] * weights_shape[1], x_shape[1], down_shape[2]
+    width = gate_up_shape[1]  # 2I, or I for a non-gated activation
     # Per slot: dh = dy·W2 (H·I) always; dx (2I·H), d gate_up (2I·H), d down (H·I) when asked.
-    macs = hidden * inter * (1 + 2 * needs_dx + 2 * needs_d_gate_up + needs_d_down)
+    macs = hidden * (inter * (1 + needs_d_down) + width * (needs_dx + needs_d_gate_up))
     return 2 * slots * macs
 
 

@@ -1,12 +1,14 @@
 """Pure-PyTorch expert FFN with its hand-written backward: the CPU path and the kernels' oracle.
 
-Every gated activation of `activation.py` and optional per-expert biases are computed here; the
-Triton kernels fuse the same activations but no biases (`moe_ffn` picks this path for those).
+Every activation of `activation.py` (gated and non-gated) and optional per-expert biases are
+computed here; the Triton kernels fuse the same activations but no biases (`moe_ffn` picks this
+path for those).
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
 rows are slots in `routing.sort_order` order (grouped by expert).
 Weights use transformers' fused-experts layout: `gate_up_proj` `[E, 2I, H]` holds the gate rows,
-then the up rows; `down_proj` `[E, H, I]`.
+then the up rows; `down_proj` `[E, H, I]`. With a non-gated activation ("relu2", ...) the first
+weight is the up projection alone, `[E, I, H]`, and every "2I" below reads "I".
 
 Only the GEMMs loop over experts; every elementwise step runs once over all S slots, which keeps
 the CPU path at least as fast as transformers' own `grouped_mm` experts (benchmarks/
@@ -43,11 +45,12 @@ def moe_ffn_reference(
 
     Args:
         x: `[T, H]`.
-        gate_up_proj: `[E, 2I, H]` (any strides: a transposed view is fine).
+        gate_up_proj: `[E, 2I, H]` (any strides: a transposed view is fine); the up projection
+            `[E, I, H]` for a non-gated activation.
         down_proj: `[E, H, I]`.
         routing: the `Routing` of these T tokens.
-        activation, limit, alpha, gate_up_interleaved: the gated activation (`moe_ffn`).
-        gate_up_bias: optional `[E, 2I]`, added to the gate/up GEMM output.
+        activation, limit, alpha, gate_up_interleaved: the activation (`moe_ffn`).
+        gate_up_bias: optional `[E, 2I]` (`[E, I]` non-gated), added to the gate/up GEMM output.
         down_bias: optional `[E, H]`, added to the down GEMM output (before the routing weight).
 
     Returns:
@@ -72,7 +75,7 @@ def moe_ffn_reference_forward(
     down_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_ffn_reference`, also returning the sorted gate/up pre-activations `[S, 2I]` (fp32,
-    biases included)."""
+    biases included; the `[S, I]` up pre-activations for a non-gated activation)."""
     num_tokens, hidden = x.shape
     top_k = routing.top_k
     inter = down_proj.shape[2]
@@ -80,7 +83,7 @@ def moe_ffn_reference_forward(
     x_sorted_SH = x.float().index_select(0, order_S // top_k)
     groups = _Groups(routing, x_sorted_SH, gate_up_proj, down_proj)
     if groups.empty:
-        empty = x_sorted_SH.new_zeros(0, 2 * inter)
+        empty = x_sorted_SH.new_zeros(0, gate_up_proj.shape[1])
         return x.new_zeros(num_tokens, hidden), empty
     expert_S = (
         _expert_of_sorted_slot(routing, order_S)

@@ -1,4 +1,5 @@
-"""Triton grouped expert GEMMs (scatter-to-scatter): forward and backward of the SwiGLU experts.
+"""Triton grouped expert GEMMs (scatter-to-scatter): forward and backward of the SwiGLU experts
+(and of every other activation of activation.py, gated or not: a constexpr picks the epilogue).
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
 rows are slots in `sort_order_S` order (grouped by expert); slot `s` belongs to token `s // K`.
@@ -80,20 +81,69 @@ def _prune_to_problem(block_extents: dict[str, str]):
     return prune
 
 
-# `GatedActivation.name` -> the ACTIVATION code of the kernels' epilogues.
-_ACTIVATION_CODES = {"swiglu": 0, "swiglu_limit": 1, "swiglu_limit_post": 2, "gpt_oss": 3}
+# `GatedActivation.name` -> the ACTIVATION code of the kernels' epilogues; codes from
+# `_FIRST_UNGATED` on have no gate (one accumulator, the first weight is `[E, I, H]`).
+_ACTIVATION_CODES = {
+    "swiglu": 0,
+    "swiglu_limit": 1,
+    "swiglu_limit_post": 2,
+    "gpt_oss": 3,
+    "relu2": 4,
+    "relu": 5,
+    "silu": 6,
+    "gelu": 7,
+}
+_FIRST_UNGATED = 4
 # "No clamp" as a finite fp32 bound (a kernel argument cannot be None).
 _NO_LIMIT = 3.0e38
 
 
 def _activation_args(activation) -> dict:
     """Kernel arguments of a `GatedActivation`: its code, bound, α and gate/up row layout."""
+    assert (_ACTIVATION_CODES[activation.name] < _FIRST_UNGATED) == activation.gated
     return {
         "ACTIVATION": _ACTIVATION_CODES[activation.name],
         "LIMIT": _NO_LIMIT if activation.limit is None else float(activation.limit),
         "ALPHA": 1.0 if activation.alpha is None else float(activation.alpha),
         "GATE_STEP": 2 if activation.interleaved else 1,
+        "GATED": activation.gated,
     }
+
+
+@triton.jit
+def _ungated_forward(u, ACTIVATION: tl.constexpr):
+    """h of the non-gated activations (activation.py) on an fp32 up tile."""
+    if ACTIVATION == 4:
+        r = tl.maximum(u, 0.0)
+        h = r * r
+    elif ACTIVATION == 5:
+        h = tl.maximum(u, 0.0)
+    elif ACTIVATION == 6:
+        h = u * tl.sigmoid(u)
+    else:
+        h = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))  # u · Φ(u), Φ via erf(u/√2)
+    return h
+
+
+@triton.jit
+def _ungated_backward(dh, u, ACTIVATION: tl.constexpr):
+    """`(h, d up)` of `_ungated_forward`; the ReLUs pass no gradient at 0, as torch's do."""
+    if ACTIVATION == 4:
+        r = tl.maximum(u, 0.0)
+        h = r * r
+        d_up = dh * 2.0 * r
+    elif ACTIVATION == 5:
+        h = tl.maximum(u, 0.0)
+        d_up = tl.where(u > 0.0, dh, 0.0)
+    elif ACTIVATION == 6:
+        sig = tl.sigmoid(u)
+        h = u * sig
+        d_up = dh * sig * (1.0 + u * (1.0 - sig))
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        h = u * cdf
+        d_up = dh * (cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u))  # Φ(u) + u·φ(u)
+    return h, d_up
 
 
 @triton.jit
@@ -204,6 +254,7 @@ def _gate_up_swiglu_kernel(
     TOP_K: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATE_STEP: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -213,7 +264,9 @@ def _gate_up_swiglu_kernel(
     """h[p, n] = act(x[t_p] · Wg[e, n], x[t_p] · Wu[e, n]) for sorted rows p of expert e.
 
     Gate row n of expert e is row `n·GATE_STEP` of `gate_up_proj[e]`, its up row `UP_OFFSET`
-    further: (1, I) for the gate half then the up half, (2, 1) for interleaved rows.
+    further: (1, I) for the gate half then the up half, (2, 1) for interleaved rows. Without
+    a gate (`GATED` False) the first weight is the up projection `[E, I, H]`: its rows take the
+    "gate" pointers, one accumulator, and h[p, n] = act(x[t_p] · Wu[e, n]).
     """
     pid_m, pid_n = _split_pid(I, BLOCK_N)
     expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -241,13 +294,17 @@ def _gate_up_swiglu_kernel(
         xa = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
         wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
-        wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
         acc_g = tl.dot(xa, wg, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(xa, wu, acc_u, input_precision=DOT_PRECISION)
+        if GATED:
+            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+            acc_u = tl.dot(xa, wu, acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         wg_ptrs += BLOCK_K * stride_wh
         wu_ptrs += BLOCK_K * stride_wh
-    h = _gated_forward(acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
+    if GATED:
+        h = _gated_forward(acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
+    else:
+        h = _ungated_forward(acc_g, ACTIVATION)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hs + cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -361,6 +418,7 @@ def _swiglu_backward_kernel(
     TOP_K: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATE_STEP: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -368,7 +426,7 @@ def _swiglu_backward_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Recompute gate/up, push dy back through down and the activation for sorted rows p of
-    expert e (gate/up rows as in `_gate_up_swiglu_kernel`).
+    expert e (gate/up rows as in `_gate_up_swiglu_kernel`; without a gate, d up `[S, I]` alone).
 
     Writes d(gate|up) `[S, 2I]` (in gate_up_proj's row layout) and w·h `[S, I]` in sorted order, and the routing-weight gradient
     partial `Σ_n (dy[t_p] · W2[e, :, n]) · h[p, n]` for this I-tile at `[pid_n, slot_p]`.
@@ -409,7 +467,9 @@ def _swiglu_backward_kernel(
         xa = tl.load(x_ptrs, mask=a_mask, other=0.0)
         da = tl.load(dy_ptrs, mask=a_mask, other=0.0)
         acc_g = tl.dot(xa, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(xa, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        if GATED:
+            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+            acc_u = tl.dot(xa, wu, acc_u, input_precision=DOT_PRECISION)
         acc_d = tl.dot(da, tl.load(w2_ptrs, mask=w_mask, other=0.0), acc_d, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         dy_ptrs += BLOCK_K * stride_dh
@@ -418,13 +478,18 @@ def _swiglu_backward_kernel(
         w2_ptrs += BLOCK_K * stride_dh2
     weight = tl.load(weight_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
     dh = acc_d * weight[:, None]
-    h, d_gate, d_up = _gated_backward(dh, acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
+    if GATED:
+        h, d_gate, d_up = _gated_backward(dh, acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
+    else:
+        h, d_gate = _ungated_backward(dh, acc_g, ACTIVATION)  # d of the up projection
+        d_up = d_gate
     tl.store(dweight_part_ptr + pid_n.to(tl.int64) * S + slots, tl.sum(acc_d * h, axis=1), mask=row_mask)
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows[:, None].to(tl.int64)
     dgu_ptrs = dgu_ptr + rows64 * stride_gs + cols[None, :] * GATE_STEP
     tl.store(dgu_ptrs, d_gate.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptrs + UP_OFFSET, d_up.to(dgu_ptr.dtype.element_ty), mask=mask)
+    if GATED:
+        tl.store(dgu_ptrs + UP_OFFSET, d_up.to(dgu_ptr.dtype.element_ty), mask=mask)
     tl.store(
         hw_ptr + rows64 * stride_hs + cols[None, :],
         (h * weight[:, None]).to(hw_ptr.dtype.element_ty),
@@ -555,9 +620,9 @@ def _sum_slots(y_SH: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
 
 
 def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k, activation) -> torch.Tensor:
-    """h in sorted order, `[S, I]` in x's dtype."""
+    """h in sorted order, `[S, I]` in x's dtype (w13 is `[E, I, H]` for a non-gated activation)."""
     num_experts, two_inter, hidden = w13_E2IH.shape
-    inter = two_inter // 2
+    inter = two_inter // 2 if activation.gated else two_inter
     num_slots = order_S.numel()
     h_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
     rows = _row_tiles(num_slots, num_experts)
@@ -666,10 +731,11 @@ def moe_ffn_triton_forward(
 
 
 def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets_E1, activation):
-    """`(d(gate|up) [S, 2I], w·h [S, I], d weights [T, K])` from the fused recompute kernel."""
+    """`(d(gate|up) [S, 2I] (d up [S, I] non-gated), w·h [S, I], d weights [T, K])` from the fused
+    recompute kernel."""
     num_tokens, hidden = x_TH.shape
     num_experts, two_inter, _ = w13_E2IH.shape
-    inter = two_inter // 2
+    inter = w2_EHI.shape[2]
     top_k = weights_TK.shape[1]
     num_slots = num_tokens * top_k
     dgu_S2I = _empty(num_slots, two_inter, device=x_TH.device, dtype=x_TH.dtype)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from padd.kernels import Routing, moe_ffn, routing_from_topk
-from padd.kernels.grouped_gemm.activation import ACTIVATIONS, GatedActivation
+from padd.kernels.grouped_gemm.activation import GATED_ACTIVATIONS as ACTIVATIONS
+from padd.kernels.grouped_gemm.activation import GatedActivation
 from torch.utils.flop_counter import FlopCounterMode
 
 LIMIT = 3.0
@@ -148,7 +149,7 @@ def test_bad_activation_arguments_fail_before_compute():
     r = routing_from_topk(experts_TK, weights_TK.float(), w13.shape[0])
     args = (x.float(), w13.float(), w2.float(), r)
     with pytest.raises(ValueError, match="activation must be one of"):
-        moe_ffn(*args, activation="gelu")
+        moe_ffn(*args, activation="geglu")
     with pytest.raises(ValueError, match="takes no limit"):
         moe_ffn(*args, limit=7.0)
     with pytest.raises(ValueError, match="needs a numeric alpha"):
