@@ -10,9 +10,11 @@ things, never from config names:
 - the activation is recognised by *running* the module's own `_apply_gate` on a probe whose
   entries reach far past any clamp, and comparing it with each activation padd's kernels fuse
   (`padd.kernels.grouped_gemm.activation`), parameterised by the module's `limit` / `alpha`
-  attributes. A match runs fused (`moe_ffn`); anything else (a soft cap, a GELU, an activation
-  without a gate, a norm after the experts) runs the general path, padd's grouped GEMMs with the
-  module's own `_apply_gate` / `act_fn` between them: slower, never different.
+  attributes. Experts without a gate (`has_gate=False`: Nemotron-H, Ergo) are recognised the same
+  way from their `act_fn`, run on a probe of up pre-activations and compared with the non-gated
+  activations (`relu2`, `relu`, `silu`, `gelu`). A match runs fused (`moe_ffn`); anything else (a
+  soft cap, an unknown activation, a norm after the experts) runs the general path, padd's grouped
+  GEMMs with the module's own `_apply_gate` / `act_fn` between them: slower, never different.
 
 Refused (one line, before any compute): weights that are missing, not floating point or not in the
 shapes the flags declare, and modules that lack what their flags promise (`act_fn`,
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from padd.kernels.grouped_gemm.activation import GatedActivation
+from padd.kernels.grouped_gemm.activation import UNGATED_ACTIVATIONS, GatedActivation
 
 __all__ = ["ExpertsLayout", "ExpertsPlan", "is_experts_module", "plan_experts"]
 
@@ -198,15 +200,16 @@ def _candidates(experts: nn.Module) -> list[GatedActivation]:
     return out
 
 
-def _probe(inter: int, limits: list[float]) -> torch.Tensor:
-    """`[R, 2I]` fp32 values spread over ±3·max(limits, 8): every clamp acts on some entries."""
+def _probe(inter: int, limits: list[float], width: int = 2) -> torch.Tensor:
+    """`[R, width·I]` fp32 values spread over ±3·max(limits, 8): every clamp acts on some entries."""
     span = 3.0 * max([8.0, *limits])
     # Explicit device and dtype: models are built under a `torch.device("meta")` context and
     # with the default dtype set to the model's.
     generator = torch.Generator(device="cpu").manual_seed(0)
-    probe = torch.rand(_PROBE_ROWS, 2 * inter, generator=generator, device="cpu", dtype=torch.float32)
+    probe = torch.rand(_PROBE_ROWS, width * inter, generator=generator, device="cpu", dtype=torch.float32)
     probe = (probe * 2 - 1) * span
-    probe[0, : 2 * inter : 7] = 0.0  # exact zeros: GPT-OSS's `up + 1` and sign handling
+    probe[0, : width * inter : 7] = 0.0  # exact zeros: GPT-OSS's `up + 1` and sign handling
+    probe[1] /= span  # small values too: where SiLU, GELU and the ReLUs differ most
     return probe
 
 
@@ -226,6 +229,24 @@ def recognise_activation(experts: nn.Module, inter: int) -> tuple[GatedActivatio
         if torch.allclose(got, candidate.forward(probe), rtol=1e-5, atol=1e-5, equal_nan=True):
             return candidate, f"{type(experts).__name__}._apply_gate == {_describe(candidate)}"
     return None, f"{type(experts).__name__}._apply_gate is none of padd's fused activations"
+
+
+def recognise_ungated_activation(experts: nn.Module, inter: int) -> tuple[GatedActivation | None, str]:
+    """The fused non-gated activation equal to `experts.act_fn` on a wide probe, or None and why."""
+    probe = _probe(inter, [], width=1)
+    try:
+        with torch.no_grad():
+            got = experts.act_fn(probe.clone())  # a clone: an in-place act_fn must not spoil the probe
+    except Exception as error:
+        return None, f"its act_fn could not be probed on the CPU ({type(error).__name__})"
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(probe.shape):
+        return None, "its act_fn does not map [S, I] to [S, I]"
+    got = got.float()
+    for name in UNGATED_ACTIVATIONS:
+        candidate = GatedActivation(name)
+        if torch.allclose(got, candidate.forward(probe), rtol=1e-5, atol=1e-5, equal_nan=True):
+            return candidate, f"no gate: {type(experts).__name__}.act_fn == {name}"
+    return None, f"no gate: {type(experts).__name__}.act_fn is none of padd's fused activations"
 
 
 def _describe(act: GatedActivation) -> str:
@@ -257,10 +278,11 @@ def plan_experts(experts: nn.Module) -> ExpertsPlan:
     if cached is not None and cached[0] == key:
         return cached[1]
     layout = read_layout(experts)
-    if not layout.has_gate:
-        plan = ExpertsPlan(layout, None, "no gate: its act_fn runs between padd's grouped GEMMs")
-    elif layout.has_post_expert_norm:
+    if layout.has_post_expert_norm:
         plan = ExpertsPlan(layout, None, "a norm after each expert: it runs between padd's grouped GEMMs")
+    elif not layout.has_gate:
+        activation, why = recognise_ungated_activation(experts, layout.inter)
+        plan = ExpertsPlan(layout, activation, why)
     else:
         activation, why = recognise_activation(experts, layout.inter)
         plan = ExpertsPlan(layout, activation, why)

@@ -7,7 +7,8 @@ registry. Registering one function there is all it takes for both
 `model.set_experts_implementation("padd")`.
 
 Each experts module runs as its plan says (`experts_plan.plan_experts`): fused in
-`padd.kernels.moe_ffn` when its `_apply_gate` is one of the kernels' activations, otherwise the
+`padd.kernels.moe_ffn` when its `_apply_gate` (or, for experts without a gate, its `act_fn` on the
+`up_proj` output) is one of the kernels' activations, otherwise the
 general path (padd's routing metadata and grouped GEMMs with the module's own `_apply_gate`,
 `act_fn` and `post_expert_norm` between them), so the answer is the module's own either way.
 A module padd cannot run is refused when the model is built or switched to "padd" (`register`

@@ -364,6 +364,11 @@ class MoE(nn.Module):
                 f"its experts run padd's general path ({plan.why}); run the model with "
                 'experts_implementation="padd" instead'
             )
+        if not layout.has_gate:
+            raise refuse(
+                f"its experts have no gate ({plan.activation.name} of up_proj) and padd.MoE's are gated; "
+                'run the model with experts_implementation="padd" instead'
+            )
         if layout.expert_parallel:
             raise refuse("its experts are sharded across ranks")
         num_experts = layout.num_experts

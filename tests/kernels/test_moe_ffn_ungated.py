@@ -166,3 +166,65 @@ def test_custom_op_schema_ungated_with_biases():
     )
     torch.testing.assert_close(out, want)
     assert all(g.shape == t.shape for g, t in zip(grads, [*tensors, *biases], strict=True))
+
+
+def _no_gate_experts(act: str, transposed: bool, E=4, H=12, I=8):
+    """A transformers experts module with `has_gate=False` (Nemotron-H's form), `act_fn = ACT2FN[act]`."""
+    from torch import nn
+    from transformers.integrations import use_experts_implementation
+
+    @use_experts_implementation(has_gate=False, is_transposed=transposed)
+    class NoGateExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = E
+            up, down = ((E, H, I), (E, I, H)) if transposed else ((E, I, H), (E, H, I))
+            g = torch.Generator().manual_seed(0)
+            self.up_proj = nn.Parameter(torch.randn(up, generator=g) / H**0.5)
+            self.down_proj = nn.Parameter(torch.randn(down, generator=g) / I**0.5)
+            self.act_fn = ACT2FN[act]
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for t in range(hidden_states.shape[0]):
+                for j in range(top_k_index.shape[1]):
+                    e = int(top_k_index[t, j])
+                    up_w = self.up_proj[e].t() if transposed else self.up_proj[e]
+                    down_w = self.down_proj[e].t() if transposed else self.down_proj[e]
+                    y = down_w @ self.act_fn(up_w @ hidden_states[t])
+                    out[t] = out[t] + top_k_weights[t, j] * y
+            return out
+
+    return NoGateExperts(None)  # no config: the test calls both forwards directly
+
+
+@pytest.mark.parametrize(
+    ("act", "fused"),
+    [("relu2", "relu2"), ("silu", "silu"), ("gelu", "gelu"), ("relu", "relu"), ("gelu_pytorch_tanh", None)],
+)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_no_gate_experts_plan_and_equal_their_own_forward(act, fused, transposed):
+    """`plan_experts` recognises a no-gate module's `act_fn` by probing it (an act_fn none of the
+    kernels' matches keeps the general path), and the "padd" forward equals the module's own,
+    output and gradients."""
+    from padd.moe.experts_plan import plan_experts
+    from padd.moe.hf_experts import padd_experts_forward
+
+    experts = _no_gate_experts(act, transposed)
+    plan = plan_experts(experts)
+    assert (plan.activation.name if plan.fused else None) == fused, plan.why
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 12, generator=g)
+    ids = torch.rand(9, 4, generator=g).topk(2, dim=1).indices
+    weights = torch.rand(9, 2, generator=g).requires_grad_()
+    grad = torch.randn(9, 12, generator=g)
+    results = []
+    own_forward = type(experts).forward.__wrapped__  # the class's own, under the dispatching wrapper
+    for run in (own_forward, padd_experts_forward):
+        leaves = [x.clone().requires_grad_(), weights, experts.up_proj, experts.down_proj]
+        out = run(experts, leaves[0], ids, weights)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for label, a, b in zip(["x", "weights", "up_proj", "down_proj"], got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=label)
