@@ -13,7 +13,7 @@ import torch
 from .._dispatch import call_reference_directly, cpu_eager, resolve_backend
 from .metadata import Routing, routing_metadata
 from .op import route_op, routing_metadata_op
-from .reference import route_reference
+from .reference import route_cpu, route_reference
 
 _SCORES = ("softmax", "sigmoid")
 
@@ -57,11 +57,20 @@ def route(
         [[0, 1]]
     """
     _check_route_inputs(router_logits, top_k, score, selection_bias)
-    # Eager on CPU the op's dispatch costs more than routing a few hundred tokens: the plain
-    # function, differentiated by autograd, is the same computation (the op runs it too).
-    if backend == "reference" or cpu_eager(
-        resolve_backend(backend, router_logits), router_logits, selection_bias
-    ):
+    resolved = resolve_backend(backend, router_logits)
+    if backend != "reference" and cpu_eager(resolved, router_logits, selection_bias):
+        # Eager on CPU the op's dispatch costs more than routing a few hundred tokens:
+        # `route_cpu` is the reference's computation in the fewest ops, with lazy metadata
+        # and one autograd node (the op path stays for torch.compile and dispatch modes).
+        return route_cpu(
+            router_logits,
+            top_k,
+            score=score,
+            selection_bias=selection_bias,
+            renormalize=renormalize,
+            return_scores=return_scores,
+        )
+    if backend == "reference":
         # The plain function, differentiated by autograd: the oracle the op is tested against.
         return route_reference(
             router_logits,
@@ -80,7 +89,7 @@ def route(
         selection_bias=selection_bias,
         renormalize=renormalize,
         return_scores=return_scores,
-        backend=resolve_backend(backend, router_logits),
+        backend=resolved,
     )
 
 

@@ -147,3 +147,128 @@ def route_reference_backward(
     else:
         dx_TE = g_TE * p_TE * (1.0 - p_TE)
     return dx_TE.to(logits_TE.dtype)
+
+
+def route_cpu(
+    router_logits: Tensor,
+    top_k: int,
+    *,
+    score: str,
+    selection_bias: Tensor | None,
+    renormalize: bool,
+    return_scores: bool,
+) -> Routing:
+    """`route_reference` for eager CPU calls (what `route(backend="auto")` runs there): the same
+    result, with the permutation metadata computed on first access and, when the logits need
+    a gradient, one `autograd.Function` whose backward is `_RouteCPU.backward`.
+
+    At the default's shapes every small op's dispatch costs as much as its work, so this path
+    is built from the fewest ops: one fused `softmax` instead of `softmax_and_logsumexp`'s ten
+    (the logsumexp comes from the top-1 weight), no autograd graph of a dozen nodes, and a
+    five-op metadata (`sorted_metadata`). Tested against `route_reference`.
+    """
+    bias_E = None if selection_bias is None else selection_bias.detach()
+    if torch.is_grad_enabled() and router_logits.requires_grad:
+        weights_TK, scores_TE, lse_T, experts_TK = _RouteCPU.apply(
+            router_logits, top_k, score, bias_E, renormalize
+        )
+    else:
+        weights_TK, scores_TE, lse_T, experts_TK, _ = _route_cpu_forward(
+            router_logits, top_k, score, bias_E, renormalize
+        )
+    return Routing.with_lazy_metadata(
+        weights_TK,
+        experts_TK.to(torch.int32),
+        experts_TK.reshape(-1),
+        router_logits.shape[1],
+        scores=scores_TE if return_scores else None,
+        logsumexp=lse_T if score == "softmax" else None,
+    )
+
+
+def _route_cpu_forward(logits_TE: Tensor, top_k: int, score: str, bias_E: Tensor | None, renormalize: bool):
+    """`(weights [T, K], scores [T, E], logsumexp [T] (empty for sigmoid), experts int64 [T, K],
+    the renormalisation's sums [T, 1] or None)`, no autograd."""
+    with torch.no_grad():  # (inside `_RouteCPU.forward` or on logits without a gradient)
+        x_TE = logits_TE.float()
+        p_TE = torch.softmax(x_TE, dim=-1) if score == "softmax" else torch.sigmoid(x_TE)
+        if bias_E is None:
+            key_TE = x_TE
+        else:  # a fresh tensor: the top-k may overwrite it
+            key_TE = (x_TE if score == "softmax" else p_TE) + bias_E.float()
+        experts_TK, top1_T1 = _top_k_cpu(key_TE, top_k, owned=bias_E is not None)
+        r_TK = torch.gather(p_TE, 1, experts_TK)
+        if score != "softmax":
+            lse_T = p_TE.new_empty(0)
+        elif top1_T1 is not None:
+            # Finite keys (checked by the top-k), hence finite logits: at the row max m the
+            # softmax is exp(0) / sum, so logsumexp = m + log(sum) = m - log(p at m). Without a
+            # bias m and its id are the top-1 pick's.
+            if bias_E is None:
+                max_T1, p_at_max_T1 = top1_T1, r_TK[:, :1]
+            else:
+                max_T1, id_T1 = x_TE.max(dim=-1, keepdim=True)
+                p_at_max_T1 = torch.gather(p_TE, 1, id_T1)
+            lse_T = (max_T1 - p_at_max_T1.log()).squeeze(1)
+        else:
+            lse_T = softmax_and_logsumexp(x_TE)[1]
+        sum_T1 = None
+        if renormalize:
+            sum_T1 = r_TK.sum(dim=-1, keepdim=True)
+            # A softmax's top-k sums to >= 1/E (or is NaN): the clamp only acts for sigmoid.
+            r_TK = r_TK / (sum_T1 if score == "softmax" else sum_T1.clamp_min(_MIN_SUM))
+    return r_TK, p_TE, lse_T, experts_TK, sum_T1
+
+
+def _top_k_cpu(key_TE: Tensor, top_k: int, *, owned: bool) -> tuple[Tensor, Tensor | None]:
+    """`top_k_ids_TK` (same picks, same fallback to the sort), also returning the top-1 key
+    `[T, 1]` when every key is finite (None otherwise); `owned` keys may be overwritten."""
+    if top_k > 8 or not math.isfinite(key_TE.sum()):
+        return top_k_ids_TK(key_TE, top_k), None
+    top1_T1, id_T1 = key_TE.max(dim=-1, keepdim=True)  # first maximal index: ties to the lower id
+    if top_k == 1:
+        return id_T1, top1_T1
+    work_TE = key_TE if owned else key_TE.clone()
+    ids = [id_T1]
+    for _ in range(top_k - 1):
+        work_TE.scatter_(1, ids[-1], float("-inf"))
+        ids.append(work_TE.argmax(dim=-1, keepdim=True))
+    return torch.cat(ids, dim=1), top1_T1
+
+
+class _RouteCPU(torch.autograd.Function):
+    """`route_cpu` with a gradient: the forward of `_route_cpu_forward`, a backward of fused ops
+    (`_softmax_backward_data` / `sigmoid_backward`), one autograd node for the whole router.
+    Outputs `(weights, scores, logsumexp, experts)`; the experts are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, top_k, score, bias_E, renormalize):
+        w_TK, p_TE, lse_T, experts_TK, sum_T1 = _route_cpu_forward(
+            logits_TE, top_k, score, bias_E, renormalize
+        )
+        ctx.mark_non_differentiable(experts_TK)
+        ctx.score, ctx.dtype = score, logits_TE.dtype
+        ctx.save_for_backward(p_TE, experts_TK, w_TK if renormalize else None, sum_T1)
+        return w_TK, p_TE, lse_T, experts_TK
+
+    @staticmethod
+    def backward(ctx, grad_w_TK, grad_p_TE, grad_lse_T, _grad_experts):
+        p_TE, experts_TK, w_TK, sum_T1 = ctx.saved_tensors
+        g_TE = grad_p_TE if grad_p_TE is not None else torch.zeros_like(p_TE)
+        if grad_w_TK is not None:
+            gr_TK = grad_w_TK
+            if sum_T1 is not None:
+                # w = r / s: dr = (gw - sum(gw w)) / s, as route_reference_backward (the clamp
+                # passes no gradient to s where the sum was below it).
+                dot_T1 = (grad_w_TK * w_TK).sum(dim=-1, keepdim=True)
+                if ctx.score != "softmax":  # a softmax's top-k sums to >= 1/E: never clamped
+                    dot_T1 = torch.where(sum_T1 >= _MIN_SUM, dot_T1, 0.0)
+                gr_TK = (grad_w_TK - dot_T1) / sum_T1.clamp_min(_MIN_SUM)
+            g_TE = g_TE.scatter_add(1, experts_TK, gr_TK)
+        if ctx.score == "softmax":
+            dx_TE = torch._softmax_backward_data(g_TE, p_TE, -1, torch.float32)
+            if grad_lse_T is not None and grad_lse_T.numel():
+                dx_TE = dx_TE.addcmul_(p_TE, grad_lse_T.unsqueeze(-1))
+        else:
+            dx_TE = torch.ops.aten.sigmoid_backward(g_TE, p_TE)
+        return dx_TE.to(ctx.dtype), None, None, None, None
