@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from padd.kernels import Routing, moe_ffn, route, routing_from_topk
-from padd.kernels.grouped_gemm.activation import GatedActivation
+from padd.kernels.grouped_gemm.activation import GATED_ACTIVATIONS, GatedActivation
 
 __all__ = ["MoE"]
 
@@ -126,6 +126,11 @@ class MoE(nn.Module):
         self.selection_bias_on = selection_bias_on
         self.router_logit_softcap = None if router_logit_softcap is None else float(router_logit_softcap)
         self.activation = GatedActivation(activation, limit, alpha, gate_up_interleaved)
+        if not self.activation.gated:  # moe_ffn runs them, but this layer's gate_up_proj is [E, 2I, H]
+            raise ValueError(
+                f"activation must be one of {GATED_ACTIVATIONS} (padd.MoE's experts are gated), "
+                f"got {activation!r}"
+            )
         self.transposed = transposed
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
