@@ -240,7 +240,7 @@ def test_group_and_activation_errors_before_any_compute():
     with pytest.raises(ValueError, match="top_k=3 exceeds the experts of the topk_group=1 groups kept"):
         MoE(16, 8, 8, 3, n_group=4, topk_group=1)
     with pytest.raises(ValueError, match="activation must be one of"):
-        MoE(16, 8, 8, 2, activation="relu2")
+        MoE(16, 8, 8, 2, activation="relu3")
 
 
 def test_group_limited_routing_picks_only_from_the_best_groups():
@@ -398,3 +398,162 @@ def test_new_option_errors_name_the_argument():
         MoE(16, 8, 4, 2, transposed="yes")
     with pytest.raises(TypeError, match="routed_scaling_factor must be a number"):
         MoE(16, 8, 4, 2, routed_scaling_factor="2")
+
+
+_UNGATED = {
+    "relu2": lambda u: torch.relu(u).square(),
+    "relu": torch.relu,
+    "silu": F.silu,
+    "gelu": lambda u: F.gelu(u),  # the exact (erf) form, transformers' ACT2FN["gelu"]
+}
+
+
+def ungated_oracle(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Non-gated experts written out per token in fp64: softmax or sigmoid top-k (ties -> lower
+    id), `down_e(act(up_e x_t + b_e)) + b'_e` with the up projection alone, read from `up_proj`
+    as stored (`[E, I, H]`, or `[E, H, I]` transposed). Differentiable."""
+    H, E, K = moe.hidden_size, moe.num_experts, moe.top_k
+    act = _UNGATED[moe.activation.name]
+    w_r = moe.gate.weight.double()
+    w1, w2 = moe.up_proj.double(), moe.down_proj.double()
+    if moe.transposed:
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)  # back to [E, I, H] / [E, H, I]
+    b1 = moe.up_proj_bias.double() if moe.up_proj_bias is not None else torch.zeros(w1.shape[:2]).double()
+    b2 = moe.down_proj_bias.double() if moe.down_proj_bias is not None else torch.zeros(E, H).double()
+    rows = []
+    for x_t in x.reshape(-1, H).double():
+        logits = w_r @ x_t
+        scores = torch.softmax(logits, -1) if moe.score == "softmax" else torch.sigmoid(logits)
+        key = logits.tolist()
+        chosen = sorted(range(E), key=lambda e: (-key[e], e))[:K]
+        weights = torch.stack([scores[e] for e in chosen])
+        if moe.norm_topk_prob:
+            weights = weights / weights.sum()
+        y_t = torch.zeros(H, dtype=torch.float64)
+        for w, e in zip(weights, chosen, strict=True):
+            y_t = y_t + w * (w2[e] @ act(w1[e] @ x_t + b1[e]) + b2[e])
+        rows.append(y_t)
+    return torch.stack(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    ("activation", "score", "transposed", "expert_bias"),
+    [
+        ("relu2", "softmax", False, False),
+        ("relu2", "sigmoid", True, False),  # Ergo's stored layout
+        ("relu2", "softmax", False, True),
+        ("relu", "sigmoid", False, False),
+        ("silu", "softmax", True, True),
+        ("gelu", "softmax", False, False),
+    ],
+)
+def test_ungated_experts_match_per_token_oracle(activation, score, transposed, expert_bias):
+    """`activation="relu2"` (and the other non-gated ones): `up_proj [E, I, H]` alone, forward
+    and every gradient (input, router, up, down, biases) against the fp64 per-token oracle."""
+    torch.manual_seed(0)
+    E, H, I = 6, 16, 12
+    moe = MoE(H, I, E, 2, score=score, activation=activation, transposed=transposed, expert_bias=expert_bias)
+    up_shape = (E, H, I) if transposed else (E, I, H)
+    assert moe.up_proj.shape == up_shape and moe.down_proj.shape == ((E, I, H) if transposed else (E, H, I))
+    assert not moe.gated and not hasattr(moe, "gate_up_proj") and not hasattr(moe, "gate_up_proj_bias")
+    assert moe.expert_weights()[0].shape == (E, I, H)
+    if expert_bias:
+        assert moe.up_proj_bias.shape == (E, I) and moe.down_proj_bias.shape == (E, H)
+        with torch.no_grad():
+            moe.up_proj_bias.normal_(0, 0.5)
+            moe.down_proj_bias.normal_(0, 0.5)
+    else:
+        assert moe.up_proj_bias is None and moe.down_proj_bias is None
+    x = torch.randn(3, 5, H, requires_grad=True)
+    y = moe(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref = ungated_oracle(moe, x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    params = [x, *(p for p in moe.parameters())]
+    assert len(params) == 4 + 2 * expert_bias  # x, router, up_proj, down_proj (+ biases)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad((y * grad_out).sum(), params)
+    want = torch.autograd.grad((ref * grad_out.double()).sum(), params)
+    names = ["x", *(n for n, _ in moe.named_parameters())]
+    for name, g, r in zip(names, got, want, strict=True):
+        torch.testing.assert_close(
+            g.double(), r.double(), rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def test_ungated_flops_and_state_dict_names():
+    T, H, I, E, K = 12, 16, 8, 6, 2
+    moe = MoE(H, I, E, K, activation="relu2")
+    assert set(moe.state_dict()) == {"gate.weight", "up_proj", "down_proj"}
+    with FlopCounterMode(display=False) as counter:
+        moe(torch.randn(T, H))
+    assert counter.get_total_flops() == 2 * T * K * H * 2 * I + 2 * T * H * E  # up and down GEMMs
+    assert "activation='relu2'" in repr(moe)
+
+
+def test_ungated_activation_errors_name_the_argument_before_compute():
+    with pytest.raises(ValueError, match="activation='relu2' \\(no gate\\) takes no limit or alpha"):
+        MoE(16, 8, 4, 2, activation="relu2", limit=7.0)
+    with pytest.raises(ValueError, match="takes no limit or alpha"):
+        MoE(16, 8, 4, 2, activation="gelu", alpha=1.0)
+    with pytest.raises(ValueError, match="gate_up_interleaved must be False"):
+        MoE(16, 8, 4, 2, activation="relu2", gate_up_interleaved=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MoE(16, 8, 4, 2, activation="relu²")
+
+
+def _nemotron_h_block(**overrides):
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    config = NemotronHConfig(
+        hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, moe_shared_expert_intermediate_size=16, routed_scaling_factor=1.5, **overrides,
+    )  # fmt: skip
+    block = NemotronHMoE(config).eval()
+    with torch.no_grad():
+        for param in (block.gate.weight, block.experts.up_proj, block.experts.down_proj):
+            param.normal_(0, 0.3)
+        block.gate.e_score_correction_bias.normal_(0, 0.1)
+    return block
+
+
+def test_from_hf_nemotron_h_relu2_experts():
+    """Nemotron-H's block (sigmoid, correction bias, groups, scale, relu² experts with no gate,
+    a shared MLP) converts sharing `up_proj`, and equals the block forward and backward."""
+    block = _nemotron_h_block()
+    moe = MoE.from_hf(block)
+    assert moe.activation.name == "relu2" and moe.up_proj is block.experts.up_proj
+    assert moe.down_proj is block.experts.down_proj and moe.shared_experts is block.shared_experts
+    x = torch.randn(3, 6, 32) * 3
+    grad_out = torch.randn_like(x)
+    params = [block.gate.weight, block.experts.up_proj, block.experts.down_proj]
+    want = block(x)
+    want_grads = torch.autograd.grad((want * grad_out).sum(), params)
+    got = moe(x)
+    got_grads = torch.autograd.grad((got * grad_out).sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_from_hf_refuses_what_ungated_blocks_do_beyond_experts():
+    with pytest.raises(
+        NotImplementedError, match="NemotronHMoE: padd.MoE has no place for its fc1_latent_proj"
+    ):
+        MoE.from_hf(_nemotron_h_block(moe_latent_size=8))
+    from transformers import ErgoConfig
+    from transformers.models.ergo.modeling_ergo import ErgoMoE
+
+    config = ErgoConfig(
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        shared_intermediate_size=16,
+    )
+    with pytest.raises(
+        NotImplementedError, match=r"ErgoMoE: its experts ErgoExperts .*post_expert_norm"
+    ) as e:
+        MoE.from_hf(ErgoMoE(config).eval())
+    assert "\n" not in str(e.value)

@@ -1,4 +1,4 @@
-"""`padd.MoE`: a drop-in sparse MoE layer (router + SwiGLU experts) on padd's kernels.
+"""`padd.MoE`: a drop-in sparse MoE layer (router + experts) on padd's kernels.
 
 Shape legend: T tokens (all leading dims flattened), H hidden, I expert width, E experts,
 K = top_k.
@@ -7,6 +7,10 @@ Parameters use transformers' fused-experts layout so HF weights are shared, neve
 `gate.weight [E, H]`, `gate_up_proj [E, 2I, H]` (gate rows, then up rows), `down_proj [E, H, I]`;
 with `transposed=True` transformers' `is_transposed` layout (`[E, H, 2I]` / `[E, I, H]`, GPT-OSS,
 Aria), and with `expert_bias=True` the biases `gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`.
+With a non-gated activation ("relu2", "relu", "silu", "gelu": Nemotron-H, Ergo) the first weight
+is the up projection alone, named as transformers names it for experts with `has_gate=False`:
+`up_proj [E, I, H]` (`[E, H, I]` transposed) and `up_proj_bias [E, I]`; there is no
+`gate_up_proj` then.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 
 from padd.kernels import Routing, moe_ffn, route, routing_from_topk
-from padd.kernels.grouped_gemm.activation import GATED_ACTIVATIONS, GatedActivation
+from padd.kernels.grouped_gemm.activation import GatedActivation
 
 __all__ = ["MoE"]
 
@@ -29,7 +33,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class MoE(nn.Module):
-    """Top-k routed gated experts: `y_t = Σ_j w_tj · down_e(act(gate_e x_t, up_e x_t))` (+ shared).
+    """Top-k routed experts: `y_t = Σ_j w_tj · down_e(act(gate_e x_t, up_e x_t))` (+ shared), or
+    `Σ_j w_tj · down_e(act(up_e x_t))` for a non-gated activation.
 
     Args:
         hidden_size: H.
@@ -48,14 +53,18 @@ class MoE(nn.Module):
         router_bias: the router is `Linear(H, E)` with a bias (GPT-OSS), added to the logits.
         router_logit_softcap: c > 0: logits become `c · tanh(logits / c)` before scoring
             (Laguna's `router_logit_softcapping`). None: no cap.
-        activation, limit, alpha, gate_up_interleaved: the experts' gated activation, as
+        activation, limit, alpha, gate_up_interleaved: the experts' activation, as
             `padd.kernels.moe_ffn` takes them (default SwiGLU; "gpt_oss" with interleaved gate/up
-            rows for GPT-OSS).
+            rows for GPT-OSS). A gated activation ("swiglu", "swiglu_limit",
+            "swiglu_limit_post", "gpt_oss") gives the first weight `gate_up_proj [E, 2I, H]`; a
+            non-gated one ("relu2" `relu(u)²` for Nemotron-H and Ergo, "relu", "silu", "gelu";
+            no limit, alpha or interleaving) gives `up_proj [E, I, H]` instead.
         transposed: store the expert weights as transformers' `is_transposed` experts do,
-            `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]` (GPT-OSS, Aria); the kernels
-            read them through transposed views, never a copy.
-        expert_bias: hold `gate_up_proj_bias [E, 2I]` (same row layout as the gate/up rows) and
-            `down_proj_bias [E, H]`, added after each projection (GPT-OSS).
+            `gate_up_proj [E, H, 2I]` (`up_proj [E, H, I]`) and `down_proj [E, I, H]` (GPT-OSS,
+            Aria, Ergo); the kernels read them through transposed views, never a copy.
+        expert_bias: hold `gate_up_proj_bias [E, 2I]` (same row layout as the gate/up rows;
+            `up_proj_bias [E, I]` non-gated) and `down_proj_bias [E, H]`, added after each
+            projection (GPT-OSS).
         routed_scaling_factor: multiplies the K weights after any renormalisation (DeepSeek-V3).
         n_group, topk_group: group-limited selection: experts form `n_group` groups of
             consecutive ids, each scored by `group_score`; a token picks its top-k among the
@@ -125,12 +134,8 @@ class MoE(nn.Module):
         self.norm_topk_prob = bool(norm_topk_prob)
         self.selection_bias_on = selection_bias_on
         self.router_logit_softcap = None if router_logit_softcap is None else float(router_logit_softcap)
+        # Validates activation, limit, alpha and gate_up_interleaved, naming the argument.
         self.activation = GatedActivation(activation, limit, alpha, gate_up_interleaved)
-        if not self.activation.gated:  # moe_ffn runs them, but this layer's gate_up_proj is [E, 2I, H]
-            raise ValueError(
-                f"activation must be one of {GATED_ACTIVATIONS} (padd.MoE's experts are gated), "
-                f"got {activation!r}"
-            )
         self.transposed = transposed
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
@@ -139,14 +144,16 @@ class MoE(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
         E, H, I = num_experts, hidden_size, intermediate_size
-        gate_up_shape, down_shape = ((E, H, 2 * I), (E, I, H)) if transposed else ((E, 2 * I, H), (E, H, I))
-        self.gate_up_proj = nn.Parameter(torch.empty(gate_up_shape, **factory))
+        W = self.activation.width(I)  # 2I gated (gate rows, up rows), I non-gated (up rows)
+        first_shape, down_shape = ((E, H, W), (E, I, H)) if transposed else ((E, W, H), (E, H, I))
+        first, first_bias = self._first_names()
+        self.register_parameter(first, nn.Parameter(torch.empty(first_shape, **factory)))
         self.down_proj = nn.Parameter(torch.empty(down_shape, **factory))
         if expert_bias:
-            self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I, **factory))
+            self.register_parameter(first_bias, nn.Parameter(torch.empty(E, W, **factory)))
             self.down_proj_bias = nn.Parameter(torch.empty(E, H, **factory))
         else:
-            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter(first_bias, None)
             self.register_parameter("down_proj_bias", None)
         bias_E = torch.zeros(num_experts, dtype=torch.float32, device=device) if use_selection_bias else None
         self.register_buffer("selection_bias", bias_E)
@@ -158,25 +165,43 @@ class MoE(nn.Module):
     def use_selection_bias(self) -> bool:
         return self.selection_bias is not None
 
+    @property
+    def gated(self) -> bool:
+        """The experts' first weight is `gate_up_proj` (gate and up rows); else `up_proj` alone."""
+        return self.activation.gated
+
+    def _first_names(self) -> tuple[str, str]:
+        """Attribute names of the first projection and its bias: gate/up, or up when non-gated."""
+        return ("gate_up_proj", "gate_up_proj_bias") if self.activation.gated else ("up_proj", "up_proj_bias")
+
+    def first_proj(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """`(gate_up_proj, gate_up_proj_bias)`, or `(up_proj, up_proj_bias)` when non-gated, as
+        stored (not transposed)."""
+        first, first_bias = self._first_names()
+        return getattr(self, first), getattr(self, first_bias)
+
     def reset_parameters(self) -> None:
         """nn.Linear-style init: uniform(±1/sqrt(fan_in)) for the router and both projections;
         expert biases start at zero."""
-        if self.gate_up_proj.is_meta:
+        first, first_bias = self.first_proj()
+        if first.is_meta:
             return
         self.gate.reset_parameters()
         bound_in, bound_mid = 1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.intermediate_size)
         with torch.no_grad():
-            self.gate_up_proj.uniform_(-bound_in, bound_in)
+            first.uniform_(-bound_in, bound_in)
             self.down_proj.uniform_(-bound_mid, bound_mid)
-            for bias in (self.gate_up_proj_bias, self.down_proj_bias):
+            for bias in (first_bias, self.down_proj_bias):
                 if bias is not None:
                     bias.zero_()
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(gate_up [E, 2I, H], down [E, H, I])` as `moe_ffn` takes them (views when transposed)."""
+        """`(gate_up [E, 2I, H] or up [E, I, H], down [E, H, I])` as `moe_ffn` takes them (views
+        when transposed)."""
+        first = self.first_proj()[0]
         if self.transposed:
-            return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
-        return self.gate_up_proj, self.down_proj
+            return first.transpose(1, 2), self.down_proj.transpose(1, 2)
+        return first, self.down_proj
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[..., H]` -> `[..., H]` in the input's dtype."""
@@ -195,7 +220,7 @@ class MoE(nn.Module):
             limit=act.limit,
             alpha=act.alpha,
             gate_up_interleaved=act.interleaved,
-            gate_up_bias=self.gate_up_proj_bias,
+            gate_up_bias=self.first_proj()[1],
             down_bias=self.down_proj_bias,
         )
         if self.shared_experts is not None:
@@ -287,10 +312,9 @@ class MoE(nn.Module):
             raise ValueError(f"MoE input must be [..., H={self.hidden_size}], got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"MoE input must be fp32, bf16 or fp16, got {x.dtype}")
-        if x.dtype != self.gate_up_proj.dtype:
-            raise TypeError(
-                f"MoE input dtype {x.dtype} != parameter dtype {self.gate_up_proj.dtype}; cast one of them"
-            )
+        dtype = self.down_proj.dtype
+        if x.dtype != dtype:
+            raise TypeError(f"MoE input dtype {x.dtype} != parameter dtype {dtype}; cast one of them")
 
     @classmethod
     def from_hf(
@@ -305,8 +329,9 @@ class MoE(nn.Module):
 
         The block needs a linear top-k router (`block.gate` or `block.router`, holding a
         `[E, H]` weight itself or in its one `Linear` child, an optional `[E]` bias, and
-        `top_k`) and experts `block.experts` that padd runs fused: any activation of `moe_ffn`,
-        transformers' plain or transposed layout, with or without biases. The routing is read
+        `top_k`) and experts `block.experts` that padd runs fused: any activation of `moe_ffn`
+        (gated, or non-gated with an `up_proj` as Nemotron-H's relu²), transformers' plain or
+        transposed layout, with or without biases. The routing is read
         from the router's and the block's attributes (a correction bias `e_score_correction_bias`
         or `expert_bias`, `routed_scaling_factor` / `router_scaling_factor` / `route_scale`,
         `n_group` / `topk_group` / `topk_method`, `norm_topk_prob`,
@@ -319,8 +344,9 @@ class MoE(nn.Module):
         Refused, with one line naming the block: a forward that takes more than hidden states
         (token ids, state from another layer), a router that is not linear or scores other
         slots than the E experts (zero-computation or shared-expert slots), experts padd runs
-        only through its general path (no gate, a soft cap, a norm after each expert) or
-        sharded across ranks, a block with modules padd has no place for (a norm after the
+        only through its general path (a soft cap, a norm after each expert) or
+        sharded across ranks, experts that compute more than their projections (Ergo's
+        per-route norm in their own forward), a block with modules padd has no place for (a norm after the
         block, latent projections), and any block whose output padd does not reproduce.
 
         Args:
@@ -369,14 +395,29 @@ class MoE(nn.Module):
                 f"its experts run padd's general path ({plan.why}); run the model with "
                 'experts_implementation="padd" instead'
             )
-        if not layout.has_gate:
+        extras = _experts_extras(experts)
+        if extras:
             raise refuse(
-                f"its experts have no gate ({plan.activation.name} of up_proj) and padd.MoE's are gated; "
+                f"its experts {type(experts).__name__} compute more than routed projections "
+                f"({extras}) and padd.MoE has no place for it; "
                 'run the model with experts_implementation="padd" instead'
             )
         if layout.expert_parallel:
             raise refuse("its experts are sharded across ranks")
         num_experts = layout.num_experts
+        # Modules beyond router, experts and shared experts first (Nemotron-H's latent
+        # projections also make the router's width differ from the experts').
+        shared, shared_gate = _shared_parts(block)
+        owned = {router_name, "experts"} | {
+            n for n, m in block.named_children() if m is shared or m is shared_gate
+        }
+        strangers = [
+            n
+            for n, m in block.named_children()
+            if n not in owned and any(True for _ in m.parameters()) | any(True for _ in m.buffers())
+        ]
+        if strangers:
+            raise refuse(f"padd.MoE has no place for its {', '.join(strangers)}")
         linear = _router_linear(router, layout.hidden)
         if linear is None:
             raise refuse(
@@ -392,17 +433,6 @@ class MoE(nn.Module):
         top_k = _int_attr(router, block, ("top_k",))
         if top_k is None or not 1 <= top_k <= num_experts:
             raise refuse(f"its router {router_name} has no top_k in [1, {num_experts}]")
-        shared, shared_gate = _shared_parts(block)
-        owned = {router_name, "experts"} | {
-            n for n, m in block.named_children() if m is shared or m is shared_gate
-        }
-        strangers = [
-            n
-            for n, m in block.named_children()
-            if n not in owned and any(True for _ in m.parameters()) | any(True for _ in m.buffers())
-        ]
-        if strangers:
-            raise refuse(f"padd.MoE has no place for its {', '.join(strangers)}")
         correction = _correction_bias(router, block)
         if correction is not None and correction.numel() != num_experts:
             raise refuse(f"its correction bias has {correction.numel()} entries for {num_experts} experts")
@@ -460,10 +490,12 @@ class MoE(nn.Module):
         moe.gate.weight = weight
         if router_bias is not None:
             moe.gate.bias = router_bias
-        moe.gate_up_proj = experts.gate_up_proj
+        first, first_bias = moe._first_names()  # the experts' own names: gate_up_proj or up_proj
+        setattr(moe, first, getattr(experts, first))
         moe.down_proj = experts.down_proj
         if gate_up_bias is not None:
-            moe.gate_up_proj_bias, moe.down_proj_bias = gate_up_bias, down_bias
+            setattr(moe, first_bias, gate_up_bias)
+            moe.down_proj_bias = down_bias
         moe.shared_experts, moe.shared_expert_gate = shared, shared_gate
         if correction is not None:
             moe.register_buffer("selection_bias", correction)
@@ -483,7 +515,7 @@ class MoE(nn.Module):
             f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"norm_topk_prob={self.norm_topk_prob}, use_selection_bias={self.use_selection_bias}, "
             f"activation={self.activation.name!r}, transposed={self.transposed}, "
-            f"expert_bias={self.gate_up_proj_bias is not None}"
+            f"expert_bias={self.down_proj_bias is not None}"
         )
 
 
@@ -526,6 +558,25 @@ def _correction_bias(router: nn.Module, block: nn.Module) -> torch.Tensor | None
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 return value
     return None
+
+
+def _experts_extras(experts: nn.Module) -> str:
+    """What an experts module computes beyond its projections, or "": submodules holding
+    parameters or buffers (Ergo's per-route `post_expert_norm`), or a class `forward` that wraps
+    the one transformers dispatches (which padd replaces) in more compute of its own."""
+    holders = [
+        n
+        for n, m in experts.named_children()
+        if any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+    ]
+    forward = getattr(type(experts), "forward", None)
+    # The dispatcher copies the wrapped forward's name (functools.wraps), not its code's.
+    code = getattr(forward, "__code__", None)
+    dispatched = "use_experts_implementation" in getattr(code, "co_qualname", "")
+    what = [f"its {n}" for n in holders]
+    if not dispatched:
+        what.append(f"a forward of its own, {getattr(forward, '__qualname__', '?')}")
+    return ", ".join(what)
 
 
 def _first_attr(owners: tuple, names: tuple[str, ...], kind: type) -> float | str | None:
@@ -610,7 +661,7 @@ def _gap_with_perturbed_bias(block: nn.Module, moe: MoE) -> float:
 @torch.no_grad()
 def _relative_gap(block: nn.Module, moe: MoE) -> float:
     """`max |block(x) - moe(x)| / max |block(x)|` over probe tokens at two scales, in eval mode."""
-    weight = moe.gate_up_proj
+    weight = moe.down_proj
     if weight.is_meta:
         raise NotImplementedError("it is on the meta device, where padd cannot verify it; pass verify=False")
     generator = torch.Generator(device="cpu").manual_seed(0)
