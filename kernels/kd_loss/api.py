@@ -114,6 +114,25 @@ def kd_loss(
     _check_loss_options(divergence, beta, reduction, temperature_scaling)
     _check_logits(student_logits, teacher_logits)
     n_rows, device = student_logits.shape[0], student_logits.device
+    if (
+        mask is None
+        and labels is None
+        and not isinstance(temperature, torch.Tensor)
+        and not isinstance(student_temperature, torch.Tensor)
+    ):
+        # Number temperatures, every row kept (the common call): the CPU path takes the numbers
+        # and one weight straight through, with no `[N]` tensors built and read back (each
+        # small op costs as much as an `[N, V]` pass at the default's shapes).
+        tau_t = _temperature_value("temperature", temperature)
+        tau_s = _temperature_value("student_temperature", student_temperature)
+        resolved = resolve_backend(backend, student_logits, teacher_logits)
+        if cpu_eager(resolved, student_logits, teacher_logits):
+            compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+            w = _constant_weight(n_rows, reduction, temperature_scaling, tau_t)
+            return _op.KdLossCPU.apply(
+                student_logits, teacher_logits, tau_t, tau_s, w, divergence, float(beta), compute_grad,
+                check_nan, reduction != "none",
+            )  # fmt: skip
     tau_t_N, tau_s_N, w_N = _row_tensors(
         n_rows, device, temperature, student_temperature, mask, labels, ignore_index, reduction,
         temperature_scaling,
@@ -359,9 +378,14 @@ def _temperature_rows(name: str, value, n_rows: int, device: torch.device) -> to
         if value.requires_grad:
             raise ValueError(f"{name} must not require grad")
         return value.float()
+    return as_rows_N(_temperature_value(name, value), n_rows, device)
+
+
+def _temperature_value(name: str, value) -> float:
+    """A number temperature (> 0) as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    return as_rows_N(float(value), n_rows, device)
+    return float(value)
 
 
 def _keep_rows(mask, labels, ignore_index: int, n_rows: int, device: torch.device) -> torch.Tensor | None:

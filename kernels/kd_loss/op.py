@@ -37,9 +37,13 @@ def check_finite_inputs(
     """
     present = {k: v for k, v in named.items() if v is not None and v.is_floating_point()}
     flags = [torch.isnan(v).any() for v in present.values()]
-    # `not > 0` also catches NaN temperatures.
-    flags += [(~(tau_t > 0)).any(), (~(tau_s > 0)).any()]
-    names = [f"NaN in {k}" for k in present] + ["temperature <= 0 or NaN", "student_temperature <= 0 or NaN"]
+    names = [f"NaN in {k}" for k in present]
+    # `not > 0` also catches NaN temperatures. A float temperature (`KdLossCPU`) was checked
+    # by `kd_loss` already.
+    for name, tau in (("temperature", tau_t), ("student_temperature", tau_s)):
+        if isinstance(tau, torch.Tensor):
+            flags.append((~(tau > 0)).any())
+            names.append(f"{name} <= 0 or NaN")
     flags_F = torch.stack(flags)
     if bool(flags_F.any()):
         bad = [k for k, flag in zip(names, flags_F.tolist(), strict=True) if flag]
@@ -102,7 +106,8 @@ def kd_loss_op(
 class KdLossCPU(torch.autograd.Function):
     """`padd::kd_loss` on the reference backend as a plain `autograd.Function`: the same
     functions, NaN policy and in-place backward, without the custom op's dispatch (~0.2 ms a
-    call on CPU, as much as the loss at small N x V). `kd_loss` takes it for eager CPU calls
+    call on CPU, as much as the loss at small N x V). `tau_t` / `tau_s` may be floats (the
+    op's stride-0 rows, unbuilt: `kd_loss` checked them). `kd_loss` takes it for eager CPU calls
     (`_dispatch.cpu_eager`); torch.compile, dispatch modes and other devices keep the op.
     Returns the weighted per-row loss `[N]`, or its sum with `reduce` (one autograd node less)."""
 
@@ -124,7 +129,11 @@ class KdLossCPU(torch.autograd.Function):
             raise RuntimeError("kd_loss: the forward ran without a student gradient (student had no grad)")
         _refuse_second_backward(ctx)
         (grad_NV,) = ctx.saved_tensors
-        scale_rows_reference_(grad_NV, grad_loss_N)  # a 0-d upstream gradient when reduced
+        if grad_loss_N.dim() == 0:  # reduced: one read of the upstream gradient, no [N] ops
+            if grad_loss_N.item() != 1.0:
+                grad_NV.mul_(grad_loss_N.to(grad_NV.dtype))  # as scale_rows_reference_ does
+        else:
+            scale_rows_reference_(grad_NV, grad_loss_N)
         return (grad_NV,) + (None,) * 9
 
 

@@ -21,6 +21,9 @@ with 0 log 0 = 0 (a term whose left-hand probability is exactly 0 contributes 0)
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from .teacher import SparseTeacher, TeacherHead
@@ -215,6 +218,8 @@ def kd_loss_and_grad_reference(
             return _kd_loss_and_grad_cpu(
                 student_logits_NV, teacher_logits_NV, tau_t_N, tau_s_N, w_N, divergence, beta, compute_grad
             )
+        n_rows, device = student_logits_NV.shape[0], student_logits_NV.device
+        tau_t_N, tau_s_N = as_rows_N(tau_t_N, n_rows, device), as_rows_N(tau_s_N, n_rows, device)
         if not isinstance(w_N, torch.Tensor):  # one weight for every row (see _kd_loss_and_grad_cpu)
             w_N = torch.full_like(tau_s_N, w_N)
         log_q_NV = torch.log_softmax(student_logits_NV.float() / tau_s_N[:, None], dim=-1)
@@ -237,10 +242,12 @@ def _guarded_grad_NV(log_q_NV: torch.Tensor, log_p_NV: torch.Tensor, divergence:
 _FAST_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
-def _constant_rows(x_N: torch.Tensor) -> float | None:
-    """The value of a stride-0 CPU row tensor (a float argument expanded by `as_rows_N`), else
-    None. Reading it costs nothing on CPU, and a float temperature then skips its `[N, V]`
-    division (tau = 1) or divides by a number."""
+def _constant_rows(x_N: torch.Tensor | float) -> float | None:
+    """A float (what `kd_loss`'s CPU path passes for a float temperature), or the value of a
+    stride-0 CPU row tensor (a float argument expanded by `as_rows_N`), else None. A float
+    temperature then skips its `[N, V]` division (tau = 1) or divides by a number."""
+    if isinstance(x_N, float):
+        return x_N
     if x_N.device.type != "cpu" or x_N.dim() != 1 or x_N.numel() == 0 or x_N.stride(0) != 0:
         return None
     return float(x_N[0])
@@ -255,6 +262,99 @@ def _log_softmax_rows_NV(z_NV: torch.Tensor, tau_N: torch.Tensor) -> torch.Tenso
     elif tau != 1.0:
         z_NV = z_NV / tau
     return torch.log_softmax(z_NV, dim=-1)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch memory of the CPU forward_kl path, reused across calls.
+
+    Why: at the default's shapes (2048 x 100 fp32 = 800 KB a buffer) each fresh `[N, V]`
+    allocation comes from glibc's heap, and freeing several of them at the end of a call makes
+    glibc trim the heap, so the next call page-faults them in again: measured ~200 faults (about
+    as long as an `exp` pass) per buffer per call on the 2-core machine. Scratch that never leaves
+    the loss lives here instead; the gradient (returned to autograd) is always a fresh tensor.
+    Capped, so a large vocabulary allocates per call as before instead of pinning memory."""
+
+    cap_numel = 8 * 1024 * 1024  # 32 MiB of fp32 per buffer at most
+
+    def __init__(self) -> None:
+        self.flat: list[torch.Tensor | None] = [None, None]
+        self.views: list[tuple] = [(), ()]  # the last (n_rows, vocab, view) handed out
+
+    def buffer(self, i: int, n_rows: int, vocab: int) -> torch.Tensor | None:
+        """Scratch `[n_rows, vocab]` fp32 CPU buffer number `i` (contents undefined), or None
+        above the cap. Grows only, so a varying N reuses one buffer."""
+        last = self.views[i]
+        if last and last[0] == n_rows and last[1] == vocab:  # no slicing ops on a repeat
+            return last[2]
+        numel = n_rows * vocab
+        if numel > self.cap_numel:
+            return None
+        flat = self.flat[i]
+        if flat is None or flat.numel() < numel:
+            flat = self.flat[i] = torch.empty(max(numel, 1), dtype=torch.float32)
+        view = flat[:numel].view(n_rows, vocab)
+        self.views[i] = (n_rows, vocab, view)
+        return view
+
+
+_WORKSPACE = _Workspace()
+
+
+def _shifted_rows_NV(z_NV: torch.Tensor, tau: float | None, tau_N, out: torch.Tensor | None) -> torch.Tensor:
+    """fp32 `z / tau - rowmax(z / tau)` (what log_softmax subtracts first), written into `out`
+    if given, else into a new tensor. `tau` is the constant temperature (None: per row)."""
+    z_NV = z_NV.float()  # fp16/bf16 inputs: fp32 math (a no-op for fp32)
+    if tau is None:
+        a_NV = torch.div(z_NV, tau_N[:, None], out=out) if out is not None else z_NV / tau_N[:, None]
+    elif tau != 1.0:
+        a_NV = torch.div(z_NV, tau, out=out) if out is not None else z_NV / tau
+    else:
+        m_N1 = z_NV.amax(-1, keepdim=True)
+        return torch.sub(z_NV, m_N1, out=out) if out is not None else z_NV - m_N1
+    return a_NV.sub_(a_NV.amax(-1, keepdim=True))
+
+
+def _forward_kl_rows(
+    student_NV: torch.Tensor,
+    teacher_NV: torch.Tensor,
+    tau_s: float | None,
+    tau_s_N: torch.Tensor | None,
+    tau_t: float | None,
+    tau_t_N: torch.Tensor | None,
+    compute_grad: bool,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_fast_rows` for forward_kl, from the logits: KL(p || q) per row and `scale` (q - p).
+
+    Why not log_softmax: log_softmax exponentiates each row and throws the exponentials away,
+    so p and q then cost a second `exp` pass each (the most expensive pass on CPU). Here each
+    side is exponentiated once, from its shifted logits a' = a - max a, b' = b - max b:
+        q = e^a' / s_a,  p = e^b' / s_b           (s = row sums of the exponentials)
+        log p - log q = (b' - a') - (log s_b - log s_a)
+        KL = sum(e^b' (b' - a')) / s_b - (log s_b - log s_a)        (sum p = 1)
+        grad = scale (e^a' / s_a - e^b' / s_b)   (autograd's q sum(p) - p, with sum(p) = s_b / s_b)
+    Six `[N, V]` passes after the two shifts, three `[N, V]` buffers, two of them reused
+    (`_WORKSPACE`); the gradient overwrites the student's shifted logits. Same NaN contract as
+    `_fast_rows`: a 0 * inf term (-inf in the teacher, or in both) makes its row NaN, and the
+    caller redoes it with the guarded formulas; p > 0 = q gives +inf, as it should."""
+    n_rows, vocab = student_NV.shape
+    b_NV = _shifted_rows_NV(teacher_NV, tau_t, tau_t_N, _WORKSPACE.buffer(0, n_rows, vocab))
+    # The student's shifted logits become q's numerator, then the gradient: a fresh tensor
+    # when it is returned, scratch otherwise.
+    a_out = None if compute_grad else _WORKSPACE.buffer(1, n_rows, vocab)
+    a_NV = _shifted_rows_NV(student_NV, tau_s, tau_s_N, a_out)
+    e_b_NV = torch.exp(b_NV, out=_WORKSPACE.buffer(1, n_rows, vocab)) if compute_grad else b_NV.exp()
+    s_b_N1 = e_b_NV.sum(-1, keepdim=True)
+    x_N1 = b_NV.sub_(a_NV).mul_(e_b_NV).sum(-1, keepdim=True)  # sum(e^b' (b' - a'))
+    e_a_NV = a_NV.exp_()
+    s_a_N1 = e_a_NV.sum(-1, keepdim=True)
+    # log(s_a / s_b) + x / s_b: three [N] ops (each small op costs as much as a pass at small N).
+    div_N = torch.div(s_a_N1, s_b_N1).log_().addcdiv_(x_N1, s_b_N1).squeeze(1)
+    if not compute_grad:
+        return div_N, None
+    if scale != 1.0:  # fold the scale into q's row sums and p's `value`: no extra [N, V] pass
+        s_a_N1 = s_a_N1.div_(scale)
+    return div_N, e_a_NV.div_(s_a_N1).addcdiv_(e_b_NV, s_b_N1, value=-scale)
 
 
 def _fast_rows(
@@ -315,7 +415,8 @@ def _kd_loss_and_grad_cpu(
     """`kd_loss_and_grad_reference` on CPU: `_fast_rows`, then the guarded formulas for the
     rows whose divergence came out NaN (found with an `[N]` check: no host sync on CPU).
 
-    `w_N` may be a float, one weight for every row (no mask, no per-row T^2: what `kd_loss`
+    The temperatures may be floats (`kd_loss`'s eager CPU call, which builds no `[N]` tensors
+    for them). `w_N` may be a float, one weight for every row (no mask, no per-row T^2: what `kd_loss`
     passes then): with a float student temperature the whole gradient scale is then a number
     folded into `_fast_rows`' last passes, and no row needs the dropped-row handling. At small
     N x V every small op's dispatch costs as much as an `[N, V]` pass."""
@@ -323,11 +424,21 @@ def _kd_loss_and_grad_cpu(
     tau_s = _constant_rows(tau_s_N)
     jsd_factor = 1.0 - beta if divergence == "jsd" else 1.0
     scale = w * jsd_factor / tau_s if w is not None and tau_s is not None else 1.0
-    log_q_NV = _log_softmax_rows_NV(student_logits_NV, tau_s_N)
-    log_p_NV = _log_softmax_rows_NV(teacher_logits_NV, tau_t_N)
-    div_N, grad_NV = _fast_rows(log_q_NV, log_p_NV, divergence, beta, compute_grad, scale)
+    if divergence == "forward_kl":
+        tau_t = _constant_rows(tau_t_N)
+        div_N, grad_NV = _forward_kl_rows(
+            student_logits_NV, teacher_logits_NV, tau_s, tau_s_N, tau_t, tau_t_N, compute_grad, scale
+        )
+    else:
+        log_q_NV = _log_softmax_rows_NV(student_logits_NV, tau_s_N)
+        log_p_NV = _log_softmax_rows_NV(teacher_logits_NV, tau_t_N)
+        div_N, grad_NV = _fast_rows(log_q_NV, log_p_NV, divergence, beta, compute_grad, scale)
     redo_grad_RV = None
-    if bool(torch.isnan(div_N).any()):
+    # div is finite, +inf or NaN (never -inf), so its sum is NaN exactly when a row is: one op
+    # and one read instead of isnan + any + bool.
+    if math.isnan(div_N.sum().item()):
+        n_rows, device = student_logits_NV.shape[0], student_logits_NV.device
+        tau_t_N, tau_s_N = as_rows_N(tau_t_N, n_rows, device), as_rows_N(tau_s_N, n_rows, device)
         redo_R = torch.isnan(div_N).nonzero().squeeze(1)
         log_q_RV = _log_softmax_rows_NV(student_logits_NV[redo_R], tau_s_N[redo_R])
         log_p_RV = _log_softmax_rows_NV(teacher_logits_NV[redo_R], tau_t_N[redo_R])
@@ -345,7 +456,8 @@ def _kd_loss_and_grad_cpu(
             grad_NV.mul_(row_scale_N[:, None])
         if redo_grad_RV is not None:
             grad_NV[redo_R] = redo_grad_RV * (w / tau_s_N[redo_R, None])
-        return loss_N, grad_NV.to(student_logits_NV.dtype)
+        dtype = student_logits_NV.dtype
+        return loss_N, grad_NV if grad_NV.dtype == dtype else grad_NV.to(dtype)
     keep_N = w_N != 0
     loss_N = torch.where(keep_N, w_N * div_N, 0.0)  # a dropped row is 0 even where div is inf
     if not compute_grad:
