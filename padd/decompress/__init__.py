@@ -22,7 +22,7 @@ import types
 from .all_experts import all_experts_active
 from .architectures import SUPPORTED_TEACHERS, DecompressionError, check_teacher_config, student_config
 from .clustering import ClusterResult, balanced_kmeans, clustering_objective, random_balanced_split
-from .convert import INITS, decompress, moe_blocks
+from .convert import INITS, clustering_method, decompress, moe_blocks
 from .experts import ExpertPlan, plan_cluster_experts, plan_upcycled_experts
 from .neurons import LayerClusters, TeacherClusters, cluster_teacher, layer_map, teacher_mlps
 from .pretrained import PretrainedInit, init_pretrained_student, match_clusters_to_experts
@@ -33,6 +33,7 @@ from .warmup import warmup, warmup_losses
 
 __all__ = [
     "INITS",
+    "clustering_method",
     "SUPPORTED_TEACHERS",
     "ClusterResult",
     "ClusterScoreHooks",

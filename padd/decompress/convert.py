@@ -29,7 +29,7 @@ from .neurons import TeacherClusters, cluster_teacher, teacher_mlps
 from .stats import NeuronStats
 from .tied_groups import GROUP_SIZE_KEY, plan_tied_group_experts, tie_rows
 
-__all__ = ["INITS", "decompress", "moe_blocks"]
+__all__ = ["INITS", "clustering_method", "decompress", "moe_blocks"]
 
 INITS = ("exact", "cluster", "random_split", "upcycle")
 
@@ -154,8 +154,14 @@ def moe_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def clustering_method(init: str) -> str:
+    """The neuron clustering (`collect_stats(method=...)`) that construction `init` is built from:
+    random balanced partitions for `random_split`, balanced k-means for every other."""
+    return "random" if init == "random_split" else "kmeans"
+
+
 def _resolve_clusters(teacher, num_experts, init, stats, clusters, seed, features) -> TeacherClusters:
-    method = "random" if init == "random_split" else "kmeans"
+    method = clustering_method(init)
     if clusters is not None and stats is not None and stats.clusters is not clusters:
         raise DecompressionError(
             "pass `stats` or `clusters`, not both: stats carry the clustering they were computed for"

@@ -71,8 +71,7 @@ def build_student(
         teacher,
         stats_batches,
         num_experts=st.num_experts,
-        # random_split's experts are random neuron partitions: its statistics must say so
-        method="random" if init == "random_split" else "kmeans",
+        method=dec.clustering_method(init),
         seed=cfg.run.seed,
         xi=s1.neuron_xi,
     )
