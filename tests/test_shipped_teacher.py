@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from padd import cli
 from padd.config import ConfigError, load_config
 from padd.pipeline.inputs import RunInputs, load_model, preflight
 from padd.pipeline.shipped_teacher import (
@@ -58,7 +59,7 @@ def test_config_for_another_teacher_is_refused_before_compute(override):
 
 
 def test_export_writes_a_teacher_the_config_accepts(tmp_path):
-    """`export_teacher` on a (fake, tiny) finished run: the weights are copied unchanged and the
+    """`padd export-teacher` on a (fake, tiny) finished run: the weights are copied unchanged and the
     provenance carries the key of the config that trained them."""
     cfg = load_config(
         DEFAULT, ["teacher.source=train", "teacher.hidden_size=32", "teacher.intermediate_size=64"]
@@ -79,7 +80,8 @@ def test_export_writes_a_teacher_the_config_accepts(tmp_path):
     (run / "eval" / "teacher.json").write_text(json.dumps({"accuracy": 0.5, "n": 2, "correct": "10"}))
 
     out = tmp_path / "shipped"
-    record = export_teacher(run, out)
+    assert cli.main(["export-teacher", str(run), "--out", str(out)]) == 0  # `padd export-teacher`
+    record = shipped_teacher_record(out)
     check_shipped_teacher(cfg, out)
     assert record["held_out"] == {"accuracy": 0.5, "n": 2, "correct": "10"}
     loaded = load_model(out, "float32", "eager")
