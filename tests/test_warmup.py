@@ -137,3 +137,41 @@ def test_warmup_batches_and_log():
     assert not torch.equal(moe_blocks(student)[1].gate.weight, router)
     with pytest.raises(ValueError, match="ran out before `steps`"):
         warmup(student, teacher, iter(token_batches(1)), stats.clusters, steps=2)
+
+
+def _teacher_forwards(teacher) -> list:
+    calls: list = []
+    teacher.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("targets_kind", ["clusters", "sequence"])
+def test_teacher_cache_is_bit_identical_and_runs_the_teacher_once_per_batch(targets_kind):
+    from test_router_targets import _problems, _sft_batch
+    from test_trainer import char_tokenizer
+    from test_trainer import tiny_teacher as char_teacher
+
+    from padd.decompress import fit_sequence_targets
+
+    teacher, tok, problems = char_teacher(), char_tokenizer(), _problems(12)
+    batches = [_sft_batch(problems[:6], tok), _sft_batch(problems[6:], tok)]
+    if targets_kind == "clusters":
+        stats = collect_stats(teacher, batches, num_experts=4)
+        clusters, targets, init = stats.clusters, None, "cluster"
+    else:
+        stats, clusters, init = None, None, "exact"
+        targets = fit_sequence_targets(teacher, batches, num_groups=2, group_size=2)
+    runs = {}
+    for budget in (256.0, 0.0):
+        student = decompress(teacher, 4, 2, stats, init=init)
+        calls = _teacher_forwards(teacher)
+        history = warmup(
+            student, teacher, batches, clusters,
+            steps=5, lr=1e-2, router_targets=targets, teacher_cache_mb=budget,
+        )  # fmt: skip
+        teacher.get_decoder()._forward_hooks.clear()
+        runs[budget] = (history, student.state_dict(), len(calls))
+    (cached, cached_state, cached_calls), (plain, plain_state, plain_calls) = runs[256.0], runs[0.0]
+    assert (cached_calls, plain_calls) == (2, 5)  # two distinct batches; five steps without a cache
+    assert cached == plain
+    assert all(torch.equal(cached_state[k], plain_state[k]) for k in plain_state)

@@ -18,7 +18,8 @@ Shape legend: B batch, S sequence, T = B·S tokens, V vocabulary, E experts, L M
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,6 +56,7 @@ def warmup(
     trainable: str = "all",
     router_targets: SequenceRouterTargets | None = None,
     routing: str = "uniform",
+    teacher_cache_mb: float = 256.0,
 ) -> list[dict]:
     """Run `steps` warmup steps on `batches` (cycled) and return per-step metrics.
 
@@ -83,6 +85,10 @@ def warmup(
             targets shared by every layer; the router rows stay tied.
         routing: "uniform" (the method: frozen round-robin, equal signal to every expert) or
             "learned" (the router's own top-k, so experts specialise from the warmup on).
+        teacher_cache_mb: when `batches` is a list or tuple, the frozen teacher's outputs for
+            each batch (its logits and the `L_init` targets) are kept after their first pass and
+            reused when the warmup comes round to that batch again, up to this many MB in all
+            (0: off). Bit-identical to recomputing them; it saves one teacher forward a step.
 
     Returns:
         One dict per step: `step`, `loss`, `lm`, `kd`, `init`, `grad_norm`, `load_cv` (coefficient
@@ -104,11 +110,13 @@ def warmup(
             targets = ClusterScoreHooks(teacher, clusters, xi=xi)
         else:
             targets = _SequenceTargets(router_targets, control.num_layers)
+        cache = TeacherOutputCache(teacher_cache_mb) if isinstance(batches, Sequence) else None
         with targets:
             for step, batch in zip(range(steps), _repeat(batches), strict=False):
                 losses = warmup_losses(
                     student, teacher, batch, control, targets,
                     alpha=alpha, beta=beta, kd_divergence=kd_divergence, kd_temperature=kd_temperature,
+                    cache=cache, cache_key=step % len(batches) if cache is not None else None,
                 )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
@@ -147,6 +155,35 @@ class _SequenceTargets:
         self.scores = []
 
 
+@dataclass
+class _TeacherOutputs:
+    logits_BSV: torch.Tensor
+    scores: list[torch.Tensor]  # the `L_init` target logits of each student layer
+
+
+class TeacherOutputCache:
+    """The frozen teacher's outputs per warmup batch, kept within a memory budget.
+
+    The warmup goes round its batches many times (e.g. 120 steps over 13 batches) and the
+    teacher never changes, so its forward on a batch it has seen is recomputation. Entries past
+    the budget are not kept: those batches run the teacher each time, as without a cache.
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget_bytes = int(budget_mb * 2**20)
+        self.used_bytes = 0
+        self._entries: dict[int, _TeacherOutputs] = {}
+
+    def get(self, key: int) -> _TeacherOutputs | None:
+        return self._entries.get(key)
+
+    def put(self, key: int, outputs: _TeacherOutputs) -> None:
+        size = sum(t.numel() * t.element_size() for t in (outputs.logits_BSV, *outputs.scores))
+        if self.used_bytes + size <= self.budget_bytes:
+            self._entries[key] = outputs
+            self.used_bytes += size
+
+
 def warmup_losses(
     student: nn.Module,
     teacher: nn.Module,
@@ -158,11 +195,14 @@ def warmup_losses(
     beta: float = 1.0,
     kd_divergence: str = "forward_kl",
     kd_temperature: float = 1.0,
+    cache: TeacherOutputCache | None = None,
+    cache_key: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch's `{"loss", "lm", "kd", "init"}` (graph kept on "loss").
 
     `control` must capture router logits (and set the routing mode), `targets` must be hooked on
-    `teacher`; both are left to the caller so that evaluation can reuse this function.
+    `teacher`; both are left to the caller so that evaluation can reuse this function. With a
+    `cache`, the teacher's outputs for `cache_key` are reused when present and stored otherwise.
     """
     device = next(student.parameters()).device
     input_ids, attention_mask, labels = _unpack(batch, device)
@@ -171,15 +211,22 @@ def warmup_losses(
         prompt_mask_BS = sft_prompt_mask(raw).to(device)
         if not prompt_mask_BS.any():
             raise ValueError("sequence router targets need prompt positions (labels == -100)")
-    with torch.no_grad():
-        # One teacher pass: its final hidden states give both the KD logits and, for sequence
-        # targets, the prompt features (the same `lm_head(decoder(x))` as `teacher(x).logits`).
-        hidden_BSH = teacher.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        teacher_logits = teacher.get_output_embeddings()(hidden_BSH)
-        if isinstance(targets, _SequenceTargets):
-            targets.set_from_hidden(hidden_BSH, prompt_mask_BS)
+    cached = cache.get(cache_key) if cache is not None else None
+    if cached is not None:
+        teacher_logits, target_scores = cached.logits_BSV, cached.scores
+    else:
+        with torch.no_grad():
+            # One teacher pass: its final hidden states give both the KD logits and, for sequence
+            # targets, the prompt features (the same `lm_head(decoder(x))` as `teacher(x).logits`).
+            hidden_BSH = teacher.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+            teacher_logits = teacher.get_output_embeddings()(hidden_BSH)
+            if isinstance(targets, _SequenceTargets):
+                targets.set_from_hidden(hidden_BSH, prompt_mask_BS)
+        target_scores = list(targets.scores)
+        if cache is not None:
+            cache.put(cache_key, _TeacherOutputs(teacher_logits, target_scores))
     out = student(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -201,7 +248,7 @@ def warmup_losses(
         mask=keep_T,
     )
     init = out.logits.new_zeros((), dtype=torch.float32)
-    for logits_TE, scores_TN in zip(control.router_logits, targets.scores, strict=True):
+    for logits_TE, scores_TN in zip(control.router_logits, target_scores, strict=True):
         # KL(p_S || p_T): "reverse" from kd_loss's teacher-first point of view.
         init = init + kd_loss(logits_TE, scores_TN.to(device), divergence="reverse_kl", mask=keep_T)
     loss = out.loss + alpha * kd + beta * init

@@ -121,7 +121,9 @@ def build_student(
         history = dec.warmup(
             student,
             teacher,
-            _cycle(d_b, tokenizer, s1.batch_size, max_len),
+            # A list, gone round as often as the steps need: the teacher's outputs on each batch
+            # are computed once and reused (`warmup`'s teacher cache).
+            list(lm_batches(d_b, tokenizer, s1.batch_size, max_len)),
             None if targets is not None else clusters,
             steps=s1.warmup_steps,
             lr=s1.warmup_lr,
