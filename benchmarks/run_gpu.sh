@@ -15,7 +15,8 @@
 #   2. MoE FFN, fwd and fwd+bwd, 5 models, decode (T=1,8,64) then prefill/training
 #      (T=512,4096,32768), against transformers eager/grouped_mm/batched_mm;
 #      KD loss N=16384 V=128256 (forward KL, JSD); fused-linear JSD N=8192 V=128256 H=4096
-#      against LigerFusedLinearJSD (time and peak memory).
+#      against LigerFusedLinearJSD (time and peak memory); the fused activation variants
+#      (GPT-OSS-20B, DeepSeek-V4 experts) against transformers' grouped_mm.
 #   3. PADD step vs MoE-vanilla-GRPO; generate() tokens/s (padd vs transformers' default);
 #      MegaBlocks dMoE as a MoE FFN peer (if it built); routing and Liger's fused MoE (two
 #      models, T=4096,32768), if time is left.
@@ -127,6 +128,9 @@ PADD_BENCH_TAG=decode PADD_BENCH_TOKENS=1,8,64 PADD_BENCH_PEERS=$MOE_PEERS \
     phase moe-decode 100 20 "${BENCH[@]}" benchmarks/bench_moe_ffn.py
 PADD_BENCH_TAG=prefill PADD_BENCH_TOKENS=512,4096,32768 PADD_BENCH_PEERS=$MOE_PEERS \
     phase moe-prefill 110 30 "${BENCH[@]}" benchmarks/bench_moe_ffn.py
+# Issue 25's fused variants (GPT-OSS-20B, DeepSeek-V4) against transformers' grouped_mm, which
+# runs the family's own `_apply_gate`; eager is the oracle checked before any timing.
+PADD_BENCH_TOKENS=512,4096,16384 phase moe-variants 60 20 "${BENCH[@]}" benchmarks/bench_moe_ffn_variants.py
 PADD_BENCH_TAG=logits PADD_BENCH_KD_LOGITS=16384x128256 PADD_BENCH_KD_VARIANTS=0 \
     phase kd-logits 60 20 "${BENCH[@]}" benchmarks/bench_kd_loss.py -k test_bench_kd_logits
 PADD_BENCH_TAG=fused-linear PADD_BENCH_KD_LINEAR=8192x128256x4096 \
