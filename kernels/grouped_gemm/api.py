@@ -4,8 +4,9 @@ projection `[E, I, H]` alone).
 
 `backend="auto"` and `"triton"` go through the `padd::moe_ffn` custom op (op.py), which runs the
 Triton kernels (triton.py) on CUDA and the PyTorch reference (reference.py) on CPU. The Triton
-kernels fuse every activation and the interleaved gate/up layout, but not biases: a biased call
-runs the reference under `"auto"` on every device.
+kernels fuse every activation, the interleaved gate/up layout and the optional expert biases (in
+the GEMM epilogues, their gradients by a deterministic per-expert sum), so GPT-OSS's experts run
+fully fused on a GPU.
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ def moe_ffn(
         gate_up_bias: optional `[E, 2I]` (`[E, I]` non-gated) bias of the gate/up projection
             (same row layout).
         down_bias: optional `[E, H]` bias of the down projection.
-        backend: "auto" (the custom op: Triton on CUDA unless there are biases, the reference
-            otherwise), "triton" (force the kernels; no biases; on CPU only under
-            `TRITON_INTERPRET=1`) or "reference" (the plain PyTorch function, differentiated
-            by autograd).
+        backend: "auto" (the custom op: Triton on CUDA, the reference otherwise), "triton"
+            (force the kernels; on CPU only under `TRITON_INTERPRET=1`) or "reference" (the
+            plain PyTorch function, differentiated by autograd).
 
     Returns:
         `[T, H]` in x's dtype (the autocast dtype under `torch.autocast`). Differentiable in
@@ -80,11 +80,6 @@ def moe_ffn(
     x, gate_up_proj, down_proj = _autocast(x, gate_up_proj, down_proj)
     _check_moe_inputs(x, gate_up_proj, down_proj, routing, act.gated)
     _check_biases(gate_up_bias, down_bias, gate_up_proj, x)
-    fused_by_triton = gate_up_bias is None and down_bias is None
-    if backend == "triton" and not fused_by_triton:
-        raise NotImplementedError(
-            "backend='triton' has no expert biases; use backend='auto' or 'reference' for a biased call"
-        )
     biases = (gate_up_bias, down_bias)
     options = dict(
         activation=activation,
@@ -97,8 +92,6 @@ def moe_ffn(
     if backend == "reference":
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing, **options)
     resolved = resolve_backend(backend, x, gate_up_proj, down_proj)
-    if not fused_by_triton:
-        resolved = "reference"
     if call_reference_directly(resolved, x, gate_up_proj, down_proj, routing.weights, *biases):
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing, **options)
     if cpu_eager(resolved, x, gate_up_proj, down_proj, routing.weights, *biases):

@@ -3,16 +3,17 @@
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots.
 
 The ops dispatch on `use_triton`, which `moe_ffn` resolves from the device (`backend="auto"`:
-Triton for CUDA tensors; `"triton"` also on CPU under `TRITON_INTERPRET=1`); otherwise the
-PyTorch reference runs, whose host sync (`.tolist()` of the offsets) stays inside the opaque op,
-so `torch.compile(fullgraph=True)` traces through on CPU too. The backward is its own op for the
-same reason. `moe_ffn` applies autocast before the op; inside, the reference runs with autocast
-off so its fp32 math stays fp32.
+Triton for CUDA tensors, expert biases included; `"triton"` also on CPU under
+`TRITON_INTERPRET=1`); otherwise the PyTorch reference runs, whose host sync (`.tolist()` of
+the offsets) stays inside the opaque op, so `torch.compile(fullgraph=True)` traces through on
+CPU too. The backward is its own op for the same reason. `moe_ffn` applies autocast before the
+op; inside, the reference runs with autocast off so its fp32 math stays fp32.
 
 Both ops carry FLOP formulas for `torch.utils.flop_counter.FlopCounterMode`: forward
 2·T·K·H·3I (2·T·K·H·2I for a non-gated activation, whose first GEMM is `[E, I, H]`), backward
 twice that when every input needs a gradient (less when some do not; the Triton backward's
-gate/up recompute is not counted: it is not useful work).
+gate/up recompute is not counted: it is not useful work). Only GEMMs count: the bias adds and
+bias-gradient sums are O(S·(2I + H)), as `FlopCounterMode` leaves elementwise work uncounted.
 
 The forward op also returns what its backward reuses (the reference's gate/up pre-activations;
 nothing for Triton): autograd saves it, and `moe_ffn` hands users only the first output.
@@ -63,15 +64,23 @@ def moe_ffn_op(
     """Routed experts `[T, H]` from the `Routing` fields (see `moe_ffn`), and a cache.
 
     The cache is what the backward reuses: the reference's sorted gate/up pre-activations
-    `[S, 2I]` (`[S, I]` non-gated; fp32), or an empty `[0]` tensor for Triton, whose backward recomputes them.
-    Triton runs every activation but no biases (`moe_ffn` never asks it for them).
+    `[S, 2I]` (`[S, I]` non-gated; fp32), or an empty `[0]` tensor for Triton, whose backward
+    recomputes them. Both backends run every activation and the optional biases.
     """
     act = GatedActivation(activation, limit, alpha, interleaved)
     if use_triton:
         from .triton import moe_ffn_triton_forward  # optional dependency: not every platform has triton
 
         out = moe_ffn_triton_forward(
-            x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, act
+            x,
+            gate_up_proj,
+            down_proj,
+            weights_TK,
+            sort_order_S,
+            expert_offsets_E1,
+            act,
+            gate_up_bias,
+            down_bias,
         )
         return out, x.new_empty(0)
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
@@ -124,10 +133,10 @@ def moe_ffn_backward_op(
     if use_triton:
         from .triton import moe_ffn_triton_backward  # optional dependency
 
-        grads = moe_ffn_triton_backward(
-            grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs, act
-        )
-        return *grads, x.new_empty(0), x.new_empty(0)
+        return moe_ffn_triton_backward(
+            grad, x, gate_up_proj, down_proj, weights_TK, sort_order_S, expert_offsets_E1, needs, act,
+            gate_up_bias, down_bias,
+        )  # fmt: skip
     fields = (weights_TK, experts_TK, tokens_per_expert_E, expert_offsets_E1, sort_order_S, inverse_order_S)
     routing = _routing(gate_up_proj.shape[0], *fields)
     with torch.autocast(x.device.type, enabled=False):

@@ -1,5 +1,6 @@
 """Triton grouped expert GEMMs (scatter-to-scatter): forward and backward of the SwiGLU experts
-(and of every other activation of activation.py, gated or not: a constexpr picks the epilogue).
+(and of every other activation of activation.py, gated or not: a constexpr picks the epilogue),
+with optional per-expert biases (GPT-OSS, Aria).
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
 rows are slots in `sort_order_S` order (grouped by expert); slot `s` belongs to token `s // K`.
@@ -7,15 +8,21 @@ rows are slots in `sort_order_S` order (grouped by expert); slot `s` belongs to 
 Forward (two GEMM launches and a combine; no padded copy of x, no per-expert Python loop, no
 host sync):
 1. `_gate_up_swiglu_kernel`: gathers x rows by token inside its loads, computes the gate and up
-   tiles against `gate_up_proj[e]` and writes `h = silu(gate) * up` in sorted order, `[S, I]`.
-2. `_scatter_down_kernel`: `h @ down_proj[e].T`, times the slot's routing weight, stored at the
-   slot's row of `[S, H]`; `_combine_slots_kernel` sums each token's K rows in slot order in
-   fp32 (deterministic, no atomics).
+   tiles against `gate_up_proj[e]`, adds the gate/up bias `b1[e]` (same row layout as the weight,
+   interleaved or not) in the epilogue, and writes `h = act(gate, up)` in sorted order, `[S, I]`.
+2. `_scatter_down_kernel`: `h @ down_proj[e].T + b2[e]`, times the slot's routing weight (the
+   bias is part of the expert output the weight scales, as in transformers' GptOssExperts),
+   stored at the slot's row of `[S, H]`; `_combine_slots_kernel` sums each token's K rows in slot
+   order in fp32 (deterministic, no atomics).
 
-Backward (five launches) recomputes gate/up instead of saving the `[S, 2I]` intermediate: the
-forward saves nothing beyond its inputs, which is the memory that matters when many MoE layers
-keep activations for backward. The recompute costs one extra `S·H·2I` GEMM, fused into the
-kernel that needs it (`_swiglu_backward_kernel`), which also yields the routing-weight gradient.
+Backward (five launches, and one more per bias) recomputes gate/up (bias included) instead of
+saving the `[S, 2I]` intermediate: the forward saves nothing beyond its inputs, which is the
+memory that matters when many MoE layers keep activations for backward. The recompute costs one
+extra `S·H·2I` GEMM, fused into the kernel that needs it (`_swiglu_backward_kernel`), which also
+yields the routing-weight gradient. The bias gradients are per-expert sums over each expert's
+sorted rows (`_expert_bias_grad_kernel`, one program per column tile and expert, rows summed in
+order: no atomics): of d(gate|up) for b1, of `w · dy` for b2; the latter launch also gives the
+down bias's share of the routing-weight gradient, `dy · b2[e]`.
 
 Every tile maps to its expert on the device (`_expert_tile`) from `expert_offsets_E1`; the grid
 is sized for the worst case (`cdiv(S, BLOCK_M) + E` row tiles) and surplus tiles exit at once,
@@ -199,6 +206,29 @@ def _gated_backward(dh, g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
 
 
 @triton.jit
+def _add_gate_up_bias(
+    acc_g,
+    acc_u,
+    b13_ptr,
+    expert,
+    cols,
+    col_mask,
+    stride_be,
+    stride_bn,
+    UP_OFFSET,
+    GATE_STEP: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """The gate/up GEMM epilogue's bias: `b13[e]` in the weight's row layout (gate column n at
+    `n·GATE_STEP`, its up column `UP_OFFSET` further), added in fp32 before the activation."""
+    b_ptrs = b13_ptr + expert.to(tl.int64) * stride_be + (cols * GATE_STEP).to(tl.int64) * stride_bn
+    acc_g += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc_u += tl.load(b_ptrs + UP_OFFSET * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc_g, acc_u
+
+
+@triton.jit
 def _expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Map row-tile `pid_m` to (expert, first sorted row, end row of that expert); expert == E: idle."""
     e_idx = tl.arange(0, BLOCK_E)
@@ -235,6 +265,7 @@ def _split_pid(n_cols, BLOCK_N: tl.constexpr):
 def _gate_up_swiglu_kernel(
     x_ptr,
     w13_ptr,
+    b13_ptr,
     h_ptr,
     order_ptr,
     offsets_ptr,
@@ -247,6 +278,8 @@ def _gate_up_swiglu_kernel(
     stride_we,
     stride_wn,
     stride_wh,
+    stride_be,
+    stride_bn,
     stride_hs,
     LIMIT,
     ALPHA,
@@ -255,18 +288,21 @@ def _gate_up_swiglu_kernel(
     ACTIVATION: tl.constexpr,
     GATE_STEP: tl.constexpr,
     GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """h[p, n] = act(x[t_p] · Wg[e, n], x[t_p] · Wu[e, n]) for sorted rows p of expert e.
+    """h[p, n] = act(x[t_p] · Wg[e, n] + bg[e, n], x[t_p] · Wu[e, n] + bu[e, n]) for sorted rows
+    p of expert e (the bias terms only with `HAS_BIAS`).
 
     Gate row n of expert e is row `n·GATE_STEP` of `gate_up_proj[e]`, its up row `UP_OFFSET`
-    further: (1, I) for the gate half then the up half, (2, 1) for interleaved rows. Without
-    a gate (`GATED` False) the first weight is the up projection `[E, I, H]`: its rows take the
-    "gate" pointers, one accumulator, and h[p, n] = act(x[t_p] · Wu[e, n]).
+    further: (1, I) for the gate half then the up half, (2, 1) for interleaved rows; the bias
+    `[E, 2I]` is laid out the same way. Without a gate (`GATED` False) the first weight is the up
+    projection `[E, I, H]` (bias `[E, I]`): its rows take the "gate" pointers, one accumulator,
+    and h[p, n] = act(x[t_p] · Wu[e, n] + bu[e, n]).
     """
     pid_m, pid_n = _split_pid(I, BLOCK_N)
     expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -301,6 +337,10 @@ def _gate_up_swiglu_kernel(
         x_ptrs += BLOCK_K * stride_xh
         wg_ptrs += BLOCK_K * stride_wh
         wu_ptrs += BLOCK_K * stride_wh
+    if HAS_BIAS:
+        acc_g, acc_u = _add_gate_up_bias(
+            acc_g, acc_u, b13_ptr, expert, cols, col_mask, stride_be, stride_bn, UP_OFFSET, GATE_STEP, GATED
+        )
     if GATED:
         h = _gated_forward(acc_g, acc_u, ACTIVATION, LIMIT, ALPHA)
     else:
@@ -326,6 +366,7 @@ def _scatter_down_kernel(
     order_ptr,
     offsets_ptr,
     scale_ptr,
+    bias_ptr,
     E,
     N,
     K_DIM,
@@ -335,17 +376,22 @@ def _scatter_down_kernel(
     stride_bk,
     stride_bn,
     stride_os,
+    stride_biase,
+    stride_biasn,
     HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[slot_p, n] = scale[slot_p] · Σ_k a[p, k] · b[e, k, n] for sorted rows p of expert e.
+    """out[slot_p, n] = scale[slot_p] · (Σ_k a[p, k] · b[e, k, n] + bias[e, n]) for sorted rows p
+    of expert e (the bias only with `HAS_BIAS`, the scale only with `HAS_SCALE`).
 
-    Forward down GEMM (a = h, b = down_proj viewed [E, I, H], scale = routing weights) and the
-    backward dx GEMM (a = d(gate|up), b = gate_up_proj [E, 2I, H], no scale) share it.
+    Forward down GEMM (a = h, b = down_proj viewed [E, I, H], bias = down_proj's `[E, H]`, added
+    before the routing weight scales the expert's output, scale = routing weights) and the
+    backward dx GEMM (a = d(gate|up), b = gate_up_proj [E, 2I, H], no bias, no scale) share it.
     """
     pid_m, pid_n = _split_pid(N, BLOCK_N)
     expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -371,6 +417,9 @@ def _scatter_down_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + expert.to(tl.int64) * stride_biase + cols * stride_biasn
+        acc += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     slots = tl.load(order_ptr + rows, mask=row_mask, other=0)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
@@ -388,6 +437,7 @@ def _swiglu_backward_kernel(
     x_ptr,
     dy_ptr,
     w13_ptr,
+    b13_ptr,
     w2_ptr,
     weight_ptr,
     order_ptr,
@@ -410,6 +460,8 @@ def _swiglu_backward_kernel(
     stride_de,
     stride_dh2,
     stride_di,
+    stride_be,
+    stride_bn,
     stride_gs,
     stride_hs,
     LIMIT,
@@ -419,17 +471,21 @@ def _swiglu_backward_kernel(
     ACTIVATION: tl.constexpr,
     GATE_STEP: tl.constexpr,
     GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Recompute gate/up, push dy back through down and the activation for sorted rows p of
-    expert e (gate/up rows as in `_gate_up_swiglu_kernel`; without a gate, d up `[S, I]` alone).
+    """Recompute gate/up (with its bias under `HAS_BIAS`), push dy back through down and the
+    activation for sorted rows p of expert e (gate/up rows as in `_gate_up_swiglu_kernel`;
+    without a gate, d up `[S, I]` alone).
 
-    Writes d(gate|up) `[S, 2I]` (in gate_up_proj's row layout) and w·h `[S, I]` in sorted order, and the routing-weight gradient
-    partial `Σ_n (dy[t_p] · W2[e, :, n]) · h[p, n]` for this I-tile at `[pid_n, slot_p]`.
+    Writes d(gate|up) `[S, 2I]` (in gate_up_proj's row layout) and w·h `[S, I]` in sorted order,
+    and the routing-weight gradient partial `Σ_n (dy[t_p] · W2[e, :, n]) · h[p, n]` for this
+    I-tile at `[pid_n, slot_p]` (the down bias's share, `dy[t_p] · b2[e]`, comes from
+    `_expert_bias_grad_kernel`).
     """
     pid_m, pid_n = _split_pid(I, BLOCK_N)
     expert, row_start, row_end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -476,6 +532,10 @@ def _swiglu_backward_kernel(
         wg_ptrs += BLOCK_K * stride_wh
         wu_ptrs += BLOCK_K * stride_wh
         w2_ptrs += BLOCK_K * stride_dh2
+    if HAS_BIAS:
+        acc_g, acc_u = _add_gate_up_bias(
+            acc_g, acc_u, b13_ptr, expert, cols, col_mask, stride_be, stride_bn, UP_OFFSET, GATE_STEP, GATED
+        )
     weight = tl.load(weight_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
     dh = acc_d * weight[:, None]
     if GATED:
@@ -569,6 +629,73 @@ def _expert_weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _expert_bias_grad_kernel(
+    a_ptr,
+    scale_ptr,
+    vec_ptr,
+    order_ptr,
+    offsets_ptr,
+    out_ptr,
+    dot_part_ptr,
+    N,
+    S,
+    stride_ar,
+    stride_ac,
+    stride_ve,
+    stride_vn,
+    stride_oe,
+    stride_on,
+    GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_DOT: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[e, n] = Σ_{p of expert e} scale[slot_p] · A[row(p), n]: a bias gradient, the per-expert
+    sum over its sorted rows (the scale only with `HAS_SCALE`).
+
+    A gathered row (`GATHER`) is the token of sorted row p, else p itself. Each program owns the
+    columns of one N-tile of one expert and sums the expert's rows in order, BLOCK_P at a time
+    in fp32: no atomics, and an empty expert writes zeros. With `HAS_DOT` it also writes, per
+    row, `dot_part[pid_n, slot_p] = Σ_{n in the tile} A[row(p), n] · vec[e, n]` (unscaled): for
+    the down bias (A = dy, vec = b2) that is the bias's share of the routing-weight gradient.
+    """
+    pid_n = tl.program_id(0)
+    expert = tl.program_id(1)
+    lo = tl.load(offsets_ptr + expert)
+    hi = tl.load(offsets_ptr + expert + 1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_DOT:
+        vec = tl.load(
+            vec_ptr + expert.to(tl.int64) * stride_ve + cols * stride_vn, mask=col_mask, other=0.0
+        ).to(tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        p_mask = ps < hi
+        slots = tl.load(order_ptr + ps, mask=p_mask, other=0)
+        if GATHER:
+            rows = (slots // TOP_K).to(tl.int64)
+        else:
+            rows = ps.to(tl.int64)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac,
+            mask=p_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_DOT:
+            dot = tl.sum(a * vec[None, :], axis=1)
+            tl.store(dot_part_ptr + pid_n.to(tl.int64) * S + slots, dot, mask=p_mask)
+        if HAS_SCALE:
+            a = a * tl.load(scale_ptr + slots, mask=p_mask, other=0.0).to(tl.float32)[:, None]
+        acc += tl.sum(a, axis=0)
+    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + cols * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Every buffer the kernels fill (tests swap in a NaN-filled one to catch unwritten elements)."""
     return torch.empty(*shape, device=device, dtype=dtype)
@@ -619,16 +746,25 @@ def _sum_slots(y_SH: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     return out_TH
 
 
-def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k, activation) -> torch.Tensor:
-    """h in sorted order, `[S, I]` in x's dtype (w13 is `[E, I, H]` for a non-gated activation)."""
+def _bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """`(pointer, stride 0, stride 1)` of an optional `[E, N]` bias; any tensor stands in for an
+    absent one (its kernel's `HAS_BIAS` is False, so it is never read)."""
+    return (bias, *bias.stride()) if bias is not None else (like, 0, 0)
+
+
+def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k, activation, b13_E2I=None) -> torch.Tensor:
+    """h in sorted order, `[S, I]` in x's dtype (w13 is `[E, I, H]` for a non-gated activation;
+    the optional bias `[E, 2I]`, `[E, I]` non-gated, in w13's row layout)."""
     num_experts, two_inter, hidden = w13_E2IH.shape
     inter = two_inter // 2 if activation.gated else two_inter
     num_slots = order_S.numel()
     h_SI = _empty(num_slots, inter, device=x_TH.device, dtype=x_TH.dtype)
     rows = _row_tiles(num_slots, num_experts)
+    b13, *b13_strides = _bias_args(b13_E2I, x_TH)
     _gate_up_swiglu_kernel[lambda m: (rows(m) * triton.cdiv(inter, m["BLOCK_N"]),)](
         x_TH,
         w13_E2IH,
+        b13,
         h_SI,
         order_S,
         offsets_E1,
@@ -639,9 +775,11 @@ def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k, activation) -> t
         x_TH.stride(0),
         x_TH.stride(1),
         *w13_E2IH.stride(),
+        *b13_strides,
         h_SI.stride(0),
         UP_OFFSET=1 if activation.interleaved else inter,
         TOP_K=top_k,
+        HAS_BIAS=b13_E2I is not None,
         BLOCK_E=_block_e(num_experts),
         DOT_PRECISION=_dot_precision(x_TH.dtype),
         **_activation_args(activation),
@@ -649,12 +787,14 @@ def _gate_up_swiglu(x_TH, w13_E2IH, order_S, offsets_E1, top_k, activation) -> t
     return h_SI
 
 
-def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) -> torch.Tensor:
-    """Rows of `a_SK @ b_EKN[e]` (sorted) stored at their slot's row of `[S, N]`, optionally scaled."""
+def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype, bias_EN=None) -> torch.Tensor:
+    """Rows of `a_SK @ b_EKN[e] (+ bias_EN[e])` (sorted) stored at their slot's row of `[S, N]`,
+    optionally scaled (after the bias)."""
     num_experts, k_dim, n_dim = b_EKN.shape
     num_slots = order_S.numel()
     out_SN = _empty(num_slots, n_dim, device=a_SK.device, dtype=out_dtype)
     rows = _row_tiles(num_slots, num_experts)
+    bias, *bias_strides = _bias_args(bias_EN, a_SK)
     _scatter_down_kernel[lambda m: (rows(m) * triton.cdiv(n_dim, m["BLOCK_N"]),)](
         a_SK,
         b_EKN,
@@ -662,6 +802,7 @@ def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) ->
         order_S,
         offsets_E1,
         scale_S if scale_S is not None else a_SK,
+        bias,
         num_experts,
         n_dim,
         k_dim,
@@ -669,7 +810,9 @@ def _scatter_grouped_mm(a_SK, b_EKN, order_S, offsets_E1, scale_S, out_dtype) ->
         a_SK.stride(0),
         *b_EKN.stride(),
         out_SN.stride(0),
+        *bias_strides,
         HAS_SCALE=scale_S is not None,
+        HAS_BIAS=bias_EN is not None,
         BLOCK_E=_block_e(num_experts),
         DOT_PRECISION=_dot_precision(a_SK.dtype),
     )
@@ -702,6 +845,32 @@ def _expert_weight_grad(a, b, order_S, offsets_E1, top_k, *, gather_a, gather_b,
     return out_EMN
 
 
+# `_expert_bias_grad_kernel`'s tiles: fixed, so the routing-weight partials' shape is known.
+_BIAS_BLOCK_P = 32
+_BIAS_BLOCK_N = 32 if interpreter_enabled() else 128
+
+
+def _expert_bias_grad(a, order_S, offsets_E1, top_k, *, gather, out_dtype, scale_S=None, dot_EN=None):
+    """`(out [E, N], dot [S] fp32 or None)`: out[e] = Σ over expert e's sorted rows of
+    `scale · A[row]` (a bias gradient), and with `dot_EN` each row's `A[row] · dot_EN[e]` in slot
+    order (see `_expert_bias_grad_kernel`)."""
+    num_experts, num_slots, n_dim = offsets_E1.numel() - 1, order_S.numel(), a.shape[1]
+    out_EN = _empty(num_experts, n_dim, device=a.device, dtype=out_dtype)
+    n_tiles = triton.cdiv(n_dim, _BIAS_BLOCK_N)
+    dot_part_NS = (
+        _empty(n_tiles, num_slots, device=a.device, dtype=torch.float32) if dot_EN is not None else a
+    )
+    vec, *vec_strides = _bias_args(dot_EN, a)
+    _expert_bias_grad_kernel[(n_tiles, num_experts)](
+        a, scale_S if scale_S is not None else a, vec, order_S, offsets_E1, out_EN, dot_part_NS,
+        n_dim, num_slots, *a.stride(), *vec_strides, *out_EN.stride(),
+        GATHER=gather, HAS_SCALE=scale_S is not None, HAS_DOT=dot_EN is not None, TOP_K=top_k,
+        BLOCK_P=_BIAS_BLOCK_P, BLOCK_N=_BIAS_BLOCK_N, num_warps=4,
+    )  # fmt: skip
+    # Fixed-order sum of the per-tile partials: deterministic, no atomics.
+    return out_EN, (dot_part_NS.sum(dim=0) if dot_EN is not None else None)
+
+
 def moe_ffn_triton_forward(
     x_TH: torch.Tensor,
     gate_up_proj_E2IH: torch.Tensor,
@@ -710,14 +879,21 @@ def moe_ffn_triton_forward(
     sort_order_S: torch.Tensor,
     expert_offsets_E1: torch.Tensor,
     activation=SWIGLU,
+    gate_up_bias_E2I: torch.Tensor | None = None,
+    down_bias_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward of the routed gated experts from raw routing tensors; `[T, H]` in x's dtype."""
+    """Forward of the routed experts from raw routing tensors; `[T, H]` in x's dtype.
+
+    The optional biases are added in the GEMM epilogues: `gate_up_bias_E2I` (`[E, 2I]` in
+    gate_up_proj's row layout, `[E, I]` non-gated) before the activation, `down_bias_EH` `[E, H]`
+    to each expert's output before the routing weight scales it: `Σ_j w_tj (W2 h + b2)`.
+    """
     num_tokens, hidden = x_TH.shape
     top_k = weights_TK.shape[1]
     if num_tokens == 0:
         return x_TH.new_zeros(0, hidden)
     order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
-    h_SI = _gate_up_swiglu(x_TH, gate_up_proj_E2IH, order_S, offsets_E1, top_k, activation)
+    h_SI = _gate_up_swiglu(x_TH, gate_up_proj_E2IH, order_S, offsets_E1, top_k, activation, gate_up_bias_E2I)
     # down_proj[e] is [H, I]; viewed as [I, H] it is the right-hand operand of h @ W2[e].T.
     y_SH = _scatter_grouped_mm(
         h_SI,
@@ -726,13 +902,14 @@ def moe_ffn_triton_forward(
         offsets_E1,
         weights_TK.reshape(-1).contiguous(),
         x_TH.dtype,
+        down_bias_EH,
     )
     return _sum_slots(y_SH, num_tokens, top_k)
 
 
-def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets_E1, activation):
-    """`(d(gate|up) [S, 2I] (d up [S, I] non-gated), w·h [S, I], d weights [T, K])` from the fused
-    recompute kernel."""
+def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets_E1, activation, b13_E2I):
+    """`(d(gate|up) [S, 2I] (d up [S, I] non-gated), w·h [S, I], d weights [S] fp32 in slot order,
+    without the down bias's share)` from the fused recompute kernel."""
     num_tokens, hidden = x_TH.shape
     num_experts, two_inter, _ = w13_E2IH.shape
     inter = w2_EHI.shape[2]
@@ -743,18 +920,20 @@ def _swiglu_backward(dy_TH, x_TH, w13_E2IH, w2_EHI, weights_TK, order_S, offsets
     n_tiles = triton.cdiv(inter, _BWD_BLOCK_N)
     dweight_part_NS = _empty(n_tiles, num_slots, device=x_TH.device, dtype=torch.float32)
     rows = _row_tiles(num_slots, num_experts)
+    b13, *b13_strides = _bias_args(b13_E2I, x_TH)
     _swiglu_backward_kernel[lambda m: (rows(m) * n_tiles,)](
-        x_TH, dy_TH, w13_E2IH, w2_EHI, weights_TK.reshape(-1).contiguous(), order_S, offsets_E1,
+        x_TH, dy_TH, w13_E2IH, b13, w2_EHI, weights_TK.reshape(-1).contiguous(), order_S, offsets_E1,
         dgu_S2I, hw_SI, dweight_part_NS,
         num_experts, hidden, inter, num_slots, _rows_bucket(num_slots, num_experts),
-        *x_TH.stride(), *dy_TH.stride(), *w13_E2IH.stride(), *w2_EHI.stride(), dgu_S2I.stride(0), hw_SI.stride(0),
+        *x_TH.stride(), *dy_TH.stride(), *w13_E2IH.stride(), *w2_EHI.stride(), *b13_strides,
+        dgu_S2I.stride(0), hw_SI.stride(0),
         UP_OFFSET=1 if activation.interleaved else inter,
-        TOP_K=top_k, BLOCK_E=_block_e(num_experts), DOT_PRECISION=_dot_precision(x_TH.dtype),
+        TOP_K=top_k, HAS_BIAS=b13_E2I is not None, BLOCK_E=_block_e(num_experts),
+        DOT_PRECISION=_dot_precision(x_TH.dtype),
         **_activation_args(activation),
     )  # fmt: skip
     # Fixed-order sum of the per-I-tile partials: deterministic, no atomics.
-    d_weights_TK = dweight_part_NS.sum(dim=0).view(num_tokens, top_k).to(weights_TK.dtype)
-    return dgu_S2I, hw_SI, d_weights_TK
+    return dgu_S2I, hw_SI, dweight_part_NS.sum(dim=0)
 
 
 def moe_ffn_triton_backward(
@@ -767,25 +946,49 @@ def moe_ffn_triton_backward(
     expert_offsets_E1: torch.Tensor,
     needs: tuple[bool, bool, bool] = (True, True, True),
     activation=SWIGLU,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(dx [T,H], d gate_up_proj [E,2I,H], d down_proj [E,H,I], d weights [T,K])`.
+    gate_up_bias_E2I: torch.Tensor | None = None,
+    down_bias_EH: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """`(dx [T,H], d gate_up_proj [E,2I,H], d down_proj [E,H,I], d weights [T,K],
+    d gate_up_bias [E,2I], d down_bias [E,H])`.
 
     `needs` flags (dx, d gate_up_proj, d down_proj): a gradient not needed is skipped and
-    returned as an empty `[0]` tensor. The routing-weight gradient is always returned (it is a
-    by-product of the recompute kernel).
+    returned as an empty `[0]` tensor, as is the gradient of an absent bias. The routing-weight
+    gradient, and each given bias's, is always returned (as the reference does). Bias gradients
+    are per-expert sums over the expert's sorted rows (`_expert_bias_grad_kernel`): of d(gate|up)
+    for the gate/up bias, of `w · dy` for the down bias; the routing-weight gradient gains
+    `dy · b2[e]`, since the weight scales the biased expert output.
     """
     num_tokens, top_k = weights_TK.shape
     needs_dx, needs_d_gate_up, needs_d_down = needs
     skipped = lambda: x_TH.new_empty(0)  # one per output: custom-op outputs must not alias
+    biases = (gate_up_bias_E2I, down_bias_EH)
     if num_tokens == 0:
         zeros = [torch.zeros_like(t) if need else skipped() for t, need in
                  zip((x_TH, gate_up_proj_E2IH, down_proj_EHI), needs, strict=True)]  # fmt: skip
-        return (*zeros, torch.zeros_like(weights_TK))
+        zero_biases = [skipped() if b is None else torch.zeros_like(b) for b in biases]
+        return (*zeros, torch.zeros_like(weights_TK), *zero_biases)
     order_S, offsets_E1 = sort_order_S.contiguous(), expert_offsets_E1.contiguous()
     dy_TH = grad_TH.to(x_TH.dtype)
-    dgu_S2I, hw_SI, d_weights = _swiglu_backward(
-        dy_TH, x_TH, gate_up_proj_E2IH, down_proj_EHI, weights_TK, order_S, offsets_E1, activation
-    )
+    weights_S = weights_TK.reshape(-1).contiguous()
+    dgu_S2I, hw_SI, d_weights_S = _swiglu_backward(
+        dy_TH, x_TH, gate_up_proj_E2IH, down_proj_EHI, weights_TK, order_S, offsets_E1, activation,
+        gate_up_bias_E2I,
+    )  # fmt: skip
+    d_down_bias = skipped()
+    if down_bias_EH is not None:
+        d_down_bias, dy_dot_bias_S = _expert_bias_grad(
+            dy_TH,
+            order_S,
+            offsets_E1,
+            top_k,
+            gather=True,
+            out_dtype=down_bias_EH.dtype,
+            scale_S=weights_S,
+            dot_EN=down_bias_EH,
+        )
+        d_weights_S = d_weights_S + dy_dot_bias_S
+    d_weights = d_weights_S.view(num_tokens, top_k).to(weights_TK.dtype)
     # Ordered so each [S, ·] buffer is freed once its last reader has run (lower peak memory).
     d_down = skipped()
     if needs_d_down:
@@ -812,9 +1015,14 @@ def moe_ffn_triton_backward(
             gather_b=True,
             out_dtype=gate_up_proj_E2IH.dtype,
         )
+    d_gate_up_bias = skipped()
+    if gate_up_bias_E2I is not None:
+        d_gate_up_bias, _ = _expert_bias_grad(
+            dgu_S2I, order_S, offsets_E1, top_k, gather=False, out_dtype=gate_up_bias_E2I.dtype
+        )
     dx = skipped()
     if needs_dx:
         dx_SH = _scatter_grouped_mm(dgu_S2I, gate_up_proj_E2IH, order_S, offsets_E1, None, x_TH.dtype)
         del dgu_S2I
         dx = _sum_slots(dx_SH, num_tokens, top_k)
-    return dx, d_gate_up, d_down, d_weights
+    return dx, d_gate_up, d_down, d_weights, d_gate_up_bias, d_down_bias

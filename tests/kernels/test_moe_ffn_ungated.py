@@ -253,7 +253,7 @@ def compile_sm90(kernel, consts, warps=8):
 
 tile = dict(BLOCK_E=8, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, TOP_K=2)
 for name, code in gt._ACTIVATION_CODES.items():
-    act = dict(ACTIVATION=code, GATE_STEP=1, GATED=code < gt._FIRST_UNGATED)
+    act = dict(ACTIVATION=code, GATE_STEP=1, GATED=code < gt._FIRST_UNGATED, HAS_BIAS=False)
     compile_sm90(gt._gate_up_swiglu_kernel.fn, {**act, **tile}, warps=4)
     compile_sm90(gt._swiglu_backward_kernel.fn, {**act, **tile}, warps=4)
 print("compiled")
