@@ -71,4 +71,7 @@ def cpu_eager(resolved: str, *tensors: torch.Tensor) -> bool:
     """
     if resolved != "reference" or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t.device.type == "cpu" for t in tensors if t is not None)
+    for t in tensors:  # (a loop of `is_cpu`: a few microseconds less than `all(... device.type ...)`)
+        if t is not None and not t.is_cpu:
+            return False
+    return True

@@ -226,11 +226,12 @@ class MoeFfnCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up_proj, down_proj, weights_TK, routing, activation, gate_up_bias, down_bias):
         routing = Routing(weights_TK, *_routing_fields(routing)[1:], routing.num_experts)
+        saved: dict = {}  # the sorted x rows and the SiLU, which the backward then reuses
         with torch.autocast(x.device.type, enabled=False):
             out, cache = moe_ffn_reference_forward(
-                x, gate_up_proj, down_proj, routing, activation, gate_up_bias, down_bias
+                x, gate_up_proj, down_proj, routing, activation, gate_up_bias, down_bias, saved
             )
-        ctx.routing, ctx.activation = routing, activation
+        ctx.routing, ctx.activation, ctx.saved = routing, activation, saved
         ctx.save_for_backward(x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias)
         return out
 
@@ -241,7 +242,7 @@ class MoeFfnCPU(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dx, d_gate_up, d_down, d_weights, d_gate_up_bias, d_down_bias = moe_ffn_reference_backward(
                 grad, x, gate_up_proj, down_proj, ctx.routing, cache, needs, ctx.activation, gate_up_bias,
-                down_bias,
+                down_bias, ctx.saved,
             )  # fmt: skip
         return dx, d_gate_up, d_down, d_weights, None, None, d_gate_up_bias, d_down_bias
 

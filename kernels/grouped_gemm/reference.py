@@ -73,14 +73,22 @@ def moe_ffn_reference_forward(
     activation: GatedActivation = SWIGLU,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    saved: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_ffn_reference`, also returning the sorted gate/up pre-activations `[S, 2I]` (fp32,
-    biases included; the `[S, I]` up pre-activations for a non-gated activation)."""
+    biases included; the `[S, I]` up pre-activations for a non-gated activation).
+
+    `saved`, a dict, receives what `moe_ffn_reference_backward(saved=...)` would otherwise
+    recompute (the sorted rows of x, `"x_SH"`, and under no_grad with plain SwiGLU the gate's
+    SiLU, `"silu_SI"`): `MoeFfnCPU` keeps them, saving an `[S, H]` gather and an `[S, I]` SiLU
+    per backward, ~5% of a forward + backward at the default's shapes on CPU."""
     num_tokens, hidden = x.shape
     top_k = routing.top_k
     inter = down_proj.shape[2]
     order_S = routing.sort_order.long()
     x_sorted_SH = x.float().index_select(0, order_S // top_k)
+    if saved is not None:
+        saved["x_SH"] = x_sorted_SH
     groups = _Groups(routing, x_sorted_SH, gate_up_proj, down_proj)
     if groups.empty:
         empty = x_sorted_SH.new_zeros(0, gate_up_proj.shape[1])
@@ -102,7 +110,10 @@ def moe_ffn_reference_forward(
         gate_up_S2I = groups.linear(x_sorted_SH, gate_up_proj)
         if gate_up_bias is not None:
             gate_up_S2I.add_(gate_up_bias.float().index_select(0, expert_S))
-        if activation.is_plain_swiglu:
+        if activation.is_plain_swiglu and saved is not None:
+            silu_SI = saved["silu_SI"] = F.silu(gate_up_S2I[:, :inter])
+            h_SI = silu_SI * gate_up_S2I[:, inter:]
+        elif activation.is_plain_swiglu:
             h_SI = F.silu(gate_up_S2I[:, :inter]).mul_(gate_up_S2I[:, inter:])
         else:
             h_SI = activation.forward(gate_up_S2I)
@@ -230,6 +241,7 @@ def moe_ffn_reference_backward(
     activation: GatedActivation = SWIGLU,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    saved: dict | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Hand-derived backward of `moe_ffn_reference`, in fp32.
 
@@ -242,6 +254,7 @@ def moe_ffn_reference_backward(
         gate_up_S2I: the forward's sorted pre-activations (biases included); recomputed when None.
         needs: whether `(dx, d gate_up_proj, d down_proj)` are wanted (None is returned for the
             others). The routing-weight gradient, and each given bias's, is always computed.
+        saved: what `moe_ffn_reference_forward(saved=...)` kept (read only), or None.
 
     Returns:
         `(dx [T, H], d gate_up_proj [E, 2I, H], d down_proj [E, H, I], d weights [T, K],
@@ -252,7 +265,10 @@ def moe_ffn_reference_backward(
     top_k, inter = routing.top_k, down_proj.shape[2]
     order_S = routing.sort_order.long()
     tokens_S = order_S // top_k
-    x_SH = x.float().index_select(0, tokens_S)
+    saved = saved or {}
+    x_SH = saved.get("x_SH")
+    if x_SH is None:
+        x_SH = x.float().index_select(0, tokens_S)
     dy_SH = grad.float().index_select(0, tokens_S)
     w_S1 = routing.weights.float().reshape(-1).index_select(0, order_S).unsqueeze(1)
     groups = _Groups(routing, x_SH, gate_up_proj, down_proj)
@@ -266,7 +282,9 @@ def moe_ffn_reference_backward(
     dh_unweighted_SI = groups.linear(dy_SH, down_proj.transpose(1, 2))
     if activation.is_plain_swiglu:
         gate_SI, up_SI = gate_up_S2I[:, :inter], gate_up_S2I[:, inter:]
-        silu_SI = F.silu(gate_SI)
+        silu_SI = saved.get("silu_SI")
+        if silu_SI is None or silu_SI.shape != gate_SI.shape:
+            silu_SI = F.silu(gate_SI)
         h_SI = silu_SI * up_SI
         dw_S = (dh_unweighted_SI * h_SI).sum(dim=1)
         dh_SI = dh_unweighted_SI.mul_(w_S1)

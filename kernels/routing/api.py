@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import call_reference_directly, cpu_eager, resolve_backend
-from .metadata import Routing, routing_metadata
+from .metadata import Routing, routing_metadata, sorted_metadata
 from .op import route_op, routing_metadata_op
 from .reference import route_cpu, route_reference
 
@@ -57,8 +57,8 @@ def route(
         [[0, 1]]
     """
     _check_route_inputs(router_logits, top_k, score, selection_bias)
-    resolved = resolve_backend(backend, router_logits)
-    if backend != "reference" and cpu_eager(resolved, router_logits, selection_bias):
+    # "auto" resolves to the reference on CPU tensors: the eager check needs no `resolve_backend`.
+    if backend == "auto" and cpu_eager("reference", router_logits, selection_bias):
         # Eager on CPU the op's dispatch costs more than routing a few hundred tokens:
         # `route_cpu` is the reference's computation in the fewest ops, with lazy metadata
         # and one autograd node (the op path stays for torch.compile and dispatch modes).
@@ -70,6 +70,7 @@ def route(
             renormalize=renormalize,
             return_scores=return_scores,
         )
+    resolved = resolve_backend(backend, router_logits)
     if backend == "reference":
         # The plain function, differentiated by autograd: the oracle the op is tested against.
         return route_reference(
@@ -124,8 +125,16 @@ def routing_from_topk(
         )
     if expert_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"expert_ids must be int32 or int64, got {expert_ids.dtype}")
+    if backend == "auto" and cpu_eager("reference", expert_ids):  # integer outputs: never a gradient
+        # Eager on CPU: `sorted_metadata`'s five ops on the int32 ids (which `expert_ids` keeps)
+        # instead of `routing_metadata`'s fifteen; its offsets also check the ids' range.
+        ids_TK = expert_ids.int()
+        tpe, offsets, order, inverse = sorted_metadata(ids_TK.reshape(-1), num_experts)
+        if ids_TK.numel() and (offsets[0].item() != 0 or offsets[-1].item() != ids_TK.numel()):
+            raise ValueError(f"expert_ids must lie in [0, num_experts={num_experts})")
+        return Routing(weights, ids_TK, tpe, offsets, order, inverse, num_experts)
     resolved = resolve_backend(backend, expert_ids)
-    if call_reference_directly(resolved, expert_ids):  # integer outputs: never a gradient
+    if call_reference_directly(resolved, expert_ids):
         tpe, offsets, order, inverse = routing_metadata(expert_ids, num_experts)
     else:
         tpe, offsets, order, inverse = routing_metadata_op(expert_ids, num_experts, resolved)

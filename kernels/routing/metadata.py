@@ -54,35 +54,45 @@ class Routing:
         flat_ids_S: torch.Tensor,
         num_experts: int,
         scores: torch.Tensor | None = None,
-        logsumexp: torch.Tensor | None = None,
+        logsumexp: tuple | None = None,
     ) -> Routing:
-        """A `Routing` whose four metadata fields are computed from `flat_ids_S` (int64 `[T·K]`,
-        `expert_ids` flattened, every id in [0, E)) on first access, by `sorted_metadata`.
+        """A `Routing` whose four metadata fields are computed from `flat_ids_S` (int32 or int64
+        `[T·K]`, `expert_ids` flattened, every id in [0, E)) on first access, by `sorted_metadata`,
+        and whose `logsumexp`, when `logsumexp` is `(fn, *args)`, is `fn(*args)` on first access
+        (None: no logsumexp).
 
         `route`'s eager CPU path returns this: callers that read only `expert_ids` and
         `weights` (the transformers re-routing hook of the default pipeline) skip the sort, and
-        on CPU the metadata's ~8 small ops cost as much as routing a few hundred tokens."""
+        on CPU the metadata's ~8 small ops cost as much as routing a few hundred tokens; the
+        logsumexp is read only by the z-loss."""
         r = cls.__new__(cls)
         r.__dict__.update(
             weights=weights,
             expert_ids=expert_ids,
             num_experts=num_experts,
             scores=scores,
-            logsumexp=logsumexp,
             _lazy_ids_S=flat_ids_S,
         )
+        if logsumexp is None:
+            r.__dict__["logsumexp"] = None
+        else:
+            r.__dict__["_lazy_logsumexp"] = logsumexp
         return r
 
-    def __getattr__(self, name: str):
-        # Reached only for attributes the instance lacks: the metadata of `with_lazy_metadata`.
-        lazy = self.__dict__.get("_lazy_ids_S") if name in _METADATA_FIELDS else None
+    def _fill_lazy(self, name: str):
+        """The value of lazy field `name` (see `_LazyField`), computed and stored on first read."""
+        state = self.__dict__
+        if name == "logsumexp":
+            lazy = state.pop("_lazy_logsumexp", None)
+            value = state["logsumexp"] = None if lazy is None else lazy[0](*lazy[1:])
+            return value
+        lazy = state.pop("_lazy_ids_S", None)
         if lazy is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        fields = sorted_metadata(lazy, self.__dict__["num_experts"])
+        fields = sorted_metadata(lazy, state["num_experts"])
         for key, value in zip(_METADATA_FIELDS, fields, strict=True):
-            self.__dict__.setdefault(key, value)  # a field the caller assigned meanwhile stays
-        self.__dict__.pop("_lazy_ids_S", None)
-        return self.__dict__[name]
+            state.setdefault(key, value)  # a field the caller assigned meanwhile stays
+        return state[name]
 
     @property
     def top_k(self) -> int:
@@ -116,29 +126,61 @@ class Routing:
 
 
 _METADATA_FIELDS = ("tokens_per_expert", "expert_offsets", "sort_order", "inverse_order")
+
+
+class _LazyField:
+    """A non-data descriptor on `Routing` for a field that `with_lazy_metadata` leaves out of the
+    instance: an instance's own value (every `Routing(...)` sets all fields) shadows it, so it
+    runs only for a lazy instance's first read, which it computes and stores. Cheaper than a
+    `__getattr__` (no AttributeError raised and caught first)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return obj._fill_lazy(self.name)
+
+
+# After the dataclass took its defaults (`logsumexp = None` lives on in `__init__`'s signature).
+for _name in (*_METADATA_FIELDS, "logsumexp"):
+    setattr(Routing, _name, _LazyField(_name))
+del _name
 _ARANGES: dict[torch.dtype, torch.Tensor] = {}
+_ARANGE_VIEWS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
 def _arange(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """`arange(n)` on CPU as a view of a cached, growing buffer that nothing writes to."""
+    """`arange(n)` on CPU as a view of a cached, growing buffer that nothing writes to (the views
+    of the sizes last asked for are cached too: slicing a tensor costs more than a lookup)."""
+    view = _ARANGE_VIEWS.get((n, dtype))
+    if view is not None:
+        return view
     buf = _ARANGES.get(dtype)
     if buf is None or buf.numel() < n:
         buf = _ARANGES[dtype] = torch.arange(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype)
-    return buf[:n]
+        _ARANGE_VIEWS.clear()
+    if len(_ARANGE_VIEWS) >= 64:
+        _ARANGE_VIEWS.clear()
+    view = _ARANGE_VIEWS[(n, dtype)] = buf[:n]
+    return view
 
 
 def sorted_metadata(flat_S: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
-    """`routing_metadata` of int64 ids `[S]` known to lie in [0, E), in fewer ops (CPU).
+    """`routing_metadata` of int32 or int64 ids `[S]` known to lie in [0, E), in fewer ops (CPU).
 
     The offsets come from the sorted ids' `searchsorted` (int32 directly) and the counts are
     their differences; the inverse permutation is scattered straight into int32. Five small
     ops instead of eleven: at decode sizes on CPU each op's dispatch costs more than its work.
     """
     sorted_S, order_S = torch.sort(flat_S, stable=True)
-    offsets_E1 = torch.searchsorted(sorted_S, _arange(num_experts + 1, torch.int64), out_int32=True)
+    offsets_E1 = torch.searchsorted(sorted_S, _arange(num_experts + 1, flat_S.dtype), out_int32=True)
     arange_S = _arange(flat_S.numel(), torch.int32)
     inverse_S = torch.empty(flat_S.numel(), dtype=torch.int32).scatter_(0, order_S, arange_S)
-    return offsets_E1.diff(), offsets_E1, order_S.to(torch.int32), inverse_S
+    return offsets_E1.diff(), offsets_E1, order_S.int(), inverse_S
 
 
 def routing_metadata(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:

@@ -159,116 +159,169 @@ def route_cpu(
     return_scores: bool,
 ) -> Routing:
     """`route_reference` for eager CPU calls (what `route(backend="auto")` runs there): the same
-    result, with the permutation metadata computed on first access and, when the logits need
-    a gradient, one `autograd.Function` whose backward is `_RouteCPU.backward`.
+    result, with the permutation metadata and the logsumexp computed on first access and, when
+    the logits need a gradient, one `autograd.Function` whose backward is `_RouteCPU.backward`.
 
     At the default's shapes every small op's dispatch costs as much as its work, so this path
-    is built from the fewest ops: one fused `softmax` instead of `softmax_and_logsumexp`'s ten
-    (the logsumexp comes from the top-1 weight), no autograd graph of a dozen nodes, and a
-    five-op metadata (`sorted_metadata`). Tested against `route_reference`.
+    is built from the fewest ops: one fused `softmax` instead of `softmax_and_logsumexp`'s ten,
+    no autograd graph of a dozen nodes, a five-op metadata (`sorted_metadata`) and a logsumexp
+    (from the top-1 weight: the z-loss alone reads it) only when read. Tested against
+    `route_reference`.
     """
     bias_E = None if selection_bias is None else selection_bias.detach()
-    if torch.is_grad_enabled() and router_logits.requires_grad:
-        weights_TK, scores_TE, lse_T, experts_TK = _RouteCPU.apply(
-            router_logits, top_k, score, bias_E, renormalize
+    if router_logits.requires_grad and torch.is_grad_enabled():
+        weights_TK, scores_TE, experts_TK = _RouteCPU.apply(router_logits, top_k, score, bias_E, renormalize)
+        lse = (
+            (_logsumexp_with_grad, router_logits, scores_TE, bias_E, experts_TK)
+            if score == "softmax"
+            else None
         )
     else:
-        weights_TK, scores_TE, lse_T, experts_TK, _ = _route_cpu_forward(
+        weights_TK, scores_TE, experts_TK, _ = _route_cpu_forward(
             router_logits, top_k, score, bias_E, renormalize
         )
+        lse = (_logsumexp_cpu, router_logits, scores_TE, bias_E, experts_TK) if score == "softmax" else None
+    experts_i32_TK = experts_TK.int()  # (`.int()` parses its arguments faster than `.to(dtype)`)
     return Routing.with_lazy_metadata(
         weights_TK,
-        experts_TK.to(torch.int32),
-        experts_TK.reshape(-1),
+        experts_i32_TK,
+        experts_i32_TK.view(-1),
         router_logits.shape[1],
         scores=scores_TE if return_scores else None,
-        logsumexp=lse_T if score == "softmax" else None,
+        logsumexp=lse,
     )
 
 
 def _route_cpu_forward(logits_TE: Tensor, top_k: int, score: str, bias_E: Tensor | None, renormalize: bool):
-    """`(weights [T, K], scores [T, E], logsumexp [T] (empty for sigmoid), experts int64 [T, K],
-    the renormalisation's sums [T, 1] or None)`, no autograd."""
-    with torch.no_grad():  # (inside `_RouteCPU.forward` or on logits without a gradient)
+    """`(weights [T, K], scores [T, E], experts int64 [T, K], the renormalisation's sums [T, 1]
+    or None)`; called without autograd (inside `_RouteCPU.forward`, or on logits that need no
+    gradient: every op then runs on tensors that need none, the bias is detached).
+
+    (The renormalised softmax weights are also the softmax of the picked logits, but a softmax
+    over rows of k = 2 costs 2-4x the gather, sum and division.)"""
+    x_TE = logits_TE.float()
+    p_TE = x_TE.softmax(-1) if score == "softmax" else x_TE.sigmoid()
+    if bias_E is None:
+        key_TE = x_TE
+    else:  # a fresh tensor: the top-k may overwrite it
+        key_TE = (x_TE if score == "softmax" else p_TE) + bias_E.float()
+    experts_TK = _top_k_cpu(key_TE, top_k, owned=bias_E is not None)
+    r_TK = p_TE.gather(1, experts_TK)
+    sum_T1 = None
+    if renormalize:
+        sum_T1 = r_TK.sum(-1, True)
+        # A softmax's top-k sums to >= 1/E (or is NaN): the clamp only acts for sigmoid.
+        r_TK = r_TK / (sum_T1 if score == "softmax" else sum_T1.clamp_min(_MIN_SUM))
+    return r_TK, p_TE, experts_TK, sum_T1
+
+
+def _logsumexp_cpu(logits_TE: Tensor, p_TE: Tensor, bias_E: Tensor | None, experts_TK: Tensor) -> Tensor:
+    """The logsumexp `[T]` of `route_cpu`'s softmax logits, no autograd: with finite logits, at the
+    row max m the softmax is exp(0) / sum, so logsumexp = m + log(sum) = m - log(p at m); without
+    a bias m is the top-1 pick. Other rows take `softmax_and_logsumexp`."""
+    with torch.no_grad():
         x_TE = logits_TE.float()
-        p_TE = torch.softmax(x_TE, dim=-1) if score == "softmax" else torch.sigmoid(x_TE)
+        if not math.isfinite(x_TE.sum()):
+            return softmax_and_logsumexp(x_TE)[1]
         if bias_E is None:
-            key_TE = x_TE
-        else:  # a fresh tensor: the top-k may overwrite it
-            key_TE = (x_TE if score == "softmax" else p_TE) + bias_E.float()
-        experts_TK, top1_T1 = _top_k_cpu(key_TE, top_k, owned=bias_E is not None)
-        r_TK = torch.gather(p_TE, 1, experts_TK)
-        if score != "softmax":
-            lse_T = p_TE.new_empty(0)
-        elif top1_T1 is not None:
-            # Finite keys (checked by the top-k), hence finite logits: at the row max m the
-            # softmax is exp(0) / sum, so logsumexp = m + log(sum) = m - log(p at m). Without a
-            # bias m and its id are the top-1 pick's.
-            if bias_E is None:
-                max_T1, p_at_max_T1 = top1_T1, r_TK[:, :1]
-            else:
-                max_T1, id_T1 = x_TE.max(dim=-1, keepdim=True)
-                p_at_max_T1 = torch.gather(p_TE, 1, id_T1)
-            lse_T = (max_T1 - p_at_max_T1.log()).squeeze(1)
+            id_T1 = experts_TK[:, :1]
+            max_T1 = torch.gather(x_TE, 1, id_T1)
         else:
-            lse_T = softmax_and_logsumexp(x_TE)[1]
-        sum_T1 = None
-        if renormalize:
-            sum_T1 = r_TK.sum(dim=-1, keepdim=True)
-            # A softmax's top-k sums to >= 1/E (or is NaN): the clamp only acts for sigmoid.
-            r_TK = r_TK / (sum_T1 if score == "softmax" else sum_T1.clamp_min(_MIN_SUM))
-    return r_TK, p_TE, lse_T, experts_TK, sum_T1
+            max_T1, id_T1 = x_TE.max(dim=-1, keepdim=True)
+        return (max_T1 - torch.gather(p_TE, 1, id_T1).log()).squeeze(1)
 
 
-def _top_k_cpu(key_TE: Tensor, top_k: int, *, owned: bool) -> tuple[Tensor, Tensor | None]:
-    """`top_k_ids_TK` (same picks, same fallback to the sort), also returning the top-1 key
-    `[T, 1]` when every key is finite (None otherwise); `owned` keys may be overwritten."""
-    if top_k > 8 or not math.isfinite(key_TE.sum()):
-        return top_k_ids_TK(key_TE, top_k), None
-    top1_T1, id_T1 = key_TE.max(dim=-1, keepdim=True)  # first maximal index: ties to the lower id
+def _logsumexp_with_grad(
+    logits_TE: Tensor, p_TE: Tensor, bias_E: Tensor | None, experts_TK: Tensor
+) -> Tensor:
+    """`_logsumexp_cpu` with its gradient, d logsumexp / d logits = softmax, as one node."""
+    return _LogsumexpCPU.apply(logits_TE, p_TE.detach(), bias_E, experts_TK)
+
+
+class _LogsumexpCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, p_TE, bias_E, experts_TK):
+        ctx.save_for_backward(p_TE)
+        ctx.dtype = logits_TE.dtype
+        return _logsumexp_cpu(logits_TE, p_TE, bias_E, experts_TK)
+
+    @staticmethod
+    def backward(ctx, grad_T):
+        (p_TE,) = ctx.saved_tensors
+        return (p_TE * grad_T.unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+# Which top-k ops are fastest (2 CPU cores, 1 thread, finite keys, ties to the lower id):
+# - one stable row sort for small inputs (T·E <= 2048: T = 256 at E = 8), where the argmax
+#   passes' six small ops cost more than the sort's work;
+# - `torch.topk` checked for ties at k > 2 (1.4-2.8x faster than the argmax passes at
+#   T = 256..2048 with E = 32..128 and k = 4..8, slower at T = 6400 with E <= 32);
+# - the argmax passes otherwise (1.2-1.7x faster than topk at k = 2, T >= 1024).
+_SORT_MAX_ELEMENTS = 2048
+
+
+def _top_k_cpu(key_TE: Tensor, top_k: int, *, owned: bool) -> Tensor:
+    """`top_k_ids_TK` (the same picks, in the same order) in the fastest ops for the shape;
+    `owned` keys may be overwritten."""
+    num_tokens, num_experts = key_TE.shape
+    if top_k > 8 or num_tokens * num_experts <= _SORT_MAX_ELEMENTS or not math.isfinite(key_TE.sum()):
+        return torch.sort(key_TE, stable=True, dim=-1, descending=True)[1][:, :top_k]
+    if top_k > 2 and (num_experts >= 64 or num_tokens <= 2048):
+        # topk orders equal keys arbitrarily: taken only when the top k + 1 keys of every row are
+        # distinct, which makes its picks and their order those of the stable sort.
+        n = min(top_k + 1, num_experts)
+        values_TN, ids_TN = torch.topk(key_TE, n, -1)
+        if n == 1 or not bool(torch.eq(values_TN[:, 1:], values_TN[:, :-1]).any()):
+            return ids_TN[:, :top_k] if n > top_k else ids_TN
+        return top_k_ids_TK(key_TE, top_k)
+    id_T1 = key_TE.argmax(-1, True)  # the first maximal index: ties to the lower id
     if top_k == 1:
-        return id_T1, top1_T1
+        return id_T1
     work_TE = key_TE if owned else key_TE.clone()
     ids = [id_T1]
     for _ in range(top_k - 1):
         work_TE.scatter_(1, ids[-1], float("-inf"))
-        ids.append(work_TE.argmax(dim=-1, keepdim=True))
-    return torch.cat(ids, dim=1), top1_T1
+        ids.append(work_TE.argmax(-1, True))
+    return torch.cat(ids, 1)
 
 
 class _RouteCPU(torch.autograd.Function):
     """`route_cpu` with a gradient: the forward of `_route_cpu_forward`, a backward of fused ops
     (`_softmax_backward_data` / `sigmoid_backward`), one autograd node for the whole router.
-    Outputs `(weights, scores, logsumexp, experts)`; the experts are not differentiable."""
+    Outputs `(weights, scores, experts)`; the experts are not differentiable. Gradients of
+    outputs nothing used arrive as None (no zero tensors)."""
 
     @staticmethod
     def forward(ctx, logits_TE, top_k, score, bias_E, renormalize):
-        w_TK, p_TE, lse_T, experts_TK, sum_T1 = _route_cpu_forward(
-            logits_TE, top_k, score, bias_E, renormalize
-        )
+        w_TK, p_TE, experts_TK, sum_T1 = _route_cpu_forward(logits_TE, top_k, score, bias_E, renormalize)
         ctx.mark_non_differentiable(experts_TK)
+        ctx.set_materialize_grads(False)
         ctx.score, ctx.dtype = score, logits_TE.dtype
         ctx.save_for_backward(p_TE, experts_TK, w_TK if renormalize else None, sum_T1)
-        return w_TK, p_TE, lse_T, experts_TK
+        return w_TK, p_TE, experts_TK
 
     @staticmethod
-    def backward(ctx, grad_w_TK, grad_p_TE, grad_lse_T, _grad_experts):
+    def backward(ctx, grad_w_TK, grad_p_TE, _grad_experts):
+        if grad_w_TK is None and grad_p_TE is None:
+            return None, None, None, None, None
         p_TE, experts_TK, w_TK, sum_T1 = ctx.saved_tensors
-        g_TE = grad_p_TE if grad_p_TE is not None else torch.zeros_like(p_TE)
+        g_TE = grad_p_TE
         if grad_w_TK is not None:
             gr_TK = grad_w_TK
             if sum_T1 is not None:
                 # w = r / s: dr = (gw - sum(gw w)) / s, as route_reference_backward (the clamp
                 # passes no gradient to s where the sum was below it).
-                dot_T1 = (grad_w_TK * w_TK).sum(dim=-1, keepdim=True)
+                dot_T1 = (grad_w_TK * w_TK).sum(-1, True)
                 if ctx.score != "softmax":  # a softmax's top-k sums to >= 1/E: never clamped
                     dot_T1 = torch.where(sum_T1 >= _MIN_SUM, dot_T1, 0.0)
-                gr_TK = (grad_w_TK - dot_T1) / sum_T1.clamp_min(_MIN_SUM)
-            g_TE = g_TE.scatter_add(1, experts_TK, gr_TK)
+                    sum_T1 = sum_T1.clamp_min(_MIN_SUM)
+                gr_TK = (grad_w_TK - dot_T1).div_(sum_T1)
+            if g_TE is None:
+                g_TE = torch.zeros_like(p_TE).scatter_(1, experts_TK, gr_TK)
+            else:
+                g_TE = g_TE.scatter_add(1, experts_TK, gr_TK)
         if ctx.score == "softmax":
             dx_TE = torch._softmax_backward_data(g_TE, p_TE, -1, torch.float32)
-            if grad_lse_T is not None and grad_lse_T.numel():
-                dx_TE = dx_TE.addcmul_(p_TE, grad_lse_T.unsqueeze(-1))
         else:
             dx_TE = torch.ops.aten.sigmoid_backward(g_TE, p_TE)
         return dx_TE.to(ctx.dtype), None, None, None, None
