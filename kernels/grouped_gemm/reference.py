@@ -1,8 +1,8 @@
 """Pure-PyTorch expert FFN with its hand-written backward: the CPU path and the kernels' oracle.
 
 Every activation of `activation.py` (gated and non-gated) and optional per-expert biases are
-computed here; the Triton kernels fuse the same activations but no biases (`moe_ffn` picks this
-path for those).
+computed here; the Triton kernels fuse the same activations and biases, and are tested against
+this file.
 
 Shape legend: T tokens, H hidden, I expert width, E experts, K top_k, S = T·K slots. "Sorted"
 rows are slots in `routing.sort_order` order (grouped by expert).
