@@ -135,6 +135,8 @@ def test_warmup_batches_and_log():
     warmup(student, teacher, token_batches(1), stats.clusters, steps=1, trainable="moe")
     assert torch.equal(student.model.embed_tokens.weight, embed)
     assert not torch.equal(moe_blocks(student)[1].gate.weight, router)
+    with pytest.raises(ValueError, match="teacher_cache_mb must be >= 0"):
+        warmup(student, teacher, token_batches(1), stats.clusters, steps=1, teacher_cache_mb=float("nan"))
     with pytest.raises(ValueError, match="ran out before `steps`"):
         warmup(student, teacher, iter(token_batches(1)), stats.clusters, steps=2)
 

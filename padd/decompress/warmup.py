@@ -97,6 +97,8 @@ def warmup(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not teacher_cache_mb >= 0:
+        raise ValueError(f"teacher_cache_mb must be >= 0, got {teacher_cache_mb}")
     params = _trainable(student, trainable)
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     teacher.eval()
