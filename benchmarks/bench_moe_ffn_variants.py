@@ -91,10 +91,18 @@ def build_experts(name: str) -> tuple[torch.nn.Module, tuple[int, int, int, int]
     config = AutoConfig.for_model(model_type, **dict(zip(keys, shape, strict=True)))
 
     experts_cls = _experts_class(model_type)
-    with torch.device(bench_device()):
-        module = experts_cls(config.get_text_config()).to(DTYPE)
+    device = bench_device()
+    # Built in DTYPE on the device, drawn there: DeepSeek-V4's experts are 12.9 GB in bf16, and an
+    # fp32 copy or a CPU draw of them would take longer than the benchmark.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    try:
+        with torch.device(device):
+            module = experts_cls(config.get_text_config())
+    finally:
+        torch.set_default_dtype(default_dtype)
     hidden, inter = shape[0], shape[1]
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for param_name, param in module.named_parameters():
             if param_name.startswith("gate_up"):
@@ -102,7 +110,7 @@ def build_experts(name: str) -> tuple[torch.nn.Module, tuple[int, int, int, int]
                 std = limit / hidden**0.5 if "bias" not in param_name else 1.0
             else:
                 std = inter**-0.5 if "bias" not in param_name else 1.0
-            param.copy_(torch.randn(param.shape, generator=gen).mul_(std).to(param))
+            param.normal_(0.0, std, generator=gen)
     return module, shape
 
 
