@@ -565,6 +565,10 @@ def _add_code_mrope(d: dict[str, Any], family: Family) -> None:
 _FAMILY_OVERRIDES: dict[str, Callable[[dict[str, Any]], Any]] = {
     # The default schedule is all Mamba; with no attention layer the cache cannot build a mask.
     "granitemoehybrid": lambda d: d.update(layer_types=["linear_attention", "full_attention"]),
+    # Up soft cap 25 -> 6: inflated up pre-activations (~10-15) then saturate it too, as they
+    # do the gate's (4), so a wrong up cap would show (the caps are read from the module).
+    "inkling2": lambda d: d["text_config"].update(mlp_up_softcap=6.0),
+    "inkling2_loop": lambda d: d["text_config"].update(mlp_up_softcap=6.0),
     # The vision scale plan follows depth and patch size (the default one needs a 614400^2 Linear).
     "inkling_mm_model": lambda d: d["vision_config"].update(patch_size=4, n_layers=3),
     # The config has no default layer schedule ("conv" / "full_attention"): checkpoints set it.

@@ -238,3 +238,80 @@ def test_expert_parallel_sentinel_contributes_zero(arch):
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
     assert outputs[1][4].abs().max() == 0 and (grads[1][ids == NUM_EXPERTS] == 0).all()
+
+
+def _inkling2_experts(gate_softcap: float = 4.0, up_softcap: float = 25.0):
+    """A tiny Inkling2Experts (soft-capped SwiGLU) with weights large enough that both caps act."""
+    modeling = pytest.importorskip("transformers.models.inkling2.modeling_inkling2")
+    from transformers.models.inkling2.configuration_inkling2 import Inkling2TextConfig
+
+    config = Inkling2TextConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4,
+                                mlp_gate_softcap=gate_softcap, mlp_up_softcap=up_softcap)  # fmt: skip
+    experts = modeling.Inkling2Experts(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=generator) * 3)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=generator) / 8)
+    return experts, modeling
+
+
+def _padd_vs_transformers(experts, caps: tuple[float, float]) -> None:
+    """padd's experts forward against transformers' own `batched_mm` backend (which calls the
+    module's `_apply_gate`): output, routing-weight and expert-weight gradients."""
+    from transformers.integrations.moe import batched_mm_experts_forward
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 16, generator=generator)
+    ids = torch.randint(0, 3, (11, 2), generator=generator)  # expert 3 gets no token
+    ids[:, 1] = (ids[:, 0] + 1) % 3
+    weights = torch.rand(11, 2, generator=generator)
+    gate, up = torch.einsum("eoh,th->teo", experts.gate_up_proj, x).detach().chunk(2, dim=-1)
+    assert (gate.abs() > 3 * caps[0]).double().mean() > 0.3  # well past the gate cap
+    assert (up.abs() > 3 * caps[1]).double().mean() > 0.2 or caps[1] >= 25  # and the up cap
+    results = []
+    for forward in (batched_mm_experts_forward, hf_experts.padd_experts_forward):
+        w = weights.clone().requires_grad_()
+        out = forward(experts, x, ids, w)
+        params = [experts.gate_up_proj, experts.down_proj]
+        results.append((out.detach(), torch.autograd.grad(out.square().sum(), [w, *params])))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_inkling2_softcapped_swiglu_runs_fused_with_the_modules_caps():
+    """Inkling2's `Inkling2SoftcappedSwiGLU` is recognised as "swiglu_softcap" with the caps its
+    module holds (not the config defaults), and the fused kernels equal transformers' backend."""
+    from padd.moe.experts_plan import plan_experts
+
+    experts, _ = _inkling2_experts()
+    plan = plan_experts(experts)
+    assert plan.fused and plan.activation.name == "swiglu_softcap", plan.why
+    assert (plan.activation.gate_softcap, plan.activation.up_softcap) == (4.0, 25.0)
+    _padd_vs_transformers(experts, (4.0, 25.0))
+    experts.act_fn.gate_softcap.softcap, experts.act_fn.up_softcap.softcap = 1.5, 2.0  # edited in place
+    plan = plan_experts(experts)
+    assert (plan.activation.gate_softcap, plan.activation.up_softcap) == (1.5, 2.0), plan.why
+    _padd_vs_transformers(experts, (1.5, 2.0))
+
+
+def test_inkling2_caps_the_probe_does_not_confirm_run_the_general_path():
+    """A module whose `_apply_gate` computes other caps than its attributes say (or holds no
+    caps padd can read) is not fused: the general path runs it, exactly."""
+    from padd.moe.experts_plan import plan_experts
+
+    experts, modeling = _inkling2_experts(gate_softcap=1.5, up_softcap=2.0)
+    wrong = modeling.Inkling2Softcap(1.5)
+    wrong.forward = lambda t: torch.tanh(t / 3.0) * 3.0  # computes cap 3, says 1.5
+    experts.act_fn.gate_softcap = wrong
+    plan = plan_experts(experts)
+    assert not plan.fused and "none of padd's fused activations" in plan.why
+    _padd_vs_transformers(experts, (3.0, 2.0))
+
+    experts, _ = _inkling2_experts(gate_softcap=1.5, up_softcap=2.0)
+    experts.act_fn.up_softcap.softcap = "2.0"  # not a number padd reads: no candidate, general path
+    experts.act_fn.up_softcap.forward = lambda t: torch.tanh(t / 2.0) * 2.0
+    plan = plan_experts(experts)
+    assert not plan.fused, plan.why
+    _padd_vs_transformers(experts, (1.5, 2.0))

@@ -159,6 +159,7 @@ MUST_CONVERT = {
     "kolibri1",  # sigmoid with the correction bias on the logits
     "beam",  # routed scaling factor applied by the block
     "glm5_next",  # clamped SwiGLU
+    "inkling2",  # soft-capped SwiGLU (caps read from the module), sigmoid router, correction bias
     "nemotron_h",  # no gate: relu² of up_proj; sigmoid, correction bias, groups, shared experts
 }
 

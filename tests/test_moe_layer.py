@@ -557,3 +557,48 @@ def test_from_hf_refuses_what_ungated_blocks_do_beyond_experts():
     ) as e:
         MoE.from_hf(ErgoMoE(config).eval())
     assert "\n" not in str(e.value)
+
+
+def test_softcapped_swiglu_experts_match_inkling2_oracle():
+    """`activation="swiglu_softcap"` (Inkling2): per token in fp64, `c_g·tanh(g/c_g) · σ(g) ·
+    c_u·tanh(u/c_u)` with the caps passed by name, pre-activations several caps past both;
+    forward, gradients, the gated FLOP count and the repr."""
+    torch.manual_seed(0)
+    T, H, I, E, K, c_g, c_u = 14, 16, 8, 6, 2, 1.5, 2.0
+    moe = MoE(H, I, E, K, activation="swiglu_softcap", gate_softcap=c_g, up_softcap=c_u)
+    assert moe.gate_up_proj.shape == (E, 2 * I, H)
+    with torch.no_grad():
+        moe.gate_up_proj.mul_(20.0)
+    x = torch.randn(T, H, requires_grad=True)
+    pre = (x.detach() @ moe.gate_up_proj.detach()[0].T).abs()
+    assert (pre[:, :I] > 3 * c_g).double().mean() > 0.3 and (pre[:, I:] > 3 * c_u).double().mean() > 0.3
+    y = moe(x)
+    w1, w2, w_r = moe.gate_up_proj.double(), moe.down_proj.double(), moe.gate.weight.double()
+    rows = []
+    for x_t in x.double():
+        top_logits, chosen = torch.topk(torch.softmax(w_r @ x_t, -1), K)
+        weights = top_logits / top_logits.sum()
+        y_t = torch.zeros(H, dtype=torch.float64)
+        for w, e in zip(weights, chosen.tolist(), strict=True):
+            gate, up = (w1[e] @ x_t).chunk(2)
+            h = c_g * torch.tanh(gate / c_g) * torch.sigmoid(gate) * c_u * torch.tanh(up / c_u)
+            y_t = y_t + w * (w2[e] @ h)
+        rows.append(y_t)
+    ref = torch.stack(rows)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(y)
+    params = [x, moe.gate.weight, moe.gate_up_proj, moe.down_proj]
+    got = torch.autograd.grad((y * grad_out).sum(), params)
+    want = torch.autograd.grad((ref * grad_out.double()).sum(), params)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5)
+    with FlopCounterMode(display=False) as counter:
+        moe(torch.randn(T, H))
+    assert counter.get_total_flops() == 2 * T * K * H * 3 * I + 2 * T * H * E  # gate/up, down, router
+    assert "activation='swiglu_softcap'" in repr(moe)
+    with pytest.raises(ValueError, match="needs a finite positive up_softcap"):
+        MoE(H, I, E, K, activation="swiglu_softcap", gate_softcap=c_g)
+    with pytest.raises(ValueError, match="takes no limit or alpha"):
+        MoE(H, I, E, K, activation="swiglu_softcap", gate_softcap=c_g, up_softcap=c_u, limit=7.0)
+    with pytest.raises(ValueError, match="parameters of activation='swiglu_softcap' only"):
+        MoE(H, I, E, K, gate_softcap=c_g)

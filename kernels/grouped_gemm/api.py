@@ -35,6 +35,8 @@ def moe_ffn(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     backend: str = "auto",
+    gate_softcap: float | None = None,
+    up_softcap: float | None = None,
 ) -> torch.Tensor:
     """Routed experts, `Σ_j w_tj · down_e(act(gate_up_e x_t))`; SwiGLU by default.
 
@@ -48,8 +50,9 @@ def moe_ffn(
         down_proj: `[E, H, I]` (or a transposed view of `[E, I, H]`).
         routing: the `Routing` of these T tokens (from `route` or `routing_from_topk`).
         activation: "swiglu" (`silu(g)·u`), "swiglu_limit" (`silu(min(g, L))·clamp(u, ±L)`),
-            "swiglu_limit_post" (`min(silu(g), L)·clamp(u, ±L)`) or "gpt_oss"
-            (`(clamp(u, ±L) + 1)·g'σ(α·g')`, `g' = min(g, L)`), or with no gate "relu2"
+            "swiglu_limit_post" (`min(silu(g), L)·clamp(u, ±L)`), "gpt_oss"
+            (`(clamp(u, ±L) + 1)·g'σ(α·g')`, `g' = min(g, L)`) or "swiglu_softcap"
+            (`c_g·tanh(g/c_g)·σ(g)·c_u·tanh(u/c_u)`, Inkling2), or with no gate "relu2"
             (`relu(u)²`, Nemotron-H, Ergo), "relu", "silu" or "gelu" (erf) of the up
             projection `u`; see `activation.py`.
         limit: the clamp bound L of the limited activations (None: no clamp).
@@ -62,6 +65,11 @@ def moe_ffn(
         backend: "auto" (the custom op: Triton on CUDA, the reference otherwise), "triton"
             (force the kernels; on CPU only under `TRITON_INTERPRET=1`) or "reference" (the
             plain PyTorch function, differentiated by autograd).
+        gate_softcap: c_g of "swiglu_softcap", the soft cap of the linear gate factor
+            (`c_g·tanh(g/c_g)`; the sigmoid sees the raw gate): Inkling2's `mlp_gate_softcap`.
+            Required (finite, > 0) for that activation, None for every other.
+        up_softcap: c_u of "swiglu_softcap", the soft cap of the up half (`c_u·tanh(u/c_u)`):
+            Inkling2's `mlp_up_softcap`. Required (finite, > 0) for that activation, None otherwise.
 
     Returns:
         `[T, H]` in x's dtype (the autocast dtype under `torch.autocast`). Differentiable in
@@ -76,7 +84,7 @@ def moe_ffn(
         torch.Size([3, 8])
     """
     _check_types(x, gate_up_proj, down_proj, routing)
-    act = GatedActivation(activation, limit, alpha, gate_up_interleaved)
+    act = GatedActivation(activation, limit, alpha, gate_up_interleaved, gate_softcap, up_softcap)
     x, gate_up_proj, down_proj = _autocast(x, gate_up_proj, down_proj)
     _check_moe_inputs(x, gate_up_proj, down_proj, routing, act.gated)
     _check_biases(gate_up_bias, down_bias, gate_up_proj, x)
@@ -88,6 +96,8 @@ def moe_ffn(
         gate_up_interleaved=gate_up_interleaved,
         gate_up_bias=gate_up_bias,
         down_bias=down_bias,
+        gate_softcap=gate_softcap,
+        up_softcap=up_softcap,
     )
     if backend == "reference":
         return moe_ffn_reference(x, gate_up_proj, down_proj, routing, **options)

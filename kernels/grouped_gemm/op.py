@@ -58,6 +58,8 @@ def moe_ffn_op(
     activation: str,
     limit: float | None,
     alpha: float | None,
+    gate_softcap: float | None,
+    up_softcap: float | None,
     interleaved: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +69,7 @@ def moe_ffn_op(
     `[S, 2I]` (`[S, I]` non-gated; fp32), or an empty `[0]` tensor for Triton, whose backward
     recomputes them. Both backends run every activation and the optional biases.
     """
-    act = GatedActivation(activation, limit, alpha, interleaved)
+    act = GatedActivation(activation, limit, alpha, interleaved, gate_softcap, up_softcap)
     if use_triton:
         from .triton import moe_ffn_triton_forward  # optional dependency: not every platform has triton
 
@@ -116,6 +118,8 @@ def moe_ffn_backward_op(
     activation: str,
     limit: float | None,
     alpha: float | None,
+    gate_softcap: float | None,
+    up_softcap: float | None,
     interleaved: bool,
     use_triton: bool,
     needs_dx: bool,
@@ -129,7 +133,7 @@ def moe_ffn_backward_op(
     tensor.
     """
     needs = (needs_dx, needs_d_gate_up, needs_d_down)
-    act = GatedActivation(activation, limit, alpha, interleaved)
+    act = GatedActivation(activation, limit, alpha, interleaved, gate_softcap, up_softcap)
     if use_triton:
         from .triton import moe_ffn_triton_backward  # optional dependency
 
@@ -286,6 +290,8 @@ def moe_ffn_op_from_routing(
         activation.name,
         activation.limit,
         activation.alpha,
+        activation.gate_softcap,
+        activation.up_softcap,
         activation.interleaved,
         use_triton,
     )

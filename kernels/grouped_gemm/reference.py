@@ -40,6 +40,8 @@ def moe_ffn_reference(
     gate_up_interleaved: bool = False,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    gate_softcap: float | None = None,
+    up_softcap: float | None = None,
 ) -> torch.Tensor:
     """`Σ_j w_tj · (down_e(act(gate_up_e x_t + b1_e)) + b2_e)` over each token's K experts, in fp32.
 
@@ -49,7 +51,8 @@ def moe_ffn_reference(
             `[E, I, H]` for a non-gated activation.
         down_proj: `[E, H, I]`.
         routing: the `Routing` of these T tokens.
-        activation, limit, alpha, gate_up_interleaved: the activation (`moe_ffn`).
+        activation, limit, alpha, gate_up_interleaved, gate_softcap, up_softcap: the
+            activation (`moe_ffn`).
         gate_up_bias: optional `[E, 2I]` (`[E, I]` non-gated), added to the gate/up GEMM output.
         down_bias: optional `[E, H]`, added to the down GEMM output (before the routing weight).
 
@@ -57,7 +60,7 @@ def moe_ffn_reference(
         `[T, H]` in `x.dtype`. Differentiable by autograd in x, the weights, the biases and
         `routing.weights`. Loops over experts with data-dependent slicing (a host sync).
     """
-    act = GatedActivation(activation, limit, alpha, gate_up_interleaved)
+    act = GatedActivation(activation, limit, alpha, gate_up_interleaved, gate_softcap, up_softcap)
     return moe_ffn_reference_forward(x, gate_up_proj, down_proj, routing, act, gate_up_bias, down_bias)[0]
 
 

@@ -95,23 +95,32 @@ _ACTIVATION_CODES = {
     "swiglu_limit": 1,
     "swiglu_limit_post": 2,
     "gpt_oss": 3,
-    "relu2": 4,
-    "relu": 5,
-    "silu": 6,
-    "gelu": 7,
+    "swiglu_softcap": 4,
+    "relu2": 5,
+    "relu": 6,
+    "silu": 7,
+    "gelu": 8,
 }
-_FIRST_UNGATED = 4
+_FIRST_UNGATED = 5
 # "No clamp" as a finite fp32 bound (a kernel argument cannot be None).
 _NO_LIMIT = 3.0e38
 
 
 def _activation_args(activation) -> dict:
-    """Kernel arguments of a `GatedActivation`: its code, bound, α and gate/up row layout."""
+    """Kernel arguments of a `GatedActivation`: its code, bound, α and gate/up row layout.
+
+    `"swiglu_softcap"` has no bound or α: its two runtime parameters carry the soft caps
+    instead, `LIMIT` = c_g (`gate_softcap`) and `ALPHA` = c_u (`up_softcap`)."""
     assert (_ACTIVATION_CODES[activation.name] < _FIRST_UNGATED) == activation.gated
+    if activation.name == "swiglu_softcap":
+        first, second = float(activation.gate_softcap), float(activation.up_softcap)
+    else:
+        first = _NO_LIMIT if activation.limit is None else float(activation.limit)
+        second = 1.0 if activation.alpha is None else float(activation.alpha)
     return {
         "ACTIVATION": _ACTIVATION_CODES[activation.name],
-        "LIMIT": _NO_LIMIT if activation.limit is None else float(activation.limit),
-        "ALPHA": 1.0 if activation.alpha is None else float(activation.alpha),
+        "LIMIT": first,
+        "ALPHA": second,
         "GATE_STEP": 2 if activation.interleaved else 1,
         "GATED": activation.gated,
     }
@@ -120,12 +129,12 @@ def _activation_args(activation) -> dict:
 @triton.jit
 def _ungated_forward(u, ACTIVATION: tl.constexpr):
     """h of the non-gated activations (activation.py) on an fp32 up tile."""
-    if ACTIVATION == 4:
+    if ACTIVATION == 5:
         r = tl.maximum(u, 0.0)
         h = r * r
-    elif ACTIVATION == 5:
-        h = tl.maximum(u, 0.0)
     elif ACTIVATION == 6:
+        h = tl.maximum(u, 0.0)
+    elif ACTIVATION == 7:
         h = u * tl.sigmoid(u)
     else:
         h = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))  # u · Φ(u), Φ via erf(u/√2)
@@ -135,14 +144,14 @@ def _ungated_forward(u, ACTIVATION: tl.constexpr):
 @triton.jit
 def _ungated_backward(dh, u, ACTIVATION: tl.constexpr):
     """`(h, d up)` of `_ungated_forward`; the ReLUs pass no gradient at 0, as torch's do."""
-    if ACTIVATION == 4:
+    if ACTIVATION == 5:
         r = tl.maximum(u, 0.0)
         h = r * r
         d_up = dh * 2.0 * r
-    elif ACTIVATION == 5:
+    elif ACTIVATION == 6:
         h = tl.maximum(u, 0.0)
         d_up = tl.where(u > 0.0, dh, 0.0)
-    elif ACTIVATION == 6:
+    elif ACTIVATION == 7:
         sig = tl.sigmoid(u)
         h = u * sig
         d_up = dh * sig * (1.0 + u * (1.0 - sig))
@@ -154,8 +163,19 @@ def _ungated_backward(dh, u, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _tanh_parts(x):
+    """`(tanh(x), 1 - tanh(x)²)` from `e = exp(-2|x|)` in (0, 1] (never overflows):
+    `tanh |x| = (1 - e) / (1 + e)`, `1 - tanh² = 4e / (1 + e)²` (no cancellation near ±1)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    inv = 1.0 / (1.0 + e)
+    t = (1.0 - e) * inv
+    return tl.where(x < 0.0, -t, t), 4.0 * e * inv * inv
+
+
+@triton.jit
 def _gated_forward(g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
-    """h of the four gated activations (activation.py) on fp32 gate/up tiles."""
+    """h of the five gated activations (activation.py) on fp32 gate/up tiles; for
+    "swiglu_softcap" (4) `LIMIT` is the gate cap c_g and `ALPHA` the up cap c_u."""
     u_c = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
     if ACTIVATION == 0:
         h = g * tl.sigmoid(g) * u
@@ -164,15 +184,20 @@ def _gated_forward(g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
         h = g_c * tl.sigmoid(g_c) * u_c
     elif ACTIVATION == 2:
         h = tl.minimum(g * tl.sigmoid(g), LIMIT) * u_c
-    else:
+    elif ACTIVATION == 3:
         g_c = tl.minimum(g, LIMIT)
         h = (u_c + 1.0) * (g_c * tl.sigmoid(g_c * ALPHA))
+    else:
+        t_g, _ = _tanh_parts(g / LIMIT)
+        t_u, _ = _tanh_parts(u / ALPHA)
+        h = (LIMIT * t_g) * tl.sigmoid(g) * (ALPHA * t_u)
     return h
 
 
 @triton.jit
 def _gated_backward(dh, g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
-    """`(h, d gate, d up)`; clamp masks inclusive of the bounds, as torch.clamp's gradient."""
+    """`(h, d gate, d up)`; clamp masks inclusive of the bounds, as torch.clamp's gradient.
+    For "swiglu_softcap" (4) `LIMIT` is c_g and `ALPHA` c_u, as in `_gated_forward`."""
     u_c = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
     u_in = (u >= -LIMIT) & (u <= LIMIT)
     if ACTIVATION == 0:
@@ -195,13 +220,23 @@ def _gated_backward(dh, g, u, ACTIVATION: tl.constexpr, LIMIT, ALPHA):
         h = act * u_c
         d_gate = tl.where(silu <= LIMIT, dh * u_c * sig * (1.0 + g * (1.0 - sig)), 0.0)
         d_up = tl.where(u_in, dh * act, 0.0)
-    else:
+    elif ACTIVATION == 3:
         g_c = tl.minimum(g, LIMIT)
         sig = tl.sigmoid(g_c * ALPHA)
         glu = g_c * sig
         h = (u_c + 1.0) * glu
         d_gate = tl.where(g <= LIMIT, dh * (u_c + 1.0) * (sig + ALPHA * glu * (1.0 - sig)), 0.0)
         d_up = tl.where(u_in, dh * glu, 0.0)
+    else:
+        t_g, sech2_g = _tanh_parts(g / LIMIT)
+        t_u, sech2_u = _tanh_parts(u / ALPHA)
+        sig = tl.sigmoid(g)
+        capped_g = LIMIT * t_g
+        capped_u = ALPHA * t_u
+        act = capped_g * sig
+        h = act * capped_u
+        d_gate = dh * capped_u * (sech2_g * sig + act * (1.0 - sig))
+        d_up = dh * act * sech2_u
     return h, d_gate, d_up
 
 

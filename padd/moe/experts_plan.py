@@ -8,13 +8,17 @@ things, never from config names:
 
 - the layout comes from the flags and the weights' shapes;
 - the activation is recognised by *running* the module's own `_apply_gate` on a probe whose
-  entries reach far past any clamp, and comparing it with each activation padd's kernels fuse
-  (`padd.kernels.grouped_gemm.activation`), parameterised by the module's `limit` / `alpha`
-  attributes. Experts without a gate (`has_gate=False`: Nemotron-H, Ergo) are recognised the same
-  way from their `act_fn`, run on a probe of up pre-activations and compared with the non-gated
-  activations (`relu2`, `relu`, `silu`, `gelu`). A match runs fused (`moe_ffn`); anything else (a
-  soft cap, an unknown activation, a norm after the experts) runs the general path, padd's grouped
-  GEMMs with the module's own `_apply_gate` / `act_fn` between them: slower, never different.
+  entries reach far past any clamp or soft cap, and comparing it with each activation padd's
+  kernels fuse (`padd.kernels.grouped_gemm.activation`), parameterised by the module's `limit` /
+  `alpha` attributes and its soft caps (`gate_softcap` / `up_softcap` on the module or its
+  `act_fn`, each a number or a module holding a `softcap` number: Inkling2's
+  `Inkling2SoftcappedSwiGLU`). Experts without a gate (`has_gate=False`: Nemotron-H, Ergo) are
+  recognised the same way from their `act_fn`, run on a probe of up pre-activations and compared
+  with the non-gated activations (`relu2`, `relu`, `silu`, `gelu`). A match runs fused
+  (`moe_ffn`); anything else (an unknown activation, an `_apply_gate` that computes other caps
+  than the module's attributes say, a norm after the experts) runs the general path, padd's
+  grouped GEMMs with the module's own `_apply_gate` / `act_fn` between them: slower, never
+  different.
 
 Refused (one line, before any compute): weights that are missing, not floating point or not in the
 shapes the flags declare, and modules that lack what their flags promise (`act_fn`,
@@ -23,6 +27,7 @@ shapes the flags declare, and modules that lack what their flags promise (`act_f
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -45,6 +50,11 @@ _FLAG_DEFAULTS = {
 # Attribute names transformers' experts classes give the clamp bound and GPT-OSS's α.
 _LIMIT_NAMES = ("limit", "swiglu_limit")
 _ALPHA_NAMES = ("alpha", "swiglu_alpha")
+# Attribute names of the soft caps of "swiglu_softcap", looked up on the experts module and on its
+# `act_fn`; each holds the cap itself or a module with a `softcap` number (Inkling2's
+# `act_fn.gate_softcap = Inkling2Softcap(config.mlp_gate_softcap)`).
+_GATE_SOFTCAP_NAMES = ("gate_softcap", "mlp_gate_softcap")
+_UP_SOFTCAP_NAMES = ("up_softcap", "mlp_up_softcap")
 _PROBE_ROWS = 16
 
 
@@ -186,10 +196,34 @@ def _numbers(experts: nn.Module, names: tuple[str, ...]) -> list[float]:
     return sorted({float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)})
 
 
+def _as_number(value) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _softcaps(experts: nn.Module, names: tuple[str, ...]) -> list[float]:
+    """The finite positive soft caps the module (or its `act_fn`) holds under `names`: a number,
+    or a module's numeric `softcap` attribute (Inkling2's `Inkling2Softcap`)."""
+    owners = [experts]
+    act_fn = getattr(experts, "act_fn", None)
+    if isinstance(act_fn, nn.Module):
+        owners.append(act_fn)
+    found = set()
+    for owner in owners:
+        for name in names:
+            value = getattr(owner, name, None)
+            cap = _as_number(getattr(value, "softcap", None) if isinstance(value, nn.Module) else value)
+            if cap is not None and 0 < cap < math.inf:
+                found.add(cap)
+    return sorted(found)
+
+
 def _candidates(experts: nn.Module) -> list[GatedActivation]:
     """Every fused activation the module's attributes could parameterise, plain SwiGLU first."""
     limits = [v for v in _numbers(experts, _LIMIT_NAMES) if v > 0]
     alphas = _numbers(experts, _ALPHA_NAMES)
+    gate_caps, up_caps = _softcaps(experts, _GATE_SOFTCAP_NAMES), _softcaps(experts, _UP_SOFTCAP_NAMES)
     out = []
     for interleaved in (False, True):
         out.append(GatedActivation("swiglu", interleaved=interleaved))
@@ -197,11 +231,17 @@ def _candidates(experts: nn.Module) -> list[GatedActivation]:
             out.append(GatedActivation("swiglu_limit", limit, interleaved=interleaved))
             out.append(GatedActivation("swiglu_limit_post", limit, interleaved=interleaved))
             out.extend(GatedActivation("gpt_oss", limit, alpha, interleaved) for alpha in alphas)
+        out.extend(
+            GatedActivation("swiglu_softcap", interleaved=interleaved, gate_softcap=c_g, up_softcap=c_u)
+            for c_g in gate_caps
+            for c_u in up_caps
+        )
     return out
 
 
 def _probe(inter: int, limits: list[float], width: int = 2) -> torch.Tensor:
-    """`[R, width·I]` fp32 values spread over ±3·max(limits, 8): every clamp acts on some entries."""
+    """`[R, width·I]` fp32 values spread over ±3·max(limits, 8): every clamp acts on some entries
+    (and every soft cap c saturates: `tanh(3)` ≈ 0.995, where a wrong cap shows)."""
     span = 3.0 * max([8.0, *limits])
     # Explicit device and dtype: models are built under a `torch.device("meta")` context and
     # with the default dtype set to the model's.
@@ -216,7 +256,8 @@ def _probe(inter: int, limits: list[float], width: int = 2) -> torch.Tensor:
 def recognise_activation(experts: nn.Module, inter: int) -> tuple[GatedActivation | None, str]:
     """The fused activation equal to `experts._apply_gate` on a wide probe, or None and why."""
     limits = _numbers(experts, _LIMIT_NAMES)
-    probe = _probe(inter, limits)
+    caps = _softcaps(experts, _GATE_SOFTCAP_NAMES) + _softcaps(experts, _UP_SOFTCAP_NAMES)
+    probe = _probe(inter, [*limits, *caps])
     try:
         with torch.no_grad():
             got = experts._apply_gate(probe)
@@ -252,6 +293,8 @@ def recognise_ungated_activation(experts: nn.Module, inter: int) -> tuple[GatedA
 def _describe(act: GatedActivation) -> str:
     params = [f"limit={act.limit:g}"] if act.limit is not None else []
     params += [f"alpha={act.alpha:g}"] if act.alpha is not None else []
+    params += [f"gate_softcap={act.gate_softcap:g}"] if act.gate_softcap is not None else []
+    params += [f"up_softcap={act.up_softcap:g}"] if act.up_softcap is not None else []
     params += ["interleaved"] if act.interleaved else []
     return f"{act.name}({', '.join(params)})"
 
@@ -268,7 +311,8 @@ def _fingerprint(experts: nn.Module) -> tuple:
     )
     flags = tuple(_flag(experts, n) for n in _FLAG_DEFAULTS)
     numbers = tuple(getattr(experts, n, None) for n in (*_LIMIT_NAMES, *_ALPHA_NAMES))
-    return type(experts), weights, flags, numbers, id(getattr(experts, "act_fn", None))
+    caps = (_softcaps(experts, _GATE_SOFTCAP_NAMES), _softcaps(experts, _UP_SOFTCAP_NAMES))
+    return type(experts), weights, flags, numbers, caps, id(getattr(experts, "act_fn", None))
 
 
 def plan_experts(experts: nn.Module) -> ExpertsPlan:

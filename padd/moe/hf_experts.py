@@ -87,6 +87,8 @@ def padd_experts_forward(
             limit=act.limit,
             alpha=act.alpha,
             gate_up_interleaved=act.interleaved,
+            gate_softcap=act.gate_softcap,
+            up_softcap=act.up_softcap,
             gate_up_bias=gate_up_bias,
             down_bias=down_bias,
         )

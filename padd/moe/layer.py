@@ -53,10 +53,11 @@ class MoE(nn.Module):
         router_bias: the router is `Linear(H, E)` with a bias (GPT-OSS), added to the logits.
         router_logit_softcap: c > 0: logits become `c · tanh(logits / c)` before scoring
             (Laguna's `router_logit_softcapping`). None: no cap.
-        activation, limit, alpha, gate_up_interleaved: the experts' activation, as
-            `padd.kernels.moe_ffn` takes them (default SwiGLU; "gpt_oss" with interleaved gate/up
-            rows for GPT-OSS). A gated activation ("swiglu", "swiglu_limit",
-            "swiglu_limit_post", "gpt_oss") gives the first weight `gate_up_proj [E, 2I, H]`; a
+        activation, limit, alpha, gate_up_interleaved, gate_softcap, up_softcap: the experts'
+            activation, as `padd.kernels.moe_ffn` takes them (default SwiGLU; "gpt_oss" with
+            interleaved gate/up rows for GPT-OSS; "swiglu_softcap" with both soft caps for
+            Inkling2). A gated activation ("swiglu", "swiglu_limit", "swiglu_limit_post",
+            "gpt_oss", "swiglu_softcap") gives the first weight `gate_up_proj [E, 2I, H]`; a
             non-gated one ("relu2" `relu(u)²` for Nemotron-H and Ergo, "relu", "silu", "gelu";
             no limit, alpha or interleaving) gives `up_proj [E, I, H]` instead.
         transposed: store the expert weights as transformers' `is_transposed` experts do,
@@ -102,6 +103,8 @@ class MoE(nn.Module):
         limit: float | None = None,
         alpha: float | None = None,
         gate_up_interleaved: bool = False,
+        gate_softcap: float | None = None,
+        up_softcap: float | None = None,
         transposed: bool = False,
         expert_bias: bool = False,
         routed_scaling_factor: float = 1.0,
@@ -134,8 +137,10 @@ class MoE(nn.Module):
         self.norm_topk_prob = bool(norm_topk_prob)
         self.selection_bias_on = selection_bias_on
         self.router_logit_softcap = None if router_logit_softcap is None else float(router_logit_softcap)
-        # Validates activation, limit, alpha and gate_up_interleaved, naming the argument.
-        self.activation = GatedActivation(activation, limit, alpha, gate_up_interleaved)
+        # Validates activation, limit, alpha, gate_up_interleaved and the soft caps, naming the argument.
+        self.activation = GatedActivation(
+            activation, limit, alpha, gate_up_interleaved, gate_softcap, up_softcap
+        )
         self.transposed = transposed
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
@@ -220,6 +225,8 @@ class MoE(nn.Module):
             limit=act.limit,
             alpha=act.alpha,
             gate_up_interleaved=act.interleaved,
+            gate_softcap=act.gate_softcap,
+            up_softcap=act.up_softcap,
             gate_up_bias=self.first_proj()[1],
             down_bias=self.down_proj_bias,
         )
@@ -344,7 +351,7 @@ class MoE(nn.Module):
         Refused, with one line naming the block: a forward that takes more than hidden states
         (token ids, state from another layer), a router that is not linear or scores other
         slots than the E experts (zero-computation or shared-expert slots), experts padd runs
-        only through its general path (a soft cap, a norm after each expert) or
+        only through its general path (an activation it does not fuse, a norm after each expert) or
         sharded across ranks, experts that compute more than their projections (Ergo's
         per-route norm in their own forward), a block with modules padd has no place for (a norm after the
         block, latent projections), and any block whose output padd does not reproduce.
@@ -479,6 +486,8 @@ class MoE(nn.Module):
                 limit=act.limit,
                 alpha=act.alpha,
                 gate_up_interleaved=act.interleaved,
+                gate_softcap=act.gate_softcap,
+                up_softcap=act.up_softcap,
                 transposed=layout.is_transposed,
                 expert_bias=gate_up_bias is not None,
                 routed_scaling_factor=scale,

@@ -23,6 +23,9 @@ TOL = {
     torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
 }
 GPT_OSS = dict(activation="gpt_oss", limit=7.0, alpha=1.702, gate_up_interleaved=True)
+# Inkling2's soft-capped SwiGLU, caps small enough that the 4x pre-activations (bias included)
+# reach several times them.
+SOFTCAP = dict(activation="swiglu_softcap", gate_softcap=1.5, up_softcap=1.75)
 NAMES = ["x", "gate_up_proj", "down_proj", "weights", "gate_up_bias", "down_bias"]
 
 # (name, activation options, which biases, routing, first-weight scale). Routing "empty": expert 3
@@ -34,6 +37,7 @@ CASES = {
     "relu2_up_bias_only": (dict(activation="relu2"), (True, False), "empty", 1.0),
     "swiglu_down_bias_only": (dict(activation="swiglu"), (False, True), "tied", 1.0),
     "gpt_oss_gate_up_bias_only": (GPT_OSS, (True, False), "empty", 4.0),
+    "swiglu_softcap": (SOFTCAP, (True, True), "empty", 4.0),
 }
 
 
@@ -122,7 +126,11 @@ def test_cases_reach_what_they_claim():
     x, w1, _, b1, _, r, _ = make_case("gpt_oss")
     pre = torch.einsum("eoh,th->teo", w1, x) + b1
     assert (pre.abs() > 7.0).double().mean() > 0.2
-    for case in ("gpt_oss", "gpt_oss_tied", "swiglu_down_bias_only"):
+    x, w1, _, b1, _, _, options = make_case("swiglu_softcap")
+    gate, up = (torch.einsum("eoh,th->teo", w1, x) + b1).chunk(2, dim=-1)
+    assert (gate.abs() > 3 * options["gate_softcap"]).double().mean() > 0.3
+    assert (up.abs() > 3 * options["up_softcap"]).double().mean() > 0.3
+    for case in ("gpt_oss", "gpt_oss_tied", "swiglu_down_bias_only", "swiglu_softcap"):
         assert make_case(case)[5].tokens_per_expert[3] == 0
     logits = tied_logits(21, 5, 0)
     ties = (logits == logits.max(dim=1, keepdim=True).values).sum(dim=1)
@@ -191,7 +199,7 @@ def test_custom_op_schema_with_biases_on_triton():
     """`torch.library.opcheck` (schema, fake tensor) of the biased op with `use_triton=True`."""
     x, w1, w2, b1, b2, r, _ = make_case("gpt_oss", T=6)
     fields = (r.weights, r.expert_ids, r.tokens_per_expert, r.expert_offsets, r.sort_order, r.inverse_order)
-    args = (x, w1, w2, *fields, b1, b2, "gpt_oss", 7.0, 1.702, True, True)
+    args = (x, w1, w2, *fields, b1, b2, "gpt_oss", 7.0, 1.702, None, None, True, True)
     torch.library.opcheck(torch.ops.padd.moe_ffn.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -217,7 +225,7 @@ def compile_sm90(kernel, consts, warps=8):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 tile = dict(BLOCK_E=8, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-for name in ("gpt_oss", "relu2"):
+for name in ("gpt_oss", "swiglu_softcap", "relu2"):
     code = gt._ACTIVATION_CODES[name]
     gated = code < gt._FIRST_UNGATED
     act = dict(ACTIVATION=code, GATE_STEP=2 if gated else 1, GATED=gated, HAS_BIAS=True, TOP_K=2)
@@ -232,8 +240,9 @@ print("compiled")
 
 
 def test_bias_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter skips Triton's code generator: lower the biased variants of the gate/up,
-    down and backward kernels and the bias-gradient kernel to sm_90 offline (bf16)."""
+    """The interpreter skips Triton's code generator: lower the biased variants of the gate/up
+    and backward kernels (GPT-OSS, Inkling2's soft caps, relu²), the down kernel and the
+    bias-gradient kernel to sm_90 offline (bf16)."""
     from offline_compile import assert_compiles_offline_for_sm90
 
     assert_compiles_offline_for_sm90(_SM90_COMPILE)

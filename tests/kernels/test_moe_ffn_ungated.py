@@ -152,7 +152,7 @@ def test_custom_op_schema_ungated_with_biases():
     fields = (r.weights, r.expert_ids, r.tokens_per_expert, r.expert_offsets, r.sort_order, r.inverse_order)
     tensors = [t.float().requires_grad_() for t in (x, w1, w2)]
     biases = [b.float().requires_grad_() for b in (b1, b2)]
-    args = (*tensors, *fields, *biases, "relu2", None, None, False, False)
+    args = (*tensors, *fields, *biases, "relu2", None, None, None, None, False, False)
     torch.library.opcheck(torch.ops.padd.moe_ffn.default, args, test_utils=("test_schema", "test_faketensor"))
     out, _ = torch.ops.padd.moe_ffn(*args)
     grads = torch.autograd.grad(out.sum(), [*tensors, *biases])
