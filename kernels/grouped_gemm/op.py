@@ -235,18 +235,24 @@ class MoeFfnCPU(torch.autograd.Function):
             out, cache = moe_ffn_reference_forward(
                 x, gate_up_proj, down_proj, routing, activation, gate_up_bias, down_bias, saved
             )
-        ctx.routing, ctx.activation, ctx.saved = routing, activation, saved
-        ctx.save_for_backward(x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias)
+        ctx.routing, ctx.activation = routing, activation
+        # The reused intermediates go through save_for_backward too, so saved-tensor hooks
+        # (offloading, checkpointing) see every tensor the backward keeps.
+        ctx.saved_keys = tuple(saved)
+        ctx.save_for_backward(
+            x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias, *(saved[k] for k in ctx.saved_keys)
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias = ctx.saved_tensors
+        x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias, *reused = ctx.saved_tensors
+        saved = dict(zip(ctx.saved_keys, reused, strict=True))
         needs = tuple(ctx.needs_input_grad[:3])
         with torch.autocast(x.device.type, enabled=False):
             dx, d_gate_up, d_down, d_weights, d_gate_up_bias, d_down_bias = moe_ffn_reference_backward(
                 grad, x, gate_up_proj, down_proj, ctx.routing, cache, needs, ctx.activation, gate_up_bias,
-                down_bias, ctx.saved,
+                down_bias, saved,
             )  # fmt: skip
         return dx, d_gate_up, d_down, d_weights, None, None, d_gate_up_bias, d_down_bias
 

@@ -120,6 +120,25 @@ def test_cpu_op_backward_matches_reference_autograd(case):
         assert_matches(g, g_ref, torch.float32)
 
 
+def test_cpu_backward_keeps_its_tensors_through_saved_tensor_hooks():
+    """Every tensor the eager CPU backward reuses (the sorted x rows included) goes through
+    save_for_backward: an offloading hook that hands back copies gives the same gradients."""
+    x, w13, w2, r = make_inputs(33, 24, 16, 7, 2, "skewed")
+    grad = torch.randn_like(x)
+    _, grads_plain = fwd_bwd(x, w13, w2, r, "auto", grad)
+    packed: list[tuple[int, ...]] = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t.detach().clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, grads_hooked = fwd_bwd(x, w13, w2, r, "auto", grad)
+    assert (r.expert_ids.numel(), x.shape[1]) in packed  # the sorted x rows [S, H]
+    for g, g_ref in zip(grads_hooked, grads_plain, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_triton_matches_reference(case, dtype):
