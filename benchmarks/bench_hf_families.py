@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import make_record, report_suite, time_fn, write_if_requested
+from common import family_eager_forward, make_record, report_suite, time_fn, write_if_requested
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model factory
 from hf_families import build_tiny_model, discover_families  # noqa: E402
@@ -34,15 +34,6 @@ NUM_TOKENS = 256
 FAMILIES = discover_families()
 _RECORDS: list = []
 _SLOW: list[str] = []
-
-
-def _eager_forward(module: torch.nn.Module):
-    """The forward `@use_experts_implementation` wrapped, from the decorated class in the MRO."""
-    for cls in type(module).__mro__:
-        wrapped = getattr(cls.__dict__.get("forward"), "__wrapped__", None)
-        if wrapped is not None:
-            return wrapped
-    return None
 
 
 def _routing(top_k: int, num_experts: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +52,7 @@ def _report():
 def test_bench_experts_forward(family):
     model = build_tiny_model(family, seed=0).eval()
     experts = next(m for m in model.modules() if is_experts_module(m))
-    eager = _eager_forward(experts)
+    eager = family_eager_forward(experts)
     if eager is None:
         pytest.skip(f"{family.model_type}: no wrapped eager forward found")
     plan = plan_experts(experts)

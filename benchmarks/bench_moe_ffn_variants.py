@@ -41,6 +41,7 @@ from benchmarks.common import (
     bench_device,
     cpu_reps,
     env_list,
+    family_eager_forward,
     make_record,
     on_gpu,
     report_suite,
@@ -73,15 +74,6 @@ TOKENS = [int(t) for t in env_list("PADD_BENCH_TOKENS", "512,4096,16384" if on_g
 NAMES = env_list("PADD_BENCH_MODELS", ",".join(VARIANTS))
 _REPS = {"warmup": 2, "reps": 10} if on_gpu() else {"warmup": 2, "reps": cpu_reps(10)}
 _RECORDS: list = []
-
-
-def _eager_forward(module: torch.nn.Module):
-    """The forward `@use_experts_implementation` wrapped: the family's own per-expert loop."""
-    for cls in type(module).__mro__:
-        wrapped = getattr(cls.__dict__.get("forward"), "__wrapped__", None)
-        if wrapped is not None:
-            return wrapped
-    raise LookupError(f"{type(module).__name__}: no wrapped eager forward")
 
 
 def build_experts(name: str) -> tuple[torch.nn.Module, tuple[int, int, int, int]]:
@@ -148,10 +140,13 @@ class Problem:
 
 def _implementations(module: torch.nn.Module) -> dict:
     grouped_mm = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    eager = family_eager_forward(module)
+    if eager is None:
+        raise LookupError(f"{type(module).__name__}: no wrapped eager forward")
     return {
         "padd": padd_experts_forward,
         "transformers grouped_mm": grouped_mm,
-        "transformers eager": _eager_forward(module),
+        "transformers eager": eager,
     }
 
 

@@ -30,6 +30,16 @@ PEAKS = {
 }
 
 
+def family_eager_forward(module: torch.nn.Module) -> Callable | None:
+    """A transformers experts module's own forward (the per-expert loop that
+    `@use_experts_implementation` wraps), from the decorated class in the MRO; None if absent."""
+    for cls in type(module).__mro__:
+        wrapped = getattr(cls.__dict__.get("forward"), "__wrapped__", None)
+        if wrapped is not None:
+            return wrapped
+    return None
+
+
 def device_info() -> dict:
     """Name, versions and peak figures of the device the benchmarks run on."""
     info = {
