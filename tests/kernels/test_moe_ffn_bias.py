@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offline_compile import GROUPED_GEMM_SM90_PRELUDE, assert_compiles_offline_for_sm90
 from padd.kernels import Routing, moe_ffn, route, routing_from_topk
 from padd.kernels.grouped_gemm import triton as moe_triton
 
@@ -203,27 +204,9 @@ def test_custom_op_schema_with_biases_on_triton():
     torch.library.opcheck(torch.ops.padd.moe_ffn.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
-_SM90_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from padd.kernels.grouped_gemm import triton as gt
-
-FLOATS = {"LIMIT", "ALPHA"}
-INT_PTRS = {"order_ptr", "offsets_ptr"}
-FP32_PTRS = {"weight_ptr", "dweight_part_ptr", "dot_part_ptr", "scale_ptr"}
-
-def compile_sm90(kernel, consts, warps=8):
-    def kind(n):
-        if n in consts:
-            return "constexpr"
-        if n.endswith("_ptr"):
-            return "*i32" if n in INT_PTRS else "*fp32" if n in FP32_PTRS else "*bf16"
-        return "fp32" if n in FLOATS else "i32"
-    sig = {n: kind(n) for n in kernel.arg_names}
-    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
+_SM90_COMPILE = (
+    GROUPED_GEMM_SM90_PRELUDE
+    + """
 tile = dict(BLOCK_E=8, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
 for name in ("gpt_oss", "swiglu_softcap", "relu2"):
     code = gt._ACTIVATION_CODES[name]
@@ -237,14 +220,13 @@ for gather, scale, dot in ((True, True, True), (False, False, False)):
     compile_sm90(gt._expert_bias_grad_kernel, consts, warps=4)
 print("compiled")
 """
+)
 
 
 def test_bias_kernels_compile_for_h100_without_a_gpu():
     """The interpreter skips Triton's code generator: lower the biased variants of the gate/up
     and backward kernels (GPT-OSS, Inkling2's soft caps, relu²), the down kernel and the
     bias-gradient kernel to sm_90 offline (bf16)."""
-    from offline_compile import assert_compiles_offline_for_sm90
-
     assert_compiles_offline_for_sm90(_SM90_COMPILE)
 
 

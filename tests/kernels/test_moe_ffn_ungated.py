@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offline_compile import GROUPED_GEMM_SM90_PRELUDE, assert_compiles_offline_for_sm90
 from padd.kernels import Routing, moe_ffn, routing_from_topk
 from padd.kernels.grouped_gemm import moe_ffn_flops
 from padd.kernels.grouped_gemm.activation import UNGATED_ACTIVATIONS, GatedActivation
@@ -230,27 +231,9 @@ def test_cpu_no_gate_experts_plan_and_equal_their_own_forward(act, fused, transp
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=label)
 
 
-_SM90_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from padd.kernels.grouped_gemm import triton as gt
-
-FLOATS = {"LIMIT", "ALPHA"}
-INT_PTRS = {"order_ptr", "offsets_ptr"}
-FP32_PTRS = {"weight_ptr", "dweight_part_ptr"}
-
-def compile_sm90(kernel, consts, warps=8):
-    def kind(n):
-        if n in consts:
-            return "constexpr"
-        if n.endswith("_ptr"):
-            return "*i32" if n in INT_PTRS else "*fp32" if n in FP32_PTRS else "*bf16"
-        return "fp32" if n in FLOATS else "i32"
-    sig = {n: kind(n) for n in kernel.arg_names}
-    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
+_SM90_COMPILE = (
+    GROUPED_GEMM_SM90_PRELUDE
+    + """
 tile = dict(BLOCK_E=8, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, TOP_K=2)
 for name, code in gt._ACTIVATION_CODES.items():
     act = dict(ACTIVATION=code, GATE_STEP=1, GATED=code < gt._FIRST_UNGATED, HAS_BIAS=False)
@@ -258,11 +241,10 @@ for name, code in gt._ACTIVATION_CODES.items():
     compile_sm90(gt._swiglu_backward_kernel.fn, {**act, **tile}, warps=4)
 print("compiled")
 """
+)
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter skips Triton's code generator: lower the gate/up and backward kernels of
     every activation, gated and not, to sm_90 offline (bf16)."""
-    from offline_compile import assert_compiles_offline_for_sm90
-
     assert_compiles_offline_for_sm90(_SM90_COMPILE)
