@@ -3,7 +3,9 @@
     python -m pytest benchmarks/bench_routing.py -s          (PADD_BENCH_OUT=dir writes JSON)
 
 Peers: torch eager (softmax + topk + renormalise + stable sort + bincount + cumsum + inverse),
-torch.compile of the same, TransformerEngine's fused router and vLLM's fused_topk +
+the same with the top-k taken by a stable row sort ("ties to lower id": padd's tie rule, which
+`topk` does not keep, so the one eager peer that computes padd's result on every input),
+torch.compile of the first, TransformerEngine's fused router and vLLM's fused_topk +
 moe_align_block_size when importable (skipped with the reason printed otherwise).
 
 Figure: effective GB/s over the bytes a fused router must move (read the logits; write weights,
@@ -45,6 +47,7 @@ CPU_SHAPES = [(256, 8, 2), (6400, 8, 2), (512, 64, 8)]
 SHAPES = GPU_SHAPES if on_gpu() else CPU_SHAPES
 LOGITS_DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 _RECORDS: list = []
+EAGER_LOWER_ID = "torch eager (ties to lower id)"
 _REPS = {"warmup": 3, "reps": 20} if on_gpu() else {"warmup": 3, "reps": cpu_reps(30)}
 # The fwd+bwd and metadata tests take every third GPU shape, every CPU shape.
 _SUBSET = slice(None, None, 3) if on_gpu() else slice(None)
@@ -60,11 +63,20 @@ def routing_bytes(num_tokens: int, num_experts: int, top_k: int, logits_dtype: t
     return logits_in + topk_out + scores_out + metadata_out
 
 
-def torch_eager_route(logits_TE: torch.Tensor, top_k: int, *, compile_friendly: bool = False):
-    """What users write today: one kernel per step, scores materialised, metadata by sort."""
+def torch_eager_route(
+    logits_TE: torch.Tensor, top_k: int, *, compile_friendly: bool = False, ties_to_lower_id: bool = False
+):
+    """What users write today: one kernel per step, scores materialised, metadata by sort.
+
+    `ties_to_lower_id`: pick the top-k by a stable descending row sort instead of `topk`, whose
+    order among equal scores is arbitrary: padd's tie rule, so the same result on every input."""
     num_experts = logits_TE.shape[1]
     scores_TE = torch.softmax(logits_TE.float(), dim=-1)
-    weights_TK, experts_TK = torch.topk(scores_TE, top_k, dim=-1)
+    if ties_to_lower_id:
+        experts_TK = torch.sort(scores_TE.detach(), dim=-1, descending=True, stable=True)[1][:, :top_k]
+        weights_TK = scores_TE.gather(1, experts_TK)
+    else:
+        weights_TK, experts_TK = torch.topk(scores_TE, top_k, dim=-1)
     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     flat_S = experts_TK.reshape(-1)
     sort_order_S = torch.argsort(flat_S, stable=True)
@@ -136,9 +148,13 @@ def _impls() -> list[tuple[str, Callable | None, str]]:
     padd_name = "padd.route (triton)" if on_gpu() else "padd.route (reference)"
     padd = lambda x, k: _all_fields(route(x, k, return_scores=True))
     eager = lambda x, k: torch_eager_route(x, k)
-    return [(padd_name, padd, ""), ("torch eager", eager, ""), ("torch.compile", _compiled_eager, "")] + [
-        (name, *peer()) for name, peer in (("TransformerEngine", _te_peer), ("vLLM", _vllm_peer))
-    ]
+    eager_lower_id = lambda x, k: torch_eager_route(x, k, ties_to_lower_id=True)
+    return [
+        (padd_name, padd, ""),
+        ("torch eager", eager, ""),
+        (EAGER_LOWER_ID, eager_lower_id, ""),
+        ("torch.compile", _compiled_eager, ""),
+    ] + [(name, *peer()) for name, peer in (("TransformerEngine", _te_peer), ("vLLM", _vllm_peer))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,13 +183,16 @@ def test_bench_route_forward(num_tokens, num_experts, top_k):
             got = fn(logits_TE, top_k)
             assert torch.equal(got.sort_order, reference.sort_order), "padd routing disagrees"
             torch.testing.assert_close(got.weights, reference.weights, atol=1e-5, rtol=1e-4)
+        if name == EAGER_LOWER_ID:  # the peer said to compute padd's result: checked, not assumed
+            assert torch.equal(fn(logits_TE, top_k)[1].cpu(), reference.expert_ids.cpu()), name
         runs[name] = lambda fn=fn: fn(logits_TE, top_k)
     _measure_group("route_fwd", runs, shape, bytes_moved)
 
 
 def _measure_group(op: str, runs: dict, shape: dict, bytes_moved: int) -> None:
     """Time `runs` (interleaved in one loop on CPU, so padd's ratio to torch eager comes from one
-    run under one load) and record them; padd's row gets `speedup_vs_eager`."""
+    run under one load) and record them; padd's row gets `speedup_vs_eager` and, where that peer
+    ran, `speedup_vs_eager_lower_id`."""
     if on_gpu():
         timings = {}
         for name, run in runs.items():
@@ -201,6 +220,10 @@ def _measure_group(op: str, runs: dict, shape: dict, bytes_moved: int) -> None:
                 eager.extra["cpu_median_ms"] / padd.extra["cpu_median_ms"]
             )
         print(f"  {op} {shape}: padd is {padd.extra['speedup_vs_eager']:.2f}x as fast as torch eager")
+    lower_id = records.get(EAGER_LOWER_ID)
+    if padd is not None and lower_id is not None:
+        padd.extra["speedup_vs_eager_lower_id"] = lower_id.median_ms / padd.median_ms
+        print(f"  {op} {shape}: {padd.extra['speedup_vs_eager_lower_id']:.2f}x as fast as {EAGER_LOWER_ID}")
     _RECORDS.extend(records.values())
 
 
@@ -243,12 +266,13 @@ def test_bench_route_forward_backward(num_tokens, num_experts, top_k):
         r = _all_fields(route(logits_TE, top_k, return_scores=True))
         torch.autograd.backward([r.weights, r.scores], [grad_w_TK, grad_s_TE])
 
-    def eager_step():
-        weights_TK, _, scores_TE, *_ = torch_eager_route(logits_TE, top_k)
+    def eager_step(ties_to_lower_id: bool = False):
+        weights_TK, _, scores_TE, *_ = torch_eager_route(logits_TE, top_k, ties_to_lower_id=ties_to_lower_id)
         torch.autograd.backward([weights_TK, scores_TE], [grad_w_TK, grad_s_TE])
 
     padd_name = "padd.route (triton)" if on_gpu() else "padd.route (reference)"
-    _measure_group("route_fwd_bwd", {padd_name: padd_step, "torch eager": eager_step}, shape, bytes_moved)
+    runs = {padd_name: padd_step, "torch eager": eager_step, EAGER_LOWER_ID: lambda: eager_step(True)}
+    _measure_group("route_fwd_bwd", runs, shape, bytes_moved)
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", SHAPES[_SUBSET])

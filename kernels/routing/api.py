@@ -61,7 +61,7 @@ def route(
     if backend == "auto" and cpu_eager("reference", router_logits, selection_bias):
         # Eager on CPU the op's dispatch costs more than routing a few hundred tokens:
         # `route_cpu` is the reference's computation in the fewest ops, with lazy metadata
-        # and one autograd node (the op path stays for torch.compile and dispatch modes).
+        # and autograd's native nodes (the op path stays for torch.compile and dispatch modes).
         return route_cpu(
             router_logits,
             top_k,
