@@ -51,7 +51,9 @@ class RunConfig:
 
     dir: str = setting("runs/run", "run directory: checkpoints, metrics, evaluations, report")
     seed: int = setting(0, "the one seed: problems, splits, Stage I and the training loop")
-    cache_dir: str = setting("runs/cache", "trained teachers, shared across runs")
+    cache_dir: str = setting(
+        "runs/cache", "trained teachers, shared across runs (runs side by side train one once: the rest wait)"
+    )
     progress: bool = setting(True, "tqdm progress bars")
     num_threads: int = setting(0, "torch intra-op threads; 0 = torch's default")
     tensorboard: bool = setting(True, "also log to TensorBoard when it is installed")

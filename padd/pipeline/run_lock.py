@@ -18,12 +18,15 @@ import fcntl
 import json
 import os
 import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from padd.pipeline.run_dir import LOCK_FILE, RunDirError
 
-__all__ = ["LOCK_FILE", "RunDirBusy", "RunDirLock"]
+__all__ = ["LOCK_FILE", "RunDirBusy", "RunDirLock", "cache_entry_lock"]
 
 
 class RunDirBusy(RunDirError):
@@ -71,13 +74,7 @@ class RunDirLock:
         except BaseException:
             os.close(fd)
             raise
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        }
-        os.ftruncate(fd, 0)  # whatever a dead holder left
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        _record_holder(fd)
         self._fd = fd
 
     def release(self) -> None:
@@ -97,6 +94,62 @@ class RunDirLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+@contextmanager
+def cache_entry_lock(
+    entry: str | os.PathLike,
+    *,
+    on_wait: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_s: float = 0.5,
+) -> Iterator[None]:
+    """Hold `<entry>.lock`, an advisory `flock` beside a shared cache entry, waiting while another
+    process holds it: runs that share a cache (seeds started side by side) then build an entry
+    once, and the others find it built when they get the lock.
+
+    Args:
+        entry: the cache entry (a file or folder; need not exist yet).
+        on_wait: called once, with the holder's record (pid, host, since; {} if unknown), when
+            the lock is busy.
+        should_stop: polled while waiting; when it returns True the wait ends with `InterruptedError`
+            (a run asked to stop must not hang on another run's lock).
+        poll_s: seconds between tries while waiting.
+    """
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(entry.with_name(entry.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait(_read_holder(fd))
+                waited = True
+                if should_stop is not None and should_stop():
+                    raise InterruptedError(f"stopped while waiting for {entry}.lock") from None
+                time.sleep(poll_s)
+        _record_holder(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process (pid, host, start time) into a lock file it has just locked."""
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    os.ftruncate(fd, 0)  # whatever a dead holder left
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

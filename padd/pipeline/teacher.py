@@ -26,6 +26,7 @@ from padd.data.problem import Problem, format_example, format_prompt
 from padd.data.splits import make_splits
 from padd.data.synthetic import iter_problems
 from padd.data.tokenizer import DEFAULT_ALPHABET
+from padd.pipeline.run_lock import cache_entry_lock
 from padd.training.checkpointing import (
     CheckpointDir,
     GracefulInterrupt,
@@ -236,9 +237,32 @@ def ensure_teacher(
     interrupt: GracefulInterrupt,
     log: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
-    """Make sure a trained teacher exists at `path` (train it when missing; resumable)."""
+    """Make sure a trained teacher exists at `path` (train it when missing; resumable).
+
+    Runs that share the cache (seeds started side by side) train it once: the first holds
+    `<path>.lock` while it trains, the others wait for it and then load its teacher."""
     if cfg.teacher.source in ("pretrained", "shipped") or (path / "config.json").exists():
         return {"cached": True}
+
+    def say_waiting(holder: dict[str, Any]) -> None:
+        who = f"pid {holder['pid']} on {holder.get('host', '?')}" if "pid" in holder else "another run"
+        print(f"[padd] teacher: {who} is training this teacher into {path}; waiting for it", flush=True)
+
+    with cache_entry_lock(path, on_wait=say_waiting, should_stop=lambda: interrupt.requested):
+        if (path / "config.json").exists():  # trained by the run we waited for
+            return {"cached": True}
+        return _train_and_save_teacher(cfg, tokenizer, path, problems, interrupt, log)
+
+
+def _train_and_save_teacher(
+    cfg: PADDRunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    problems: Sequence[Problem],
+    interrupt: GracefulInterrupt,
+    log: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Train the tiny teacher (resuming from `<path>.ckpt`) and save it atomically to `path`."""
     t = cfg.teacher
     seed_everything(t.data_seed)
     model = build_tiny_llama(
