@@ -35,10 +35,32 @@ def reference(tmp_path_factory):
     """One uninterrupted micro run (its teacher cache is shared with the interrupted run)."""
     base = tmp_path_factory.mktemp("pipeline")
     out = subprocess.run(
-        _cmd(base / "ref", base / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=300
+        _cmd(base / "ref", base / "cache", "run.progress=true"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    (base / "ref.out").write_text(out.stdout + out.stderr)
     return base
+
+
+def test_progress_says_what_each_phase_is_doing(reference):
+    """With `run.progress`, every phase that takes time shows a bar or a line naming it."""
+    out = (reference / "ref.out").read_text()
+    for label in (
+        "teacher:",  # the micro teacher trains here (a bar)
+        "stage1: the teacher's FFN statistics",
+        "stage1: the exact student",
+        "stage1: fitting its router",
+        "stage1 warmup:",
+        "train:",
+        "eval teacher:",
+        "eval base_student:",
+        "eval padd:",
+    ):
+        assert label in out, f"no {label!r} in the run's output"
 
 
 def test_every_stage_and_artifact(reference):

@@ -71,6 +71,7 @@ def evaluate_model(
         batch_size=cfg.eval.batch_size,
         control=control,
         indices=mine,
+        progress=f"eval {name}" if cfg.run.progress and ctx.is_main else None,
     )
     kl_parts = None
     if model_dir is not None:  # how far from the teacher it computes, token by token

@@ -65,8 +65,11 @@ def build_student(
     max_len = cfg.teacher.max_len
     init = init or st.init
     info: dict[str, Any] = {"init": init}
+    say = tqdm.write if cfg.run.progress else (lambda msg: None)
     t0 = time.perf_counter()
     stats_batches = list(lm_batches(d_a, tokenizer, s1.batch_size, max_len, s1.stats_batches))
+    n = len(stats_batches)
+    say(f"stage1: the teacher's FFN statistics and clusters on D_A ({n} batch{'es' if n != 1 else ''}) ...")
     stats = dec.collect_stats(
         teacher,
         stats_batches,
@@ -87,6 +90,7 @@ def build_student(
         clusters = fitted.clusters
         info["router_fit_r2"] = fitted.r2
     else:
+        say(f"stage1: the {init} student, {st.num_experts} experts, top-{st.top_k} ...")
         student = dec.decompress(
             teacher,
             st.num_experts,
@@ -99,6 +103,7 @@ def build_student(
         clusters = stats.clusters
         if init == "exact":
             groups = st.num_experts // st.top_k
+            say("stage1: fitting its router to the teacher's sequence clusters ...")
             targets = dec.fit_sequence_targets(
                 teacher, stats_batches, groups, st.top_k, xi=rt.xi, seed=cfg.run.seed
             )

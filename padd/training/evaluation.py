@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from padd.data.problem import Problem, format_prompt
 
@@ -89,16 +90,19 @@ def evaluate_batches(
     batch_size: int = 32,
     control=None,
     indices: Sequence[int] | None = None,
+    progress: str | None = None,
 ) -> list[BatchOutcome]:
     """Greedy completions of the batches `indices` (default: all) of `problems`, batch `i` being
     `problems[i * batch_size : (i + 1) * batch_size]`: the same batch gives the same outcome
-    whichever process runs it, so sharding by batch changes no result."""
+    whichever process runs it, so sharding by batch changes no result. `progress`: the label of
+    a progress bar over the batches (None: no bar)."""
     was_training = model.training
     model.eval()
     out: list[BatchOutcome] = []
     indices = range(num_batches(len(problems), batch_size)) if indices is None else indices
+    bar = tqdm(indices, desc=progress, unit="batch", disable=progress is None, dynamic_ncols=True)
     try:
-        for i in indices:
+        for i in bar:
             chunk = batch_of(problems, i, batch_size)
             batch = generate(
                 model,
@@ -126,6 +130,7 @@ def evaluate_batches(
             outcome.counts = expert_counts(selected, control.num_experts, real_T).cpu()
             outcome.entropy = routing_entropy(logits, real_T)
     finally:
+        bar.close()
         model.train(was_training)
     return out
 
