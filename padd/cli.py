@@ -16,6 +16,7 @@ on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -213,6 +214,14 @@ def _eval_config(config: str, overrides: list[str]) -> PADDRunConfig:
         raise ConfigError("", f"{run_dir} is a directory without config.yaml (not a run directory)")
     data = read_config_source(str(run_dir / "config.yaml"))
     data.setdefault("run", {})["dir"] = str(run_dir)
+    try:
+        config_from_dict(copy.deepcopy(data))  # the run's own config, before the overrides
+    except ConfigError as e:
+        if "unknown key" in e.message:  # a run written before (or after) a config change
+            raise ConfigError(
+                e.key, f"{e.message}; {run_dir}/config.yaml was written by another padd version"
+            ) from None
+        raise
     return config_from_dict(apply_overrides(data, overrides))
 
 

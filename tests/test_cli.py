@@ -283,3 +283,18 @@ def test_eval_refuses_a_different_config(micro_run):
         out = padd("eval", str(micro_run), "eval.num_problems=1", "--out", str(micro_run / target))
         assert "--out" in _one_line_error(out, "config")
     assert _snapshot(micro_run) == before
+
+
+def test_eval_of_a_run_from_another_padd_version_names_it(micro_run, tmp_path):
+    """A run directory whose config.yaml has a key this padd does not know (the config changed
+    since the run) gets one line saying so; a mistyped override is still the override's error."""
+    old = tmp_path / "old_run"
+    old.mkdir()
+    text = (micro_run / "config.yaml").read_text()
+    assert "\nstudent:\n" in text
+    (old / "config.yaml").write_text(text.replace("\nstudent:\n", "\nstudent:\n  router_scale: 2.0\n", 1))
+    line = _one_line_error(padd("eval", str(old)), "config")
+    assert "student.router_scale: unknown key" in line, line
+    assert f"{old}/config.yaml was written by another padd version" in line, line
+    line = _one_line_error(padd("eval", str(micro_run), "eval.batchsize=3"), "config")
+    assert "eval.batchsize: unknown key" in line and "another padd version" not in line, line
