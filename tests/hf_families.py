@@ -817,3 +817,31 @@ def randomize_routing_knobs(block: torch.nn.Module, seed: int = 0) -> list[str]:
                     setattr(owner, name, 1.5)
                     changed.append(f"{type(owner).__name__}.{name}")
     return changed
+
+
+def randomize_block_norms(block: torch.nn.Module, seed: int = 0) -> list[str]:
+    """Draw the weights of a sparse MoE block's own norms (children other than its router,
+    experts and shared experts whose every parameter is 1-D, as A.X-K1's `post_mlp_layernorm`)
+    from 1 + N(0, 0.3²), in place; returns their names. A fresh norm's weight of ones would let
+    a conversion that applies it with the wrong scale, or twice, pass."""
+    generator = torch.Generator().manual_seed(seed)
+    skip = {
+        "gate",
+        "router",
+        "experts",
+        "shared_experts",
+        "shared_expert",
+        "shared_mlp",
+        "shared_expert_gate",
+    }
+    changed = []
+    with torch.no_grad():
+        for name, child in block.named_children():
+            params = list(child.parameters())
+            if name in skip or not params or any(p.dim() != 1 for p in params):
+                continue
+            for p in params:
+                if p.is_floating_point():
+                    p.copy_(1 + torch.randn(p.shape, generator=generator) * 0.3)
+            changed.append(name)
+    return changed

@@ -30,6 +30,7 @@ from hf_families import (
     discover_families,
     inflate_expert_weights,
     input_ids,
+    randomize_block_norms,
     randomize_routing_knobs,
 )
 
@@ -161,6 +162,7 @@ MUST_CONVERT = {
     "glm5_next",  # clamped SwiGLU
     "inkling2",  # soft-capped SwiGLU (caps read from the module), sigmoid router, correction bias
     "nemotron_h",  # no gate: relu² of up_proj; sigmoid, correction bias, groups, shared experts
+    "axk1",  # a norm of the block's output (post_mlp_layernorm), held as output_norm
 }
 
 # Blocks that must be refused, and a word the one-line refusal must hold: what the block computes
@@ -173,6 +175,7 @@ MUST_REFUSE = {
 def from_hf_outcome(block: torch.nn.Module) -> tuple[MoE | None, str]:
     """`(moe, "exact")` or `(None, the one-line refusal)` for one block, its knobs randomised."""
     randomize_routing_knobs(block)
+    randomize_block_norms(block)
     try:
         return MoE.from_hf(block), "exact"
     except (NotImplementedError, TypeError) as refusal:

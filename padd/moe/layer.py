@@ -75,6 +75,8 @@ class MoE(nn.Module):
             `group_limited_greedy`).
         shared_experts: an optional module run on every token and added to the output.
         shared_expert_gate: optional `Linear(H, 1)`; the shared output is scaled by its sigmoid.
+        output_norm: an optional module applied to the layer's output (routed plus shared
+            experts), as A.X-K1's `post_mlp_layernorm`.
 
     After each forward: `last_router_logits [T, E]`, `last_routing` (a `padd.kernels.Routing`
     with scores), and the properties `aux_loss` (Switch-style `E · Σ f_i · P_i`) and `z_loss`
@@ -113,6 +115,7 @@ class MoE(nn.Module):
         group_score: str = "top2_sum",
         shared_experts: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
+        output_norm: nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -146,6 +149,7 @@ class MoE(nn.Module):
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.shared_experts = shared_experts
         self.shared_expert_gate = shared_expert_gate
+        self.output_norm = output_norm
         factory = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
         E, H, I = num_experts, hidden_size, intermediate_size
@@ -235,6 +239,8 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
             y_TH = y_TH + shared_TH
+        if self.output_norm is not None:
+            y_TH = self.output_norm(y_TH)
         self.last_router_logits = logits_TE
         self.last_routing = routing
         return y_TH.reshape(hidden_states.shape)
@@ -346,15 +352,18 @@ class MoE(nn.Module):
         when no attribute says, and where the correction bias is added (logits or scores) are
         the ones whose output equals the block's. Shared experts (`shared_experts`,
         `shared_expert` or `shared_mlp`, with an optional `shared_expert_gate`) are held as they
-        are and added to every token.
+        are and added to every token. One other module of the block with only `[H]` parameters (a
+        norm, as A.X-K1's `post_mlp_layernorm`) is held as `output_norm` when verification shows
+        the block applies it to its output.
 
         Refused, with one line naming the block: a forward that takes more than hidden states
         (token ids, state from another layer), a router that is not linear or scores other
         slots than the E experts (zero-computation or shared-expert slots), experts padd runs
         only through its general path (an activation it does not fuse, a norm after each expert) or
         sharded across ranks, experts that compute more than their projections (Ergo's
-        per-route norm in their own forward), a block with modules padd has no place for (a norm after the
-        block, latent projections), and any block whose output padd does not reproduce.
+        per-route norm in their own forward), a block with modules padd has no place for (latent
+        projections, a norm applied elsewhere than to the output, any norm when `verify` is off
+        or with `routed_experts_only`), and any block whose output padd does not reproduce.
 
         Args:
             block: the transformers block (e.g. `model.model.layers[i].mlp`).
@@ -423,8 +432,14 @@ class MoE(nn.Module):
             for n, m in block.named_children()
             if n not in owned and any(True for _ in m.parameters()) | any(True for _ in m.buffers())
         ]
+        output_norm = None
         if strangers:
-            raise refuse(f"padd.MoE has no place for its {', '.join(strangers)}")
+            candidate = getattr(block, strangers[0]) if len(strangers) == 1 else None
+            # A norm is held only where verification can show the block applies it to its
+            # output, and the output keeps the shared experts it normalises together with.
+            if not (verify and not routed_experts_only and _is_output_norm_like(candidate, layout.hidden)):
+                raise refuse(f"padd.MoE has no place for its {', '.join(strangers)}")
+            output_norm = candidate
         linear = _router_linear(router, layout.hidden)
         if linear is None:
             raise refuse(
@@ -506,10 +521,19 @@ class MoE(nn.Module):
             setattr(moe, first_bias, gate_up_bias)
             moe.down_proj_bias = down_bias
         moe.shared_experts, moe.shared_expert_gate = shared, shared_gate
+        moe.output_norm = output_norm
         if correction is not None:
             moe.register_buffer("selection_bias", correction)
         if verify:
-            _choose_verified(block, moe, candidates, refuse)
+            try:
+                _choose_verified(block, moe, candidates, refuse)
+            except NotImplementedError:
+                if output_norm is None:
+                    raise
+                raise refuse(
+                    f"padd.MoE has no place for its {strangers[0]} (the block does not apply it to "
+                    "its output alone)"
+                ) from None
         if routed_experts_only:
             moe.shared_experts = moe.shared_expert_gate = None
         if use_selection_bias:
@@ -533,6 +557,15 @@ _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 _CORRECTION_NAMES = ("e_score_correction_bias", "expert_bias")
 _SCALE_NAMES = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+
+
+def _is_output_norm_like(module: nn.Module | None, hidden: int) -> bool:
+    """A module that can only be a per-position norm of `[.., H]` states: parameters (at least one),
+    all `[H]`, and no children (A.X-K1's `post_mlp_layernorm`, an RMSNorm or a LayerNorm)."""
+    if module is None or any(True for _ in module.children()):
+        return False
+    params = list(module.parameters())
+    return bool(params) and all(tuple(p.shape) == (hidden,) for p in params)
 
 
 def _find_router(block: nn.Module) -> tuple[str, nn.Module | None]:
