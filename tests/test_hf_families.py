@@ -163,6 +163,7 @@ MUST_CONVERT = {
     "inkling2",  # soft-capped SwiGLU (caps read from the module), sigmoid router, correction bias
     "nemotron_h",  # no gate: relu² of up_proj; sigmoid, correction bias, groups, shared experts
     "axk1",  # a norm of the block's output (post_mlp_layernorm), held as output_norm
+    "longcat_flash",  # zero-computation experts: router slots beyond the experts add the input
 }
 
 # Blocks that must be refused, and a word the one-line refusal must hold: what the block computes

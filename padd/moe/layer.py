@@ -44,8 +44,9 @@ class MoE(nn.Module):
         score: "softmax" or "sigmoid" router scores.
         norm_topk_prob: renormalise the K weights to sum to 1 (a softmax taken over the K selected
             logits only, as GPT-OSS, Granite-MoE or Aria compute it, is exactly this).
-        use_selection_bias: hold a `selection_bias [E]` fp32 buffer added for top-k *selection
-            only* (auxiliary-loss-free balancing; weights stay unbiased).
+        use_selection_bias: hold a `selection_bias [E]` fp32 buffer (`[E + Z]` with
+            zero-computation experts) added for top-k *selection only* (auxiliary-loss-free
+            balancing; weights stay unbiased).
         selection_bias_on: where the selection bias is added: "logits" or "scores" (the
             softmax probabilities or sigmoid scores). None: the usual convention, the logits for
             softmax without groups and the scores otherwise (DeepSeek-V3). Ernie-4.5 and
@@ -77,6 +78,9 @@ class MoE(nn.Module):
         shared_expert_gate: optional `Linear(H, 1)`; the shared output is scaled by its sigmoid.
         output_norm: an optional module applied to the layer's output (routed plus shared
             experts), as A.X-K1's `post_mlp_layernorm`.
+        num_zero_experts: Z zero-computation experts (LongCat-Flash): the router scores E + Z
+            slots, and a token's pick of slot E + j adds `w · x` (its input, weighted) instead of
+            an expert's output. The selection bias then has E + Z entries; no groups.
 
     After each forward: `last_router_logits [T, E]`, `last_routing` (a `padd.kernels.Routing`
     with scores), and the properties `aux_loss` (Switch-style `E · Σ f_i · P_i`) and `z_loss`
@@ -116,12 +120,14 @@ class MoE(nn.Module):
         shared_experts: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
         output_norm: nn.Module | None = None,
+        num_zero_experts: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         _check_config(hidden_size, intermediate_size, num_experts, top_k, score)
         _check_groups(num_experts, top_k, n_group, topk_group)
+        _check_zero_experts(num_zero_experts, n_group)
         _check_routing_options(
             selection_bias_on, router_logit_softcap, group_score, n_group, routed_scaling_factor
         )
@@ -150,8 +156,9 @@ class MoE(nn.Module):
         self.shared_experts = shared_experts
         self.shared_expert_gate = shared_expert_gate
         self.output_norm = output_norm
+        self.num_zero_experts = num_zero_experts
         factory = {"device": device, "dtype": dtype}
-        self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
+        self.gate = nn.Linear(hidden_size, self.num_slots, bias=router_bias, **factory)
         E, H, I = num_experts, hidden_size, intermediate_size
         W = self.activation.width(I)  # 2I gated (gate rows, up rows), I non-gated (up rows)
         first_shape, down_shape = ((E, H, W), (E, I, H)) if transposed else ((E, W, H), (E, H, I))
@@ -164,11 +171,18 @@ class MoE(nn.Module):
         else:
             self.register_parameter(first_bias, None)
             self.register_parameter("down_proj_bias", None)
-        bias_E = torch.zeros(num_experts, dtype=torch.float32, device=device) if use_selection_bias else None
-        self.register_buffer("selection_bias", bias_E)
+        bias_S = None
+        if use_selection_bias:  # one entry per slot the router scores (E + Z)
+            bias_S = torch.zeros(self.num_slots, dtype=torch.float32, device=device)
+        self.register_buffer("selection_bias", bias_S)
         self.last_router_logits: torch.Tensor | None = None
         self.last_routing: Routing | None = None
         self.reset_parameters()
+
+    @property
+    def num_slots(self) -> int:
+        """What the router scores: the E experts, then the Z zero-computation experts."""
+        return self.num_experts + self.num_zero_experts
 
     @property
     def use_selection_bias(self) -> bool:
@@ -218,13 +232,14 @@ class MoE(nn.Module):
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         logits_TE = self.gate(x_TH)
         routing = self._route(logits_TE)
+        experts_routing, identity_T1 = self._split_zero_experts(routing)
         act = self.activation
         gate_up, down = self.expert_weights()
         y_TH = moe_ffn(
             x_TH,
             gate_up,
             down,
-            routing,
+            experts_routing,
             activation=act.name,
             limit=act.limit,
             alpha=act.alpha,
@@ -234,6 +249,8 @@ class MoE(nn.Module):
             gate_up_bias=self.first_proj()[1],
             down_bias=self.down_proj_bias,
         )
+        if identity_T1 is not None:
+            y_TH = y_TH + (x_TH * identity_T1).to(y_TH.dtype)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:
@@ -244,6 +261,23 @@ class MoE(nn.Module):
         self.last_router_logits = logits_TE
         self.last_routing = routing
         return y_TH.reshape(hidden_states.shape)
+
+    def _split_zero_experts(self, routing: Routing) -> tuple[Routing, torch.Tensor | None]:
+        """`(the routing the experts run, the weight of the input per token [T, 1] or None)`.
+
+        A pick of a zero-computation slot adds its weight to the token's identity weight and
+        becomes a pick of a real expert with weight 0 (the one LongCat-Flash maps it to, spreading
+        them over the experts), so every token keeps K slots for the grouped GEMMs and the
+        output is the block's: an expert's output times 0 adds nothing (for finite outputs, as in
+        the block itself)."""
+        if not self.num_zero_experts:
+            return routing, None
+        E, Z = self.num_experts, self.num_zero_experts
+        ids_TK, w_TK = routing.expert_ids, routing.weights
+        zero_TK = ids_TK >= E
+        identity_T1 = w_TK.masked_fill(~zero_TK, 0.0).sum(dim=-1, keepdim=True)
+        stand_in_TK = torch.where(zero_TK, (ids_TK - E) * E // Z, ids_TK)
+        return routing_from_topk(stand_in_TK, w_TK.masked_fill(zero_TK, 0.0), E), identity_T1
 
     def _bias_on_logits(self) -> bool:
         if self.selection_bias_on is not None:
@@ -288,13 +322,13 @@ class MoE(nn.Module):
                 group_scores_TG = grouped_TGN.topk(min(2, grouped_TGN.shape[-1]), dim=-1)[0].sum(dim=-1)
             best_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
             keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
-            keep_TE = keep_TG.repeat_interleave(self.num_experts // self.n_group, dim=1)
+            keep_TE = keep_TG.repeat_interleave(self.num_slots // self.n_group, dim=1)
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False)[1]
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        routing = routing_from_topk(ids_TK, weights_TK, self.num_experts)
+        routing = routing_from_topk(ids_TK, weights_TK, self.num_slots)
         routing.scores = scores_TE
         return routing
 
@@ -356,9 +390,14 @@ class MoE(nn.Module):
         norm, as A.X-K1's `post_mlp_layernorm`) is held as `output_norm` when verification shows
         the block applies it to its output.
 
+        A router that scores Z slots beyond the E experts is taken as LongCat-Flash's
+        zero-computation experts (`num_zero_experts`) when verification shows the block computes
+        them so.
+
         Refused, with one line naming the block: a forward that takes more than hidden states
         (token ids, state from another layer), a router that is not linear or scores other
-        slots than the E experts (zero-computation or shared-expert slots), experts padd runs
+        slots than the E experts that are not zero-computation experts (or cannot be verified to
+        be), experts padd runs
         only through its general path (an activation it does not fuse, a norm after each expert) or
         sharded across ranks, experts that compute more than their projections (Ergo's
         per-route norm in their own forward), a block with modules padd has no place for (latent
@@ -447,19 +486,25 @@ class MoE(nn.Module):
                 "of its own or in one Linear child)"
             )
         weight, router_bias = linear
-        if weight.shape[0] != num_experts:
-            raise refuse(
-                f"its router scores {weight.shape[0]} slots for {num_experts} experts "
-                "(zero-computation or shared-expert slots)"
-            )
+        num_slots = weight.shape[0]
+        extra_slots = (
+            f"its router scores {num_slots} slots for {num_experts} experts "
+            "(zero-computation or shared-expert slots)"
+        )
+        # Slots beyond the experts are taken as zero-computation experts (LongCat-Flash) only where
+        # verification can show the block computes them so.
+        if num_slots < num_experts or (num_slots > num_experts and not verify):
+            raise refuse(extra_slots)
+        num_zero = num_slots - num_experts
         top_k = _int_attr(router, block, ("top_k",))
         if top_k is None or not 1 <= top_k <= num_experts:
             raise refuse(f"its router {router_name} has no top_k in [1, {num_experts}]")
         correction = _correction_bias(router, block)
-        if correction is not None and correction.numel() != num_experts:
-            raise refuse(f"its correction bias has {correction.numel()} entries for {num_experts} experts")
+        if correction is not None and correction.numel() != num_slots:
+            entries = f"its correction bias has {correction.numel()} entries for {num_slots} slots"
+            raise refuse(f"{extra_slots}; {entries}" if num_zero else entries)
         if correction is not None:
-            correction = correction.view(num_experts)
+            correction = correction.view(num_slots)
             if use_selection_bias:
                 raise ValueError(f"{name} has a correction bias already: it is the selection bias")
         topk_method = _first_attr((router, block), ("topk_method",), str)
@@ -469,6 +514,8 @@ class MoE(nn.Module):
             n_group is not None and (n_group <= 1 or topk_group is None or topk_group >= n_group)
         ):
             n_group = topk_group = None  # plain top-k, one group, or every group kept
+        if num_zero and n_group is not None:
+            raise refuse(extra_slots)
         group_score = "max" if topk_method == "group_limited_greedy" else "top2_sum"
         scale = 1.0
         for owner in (router, block):  # a router scales its weights, or a block its routed output
@@ -509,6 +556,7 @@ class MoE(nn.Module):
                 n_group=n_group,
                 topk_group=topk_group,
                 group_score=group_score,
+                num_zero_experts=num_zero,
                 **candidates[0],
             )
         moe.gate.weight = weight
@@ -528,6 +576,8 @@ class MoE(nn.Module):
             try:
                 _choose_verified(block, moe, candidates, refuse)
             except NotImplementedError:
+                if num_zero:  # the extra slots are not identity experts (or not only)
+                    raise refuse(f"{extra_slots}, not zero-computation experts padd computes") from None
                 if output_norm is None:
                     raise
                 raise refuse(
@@ -538,7 +588,7 @@ class MoE(nn.Module):
             moe.shared_experts = moe.shared_expert_gate = None
         if use_selection_bias:
             moe.register_buffer(
-                "selection_bias", torch.zeros(num_experts, dtype=torch.float32, device=weight.device)
+                "selection_bias", torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
             )
         return moe
 
@@ -773,6 +823,13 @@ def _check_groups(num_experts: int, top_k: int, n_group: int | None, topk_group:
         raise ValueError(f"topk_group={topk_group} must lie in [1, n_group={n_group}]")
     if top_k > topk_group * (num_experts // n_group):
         raise ValueError(f"top_k={top_k} exceeds the experts of the topk_group={topk_group} groups kept")
+
+
+def _check_zero_experts(num_zero_experts: int, n_group: int | None) -> None:
+    if isinstance(num_zero_experts, bool) or not isinstance(num_zero_experts, int) or num_zero_experts < 0:
+        raise ValueError(f"num_zero_experts must be an int >= 0, got {num_zero_experts!r}")
+    if num_zero_experts and n_group is not None:
+        raise ValueError("zero-computation experts with group-limited selection (n_group) are not supported")
 
 
 def _check_config(hidden: int, inter: int, num_experts: int, top_k: int, score: str) -> None:
