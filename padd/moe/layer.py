@@ -82,9 +82,10 @@ class MoE(nn.Module):
             slots, and a token's pick of slot E + j adds `w · x` (its input, weighted) instead of
             an expert's output. The selection bias then has E + Z entries; no groups.
 
-    After each forward: `last_router_logits [T, E]`, `last_routing` (a `padd.kernels.Routing`
-    with scores), and the properties `aux_loss` (Switch-style `E · Σ f_i · P_i`) and `z_loss`
-    (`mean_t logsumexp(z_t)²`), all differentiable with respect to the router.
+    After each forward: `last_router_logits [T, E]` (`[T, E + Z]`), `last_routing` (a
+    `padd.kernels.Routing` with scores, over the E + Z slots), and the properties `aux_loss`
+    (Switch-style `E · Σ f_i · P_i`) and `z_loss` (`mean_t logsumexp(z_t)²`), all
+    differentiable with respect to the router.
 
     Example:
         >>> moe = MoE(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2)
@@ -395,14 +396,14 @@ class MoE(nn.Module):
         them so.
 
         Refused, with one line naming the block: a forward that takes more than hidden states
-        (token ids, state from another layer), a router that is not linear or scores other
-        slots than the E experts that are not zero-computation experts (or cannot be verified to
-        be), experts padd runs
-        only through its general path (an activation it does not fuse, a norm after each expert) or
-        sharded across ranks, experts that compute more than their projections (Ergo's
-        per-route norm in their own forward), a block with modules padd has no place for (latent
-        projections, a norm applied elsewhere than to the output, any norm when `verify` is off
-        or with `routed_experts_only`), and any block whose output padd does not reproduce.
+        (token ids, state from another layer), a router that is not linear or scores slots
+        beyond the E experts that are not zero-computation experts (or cannot be verified to
+        be), experts padd runs only through its general path (an activation it does not fuse, a
+        norm after each expert) or sharded across ranks, experts that compute more than their
+        projections (Ergo's per-route norm in their own forward), a block with modules padd has
+        no place for (latent projections, a norm applied elsewhere than to the output, any norm
+        when `verify` is off or with `routed_experts_only`), and any block whose output padd
+        does not reproduce.
 
         Args:
             block: the transformers block (e.g. `model.model.layers[i].mlp`).
@@ -575,15 +576,15 @@ class MoE(nn.Module):
         if verify:
             try:
                 _choose_verified(block, moe, candidates, refuse)
-            except NotImplementedError:
-                if num_zero:  # the extra slots are not identity experts (or not only)
-                    raise refuse(f"{extra_slots}, not zero-computation experts padd computes") from None
-                if output_norm is None:
+            except NotImplementedError as failure:
+                # What padd took on trust for verification to confirm is what the refusal names.
+                guesses = [extra_slots] if num_zero else []
+                if output_norm is not None:
+                    guesses.append(f"padd.MoE has no place for its {strangers[0]}")
+                if not guesses:
                     raise
-                raise refuse(
-                    f"padd.MoE has no place for its {strangers[0]} (the block does not apply it to "
-                    "its output alone)"
-                ) from None
+                why = str(failure).split(": ", 2)[-1]
+                raise refuse(f"{'; '.join(guesses)}: taken as padd computes it, {why}") from None
         if routed_experts_only:
             moe.shared_experts = moe.shared_expert_gate = None
         if use_selection_bias:
