@@ -126,15 +126,18 @@ def test_cpu_backward_keeps_its_tensors_through_saved_tensor_hooks():
     x, w13, w2, r = make_inputs(33, 24, 16, 7, 2, "skewed")
     grad = torch.randn_like(x)
     _, grads_plain = fwd_bwd(x, w13, w2, r, "auto", grad)
-    packed: list[tuple[int, ...]] = []
+    packed: list[tuple[tuple[int, ...], torch.dtype]] = []
 
     def pack(t):
-        packed.append(tuple(t.shape))
+        packed.append((tuple(t.shape), t.dtype))
         return t.detach().clone()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _, grads_hooked = fwd_bwd(x, w13, w2, r, "auto", grad)
-    assert (r.expert_ids.numel(), x.shape[1]) in packed  # the sorted x rows [S, H]
+    num_slots, num_experts = r.expert_ids.numel(), r.num_experts
+    assert ((num_slots, x.shape[1]), x.dtype) in packed  # the sorted x rows [S, H]
+    # The routing's index tensors too: sort and inverse order [S], offsets [E + 1] (int32).
+    assert ((num_slots,), torch.int32) in packed and ((num_experts + 1,), torch.int32) in packed
     for g, g_ref in zip(grads_hooked, grads_plain, strict=True):
         torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
 
