@@ -600,6 +600,7 @@ class MoE(nn.Module):
             f"norm_topk_prob={self.norm_topk_prob}, use_selection_bias={self.use_selection_bias}, "
             f"activation={self.activation.name!r}, transposed={self.transposed}, "
             f"expert_bias={self.down_proj_bias is not None}"
+            + (f", num_zero_experts={self.num_zero_experts}" if self.num_zero_experts else "")
         )
 
 
