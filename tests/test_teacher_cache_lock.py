@@ -18,24 +18,26 @@ from padd.training.checkpointing import GracefulInterrupt
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "tests" / "fixtures" / "micro.yaml")
 
-# A second process that takes the entry's lock and says so; with a delay it then "trains" (writes
-# config.json), releases and exits, else it holds the lock until it is killed.
+# A second process that takes the entry's lock and says so; with a go-file it then waits for
+# that file, "trains" (writes config.json), releases and exits, else it holds the lock until killed.
 HOLD = (
     "import sys, time\n"
     "from pathlib import Path\n"
     "from padd.pipeline.run_lock import cache_entry_lock\n"
-    "entry, delay = Path(sys.argv[1]), float(sys.argv[2])\n"
+    "entry, go = Path(sys.argv[1]), sys.argv[2]\n"
     "with cache_entry_lock(entry):\n"
     "    print('locked', flush=True)\n"
-    "    time.sleep(delay if delay > 0 else 600)\n"
+    "    deadline = time.time() + (60 if go else 600)\n"
+    "    while not (go and Path(go).exists()) and time.time() < deadline:\n"
+    "        time.sleep(0.02)\n"
     "    entry.mkdir(parents=True)\n"
     "    (entry / 'config.json').write_text('{}')\n"
 )
 
 
-def _holder(entry: Path, delay: float) -> subprocess.Popen:
+def _holder(entry: Path, go: Path | None) -> subprocess.Popen:
     child = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(entry), str(delay)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(entry), str(go or "")], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout.readline().strip() == "locked"
     return child
@@ -52,7 +54,17 @@ def _no_training(*args, **kwargs):
 def test_a_second_run_waits_for_the_teacher_being_trained_and_reuses_it(tmp_path, monkeypatch, capsys):
     entry = tmp_path / "cache" / "teacher"
     monkeypatch.setattr(teacher_mod, "_train_and_save_teacher", _no_training)
-    child = _holder(entry, delay=1.0)
+    go = tmp_path / "go"
+
+    def lock_then_let_the_holder_finish(path, *, on_wait, **kwargs):
+        def waiting(holder):  # this run found the lock busy: now the holder may finish
+            on_wait(holder)
+            go.touch()
+
+        return cache_entry_lock(path, on_wait=waiting, **kwargs)
+
+    monkeypatch.setattr(teacher_mod, "cache_entry_lock", lock_then_let_the_holder_finish)
+    child = _holder(entry, go)
     try:
         with GracefulInterrupt() as interrupt:
             info = teacher_mod.ensure_teacher(_cfg(tmp_path), None, entry, [], interrupt, print)
@@ -91,7 +103,7 @@ def test_the_first_run_trains_under_the_lock_and_frees_it(tmp_path, monkeypatch)
 def test_a_run_asked_to_stop_stops_waiting(tmp_path, monkeypatch):
     entry = tmp_path / "cache" / "teacher"
     monkeypatch.setattr(teacher_mod, "_train_and_save_teacher", _no_training)
-    child = _holder(entry, delay=0)  # holds the lock until killed
+    child = _holder(entry, None)  # holds the lock until killed
     try:
         interrupt = GracefulInterrupt()
         interrupt.signum = 2  # as SIGINT would set it
