@@ -30,6 +30,7 @@ from padd.pipeline.run_lock import cache_entry_lock
 from padd.training.checkpointing import (
     CheckpointDir,
     GracefulInterrupt,
+    Interrupted,
     atomic_dir,
     atomic_torch_save,
     rng_state,
@@ -248,10 +249,15 @@ def ensure_teacher(
         who = f"pid {holder['pid']} on {holder.get('host', '?')}" if "pid" in holder else "another run"
         print(f"[padd] teacher: {who} is training this teacher into {path}; waiting for it", flush=True)
 
-    with cache_entry_lock(path, on_wait=say_waiting, should_stop=lambda: interrupt.requested):
-        if (path / "config.json").exists():  # trained by the run we waited for
-            return {"cached": True}
-        return _train_and_save_teacher(cfg, tokenizer, path, problems, interrupt, log)
+    try:
+        with cache_entry_lock(path, on_wait=say_waiting, should_stop=lambda: interrupt.requested):
+            if (path / "config.json").exists():  # trained by the run we waited for
+                return {"cached": True}
+            return _train_and_save_teacher(cfg, tokenizer, path, problems, interrupt, log)
+    except InterruptedError:  # a stop asked for while waiting: nothing of ours to save
+        if interrupt.signum is None:
+            raise
+        raise Interrupted(interrupt.signum) from None
 
 
 def _train_and_save_teacher(
