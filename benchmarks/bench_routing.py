@@ -74,7 +74,8 @@ def torch_eager_route(
     scores_TE = torch.softmax(logits_TE.float(), dim=-1)
     if ties_to_lower_id:
         # On the logits, as padd: softmax can round distinct logits to equal scores.
-        experts_TK = torch.sort(logits_TE.detach().float(), dim=-1, descending=True, stable=True)[1][:, :top_k]
+        key_TE = logits_TE.detach().float()
+        experts_TK = torch.sort(key_TE, dim=-1, descending=True, stable=True)[1][:, :top_k]
         weights_TK = scores_TE.gather(1, experts_TK)
     else:
         weights_TK, experts_TK = torch.topk(scores_TE, top_k, dim=-1)
