@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -113,9 +114,17 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dic
 def time_interleaved(
     fns: dict[str, Callable[[], object]], *, warmup: int = 3, reps: int = 10
 ) -> dict[str, dict | Exception]:
-    """`time_fn` for several implementations at once, their calls interleaved (a, b, c, a, b, c,
-    ...): on a CPU shared with other processes the load drifts over seconds, and interleaving
-    makes it hit every implementation alike, so ratios measured in one call are comparable.
+    """`time_fn` for several implementations at once, their calls interleaved (each round calls
+    every implementation once, in a freshly shuffled order): on a CPU shared with other processes
+    the load drifts over seconds, and interleaving makes it hit every implementation alike, so
+    ratios measured in one call are comparable.
+
+    On CPU each timed call comes right after an untimed call of the same implementation. A
+    sub-millisecond call made right after another, bigger one (torch.compile's guards, a
+    0.5-second peer) runs on cold caches: ~30 µs slower at the default's routing shape, up to 2x
+    for the experts at T = 256. With a fixed order that penalty fell on whoever came next; with
+    a shuffled order alone it fell at random on a third of each one's samples. Warmed by its own
+    call, every implementation is timed in the same state.
 
     Returns name -> timing dict (`time_fn`'s keys, plus `cpu_median_ms`: the process CPU time
     per call, less sensitive to other processes than wall time), or the exception it raised
@@ -131,8 +140,14 @@ def time_interleaved(
             del live[name]
     wall: dict[str, list[float]] = {name: [] for name in live}
     cpu: dict[str, list[float]] = {name: [] for name in live}
+    order = random.Random(0)  # the same shuffles on every run of a suite
     for _ in range(reps):
-        for name, fn in list(live.items()):
+        names = list(live)
+        order.shuffle(names)
+        for name in names:
+            if name not in live:  # dropped earlier in this round
+                continue
+            fn = live[name]
             if on_gpu():
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -141,8 +156,9 @@ def time_interleaved(
                 torch.cuda.synchronize()
                 wall[name].append(start.elapsed_time(end))
                 continue
-            t0, c0 = time.perf_counter(), time.process_time()
             try:
+                fn()  # the untimed call that warms the caches for this implementation
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
             except Exception as exc:
                 out[name] = exc

@@ -22,3 +22,27 @@ def test_speedups_are_peer_time_over_padd_time(tmp_path):
     row = summarize([path]).splitlines()[-1]
     assert row.startswith("| fwd | T=8 | 2.000 ms | 100 TFLOP/s (10.0% peak) |")
     assert "eager 2.00x" in row and "compiled 0.50x" in row and "padd kernel (variant) 0.25x" in row
+
+
+def test_interleaved_timing_warms_each_call_and_shuffles_the_order():
+    """`time_interleaved` on CPU: each timed call follows an untimed call of the same
+    implementation, and each round calls them in a shuffled order, so no implementation is timed
+    on caches another one left cold; a failing one is dropped and reported, the others still
+    timed."""
+    from benchmarks.common import time_interleaved
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+
+    def broken():
+        raise RuntimeError("API moved")
+
+    out = time_interleaved({**fns, "d": broken}, warmup=0, reps=12)
+    assert isinstance(out["d"], RuntimeError) and set(out) == {"a", "b", "c", "d"}
+    assert all(out[name]["median_ms"] >= 0 for name in "abc")
+    assert len(calls) == 12 * 3 * 2 and calls[0::2] == calls[1::2]  # warm-up, then the timed call
+    timed = calls[1::2]
+    rounds = [timed[i : i + 3] for i in range(0, len(timed), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    before_a = {timed[i - 1] for i in range(1, len(timed)) if timed[i] == "a"}
+    assert before_a == {"b", "c"}  # `a` follows each of the others, not always the same one
