@@ -240,15 +240,15 @@ class MoeFfnCPU(torch.autograd.Function):
         # so saved-tensor hooks (offloading, checkpointing) see every tensor the backward keeps.
         ctx.saved_keys = tuple(saved)
         ctx.save_for_backward(
-            x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias, *_routing_fields(routing),
-            *(saved[k] for k in ctx.saved_keys),
+            x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias,
+            *(saved[k] for k in ctx.saved_keys), *_routing_fields(routing),
         )  # fmt: skip
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, gate_up_proj, down_proj, cache, gate_up_bias, down_bias, *rest = ctx.saved_tensors
-        fields, reused = rest[: len(_ROUTING_FIELD_NAMES)], rest[len(_ROUTING_FIELD_NAMES) :]
+        reused, fields = rest[: len(ctx.saved_keys)], rest[len(ctx.saved_keys) :]
         routing = Routing(*fields, ctx.num_experts)
         saved = dict(zip(ctx.saved_keys, reused, strict=True))
         needs = tuple(ctx.needs_input_grad[:3])
@@ -260,20 +260,17 @@ class MoeFfnCPU(torch.autograd.Function):
         return dx, d_gate_up, d_down, d_weights, None, None, d_gate_up_bias, d_down_bias
 
 
-_ROUTING_FIELD_NAMES = (
-    "weights",
-    "expert_ids",
-    "tokens_per_expert",
-    "expert_offsets",
-    "sort_order",
-    "inverse_order",
-)
-
-
 def _routing_fields(routing: Routing) -> tuple[torch.Tensor, ...]:
     """The tensor fields of a `Routing`, in dataclass order (as `_routing` and `Routing(...)`
-    take them; `_ROUTING_FIELD_NAMES`)."""
-    return tuple(getattr(routing, name) for name in _ROUTING_FIELD_NAMES)
+    take them)."""
+    return (
+        routing.weights,
+        routing.expert_ids,
+        routing.tokens_per_expert,
+        routing.expert_offsets,
+        routing.sort_order,
+        routing.inverse_order,
+    )
 
 
 def moe_ffn_op_from_routing(
